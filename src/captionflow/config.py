@@ -1,0 +1,100 @@
+"""The validated settings of one captioning run: every bad value is caught before any work."""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from captionflow.handlers.decoding import DecodingOptions
+from captionflow.handlers.registry import CAPTIONERS, RANKERS
+from captionflow.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
+from captionflow.transforms.read import GLOB_CHARACTERS, absolute, dirname, is_remote
+from captionflow.transforms.write import METADATA_FILE
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+
+
+def _check_model_reference(reference: str, registered: dict[str, object], role: str) -> str:
+    """`NAME`, `NAME:MODEL`, or a MODEL that is plainly a path or hub id (`org/name`)."""
+    name = reference.partition(":")[0]
+    if name in registered or "/" in reference or os.path.exists(reference):
+        return reference
+    known = ", ".join(sorted(registered))
+    raise ValueError(
+        f"unknown {role} {reference!r}: use one of {known}, NAME:MODEL, a hub id or a directory"
+    )
+
+
+class RunConfig(BaseModel):
+    """What `captionflow run` does, validated as one unit."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    input: str = Field(min_length=1)
+    output: str = Field(min_length=1)
+    captioner: str = "blip"
+    ranker: str = "clip"
+    decoding: DecodingOptions = DecodingOptions()
+    caption_batch_size: int = Field(8, ge=1, le=4096)
+    rank_batch_size: int = Field(32, ge=1, le=4096)
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    limit: int | None = Field(None, ge=1)
+    max_side: int = Field(DEFAULT_MAX_SIDE, ge=32)
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
+    trust_remote_code: bool = False
+
+    @field_validator("captioner")
+    @classmethod
+    def _known_captioner(cls, value: str) -> str:
+        return _check_model_reference(value, CAPTIONERS, "captioner")
+
+    @field_validator("ranker")
+    @classmethod
+    def _known_ranker(cls, value: str) -> str:
+        return _check_model_reference(value, RANKERS, "ranker")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not DEVICE_PATTERN.match(value):
+            raise ValueError(f"{value!r} is not a device: use auto, cpu, cuda or cuda:N")
+        return value
+
+    @field_validator("input")
+    @classmethod
+    def _input_exists(cls, value: str) -> str:
+        if is_remote(value):
+            return value
+        if GLOB_CHARACTERS & set(value):
+            if not glob.glob(value, recursive=True):
+                raise ValueError(f"no file matches {value!r}")
+        elif not os.path.exists(value):
+            raise ValueError(f"{value!r} does not exist")
+        elif not os.access(value, os.R_OK):
+            raise ValueError(f"{value!r} is not readable")
+        return value
+
+    @model_validator(mode="after")
+    def _output_writable(self) -> RunConfig:
+        if is_remote(self.output_dir):
+            return self
+        existing = self.output_dir
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+            raise ValueError(f"output: cannot write under {existing!r}")
+        return self
+
+    @property
+    def output_dir(self) -> str:
+        """`--output` names a folder; a `.jsonl` path (the original tool's form) names the file."""
+        return dirname(absolute(self.output)) if self.output.endswith(".jsonl") else self.output
+
+    @property
+    def metadata_filename(self) -> str:
+        return os.path.basename(self.output) if self.output.endswith(".jsonl") else METADATA_FILE

@@ -1,0 +1,171 @@
+"""The handler interface: what any captioner or ranker provides, and what Beam needs of it.
+
+A handler is a Beam `ModelHandler` whose `load_model()` returns a loaded model object with one
+method (`caption` or `rank`). All work happens in that method, so that with `large_model=True`
+or `model_copies=N` one copy serves every process of a worker through Beam's shared-model proxy.
+Handlers know nothing of files: they take decoded images and return text and scores.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from apache_beam.ml.inference.base import ModelHandler, PredictionResult
+from PIL import Image
+
+from captionflow.handlers.decoding import DecodingOptions
+from captionflow.records import ScoredCaption
+
+logger = logging.getLogger(__name__)
+
+ExampleT = TypeVar("ExampleT")
+PredictionT = TypeVar("PredictionT")
+ModelT = TypeVar("ModelT")
+
+RankExample = tuple[Image.Image, Sequence[str]]
+
+
+class Captioner(Protocol):
+    """A loaded captioning model."""
+
+    def caption(self, images: Sequence[Image.Image]) -> list[list[str]]:
+        """Distinct candidate captions for each image, in one batched call."""
+        ...
+
+
+class Ranker(Protocol):
+    """A loaded image-text scoring model."""
+
+    def rank(
+        self, images: Sequence[Image.Image], candidates: Sequence[Sequence[str]]
+    ) -> list[list[ScoredCaption]]:
+        """Each image's candidates scored against it, best first."""
+        ...
+
+
+@dataclass(frozen=True)
+class InferenceFailure:
+    """Stands in for the prediction of an example that its model could not process."""
+
+    error_type: str
+    message: str
+
+
+class IsolatingModelHandler(ModelHandler[ExampleT, PredictionT, ModelT]):
+    """Beam's side of a model: where it loads from, how it batches, and failure isolation.
+
+    When a batch fails, its examples are run one by one, so one bad image costs only its own
+    prediction (an `InferenceFailure`), never its batch or the job. Loading errors propagate:
+    a model that cannot load must stop the job, not turn every image into an error.
+    """
+
+    default_model: str = ""
+    kind: str = ""
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        max_batch_size: int = 16,
+        min_batch_size: int = 1,
+        large_model: bool = False,
+        model_copies: int | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__(
+            min_batch_size=min_batch_size,
+            max_batch_size=max_batch_size,
+            large_model=large_model,
+            model_copies=model_copies,
+        )
+        self.model_id = model or self.default_model
+        self.device = device
+        self.dtype = dtype
+        self.trust_remote_code = trust_remote_code
+
+    @property
+    def name(self) -> str:
+        """How records name this model: `<kind>:<model id or path>`."""
+        return f"{self.kind}:{self.model_id}"
+
+    @abstractmethod
+    def predict(self, model: ModelT, batch: Sequence[ExampleT]) -> list[PredictionT]:
+        """One prediction per example, for the whole batch at once."""
+
+    def run_inference(
+        self,
+        batch: Sequence[ExampleT],
+        model: ModelT,
+        inference_args: dict[str, Any] | None = None,
+    ) -> Iterable[PredictionResult]:
+        try:
+            predictions: list[Any] = self.predict(model, batch)
+        except Exception as error:
+            if len(batch) == 1:
+                predictions = [_failure(error)]
+            else:
+                logger.warning(
+                    "%s failed a batch of %d (%s); retrying one by one",
+                    self.name,
+                    len(batch),
+                    error,
+                )
+                predictions = [self._predict_alone(model, example) for example in batch]
+        return [
+            PredictionResult(example, prediction, self.name)
+            for example, prediction in zip(batch, predictions, strict=True)
+        ]
+
+    def _predict_alone(self, model: ModelT, example: ExampleT) -> PredictionT | InferenceFailure:
+        try:
+            return self.predict(model, [example])[0]
+        except Exception as error:
+            return _failure(error)
+
+    def get_num_bytes(self, batch: Sequence[ExampleT]) -> int:
+        """Pixel bytes, counted rather than pickled (Beam's default pickles every batch)."""
+        return sum(_image_of(example).width * _image_of(example).height * 3 for example in batch)
+
+    def get_metrics_namespace(self) -> str:
+        return f"captionflow_{self.kind}"
+
+
+def _failure(error: Exception) -> InferenceFailure:
+    return InferenceFailure(type(error).__name__, str(error) or repr(error))
+
+
+def _image_of(example: Any) -> Image.Image:
+    return example[0] if isinstance(example, tuple) else example
+
+
+class CaptionModelHandler(IsolatingModelHandler[Image.Image, list[str], Captioner]):
+    """Base for captioners: images in, a list of distinct candidate captions per image out."""
+
+    def __init__(
+        self, model: str | None = None, *, decoding: DecodingOptions | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(model, **kwargs)
+        self.decoding = decoding or DecodingOptions()
+
+    @abstractmethod
+    def load_model(self) -> Captioner: ...
+
+    def predict(self, model: Captioner, batch: Sequence[Image.Image]) -> list[list[str]]:
+        return model.caption(list(batch))
+
+
+class RankModelHandler(IsolatingModelHandler[RankExample, list[ScoredCaption], Ranker]):
+    """Base for rankers: (image, candidates) in, scored candidates best first out."""
+
+    @abstractmethod
+    def load_model(self) -> Ranker: ...
+
+    def predict(self, model: Ranker, batch: Sequence[RankExample]) -> list[list[ScoredCaption]]:
+        images, candidates = zip(*batch, strict=True)
+        return model.rank(list(images), [list(texts) for texts in candidates])

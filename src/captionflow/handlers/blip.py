@@ -1,0 +1,99 @@
+"""BLIP captioning (Salesforce/blip-image-captioning-*), through Hugging Face transformers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+from transformers import BlipForConditionalGeneration, BlipProcessor
+
+from captionflow.handlers.base import CaptionModelHandler
+from captionflow.handlers.decoding import DecodingOptions
+from captionflow.handlers.loading import load_error, localize
+from captionflow.handlers.registry import register_captioner
+from captionflow.handlers.torch_setup import resolve_device, resolve_dtype
+
+logger = logging.getLogger(__name__)
+
+
+class BlipCaptioner:
+    """A loaded BLIP: each image is encoded once and K captions decoded from it in one call."""
+
+    def __init__(
+        self,
+        model: BlipForConditionalGeneration,
+        processor: BlipProcessor,
+        decoding: DecodingOptions,
+    ) -> None:
+        self.model = model.eval()
+        self.processor = processor
+        self.decoding = decoding
+        tokenizer = processor.tokenizer
+        prompt_ids = tokenizer(decoding.prompt, add_special_tokens=False).input_ids
+        self._prompt_text = tokenizer.decode(prompt_ids, skip_special_tokens=True).strip()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str,
+        *,
+        decoding: DecodingOptions,
+        device: str = "auto",
+        dtype: str = "auto",
+        trust_remote_code: bool = False,
+    ) -> BlipCaptioner:
+        torch_device = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, torch_device)
+        try:
+            local = localize(path)
+            processor = BlipProcessor.from_pretrained(local, trust_remote_code=trust_remote_code)
+            model = BlipForConditionalGeneration.from_pretrained(
+                local, dtype=torch_dtype, trust_remote_code=trust_remote_code
+            ).to(torch_device)
+        except (OSError, ValueError) as error:
+            raise load_error("captioner", "blip", path, error) from error
+        logger.info("captioner blip %s on %s (%s)", path, torch_device, torch_dtype)
+        return cls(model, processor, decoding)
+
+    @torch.inference_mode()
+    def caption(self, images: Sequence[Image.Image]) -> list[list[str]]:
+        inputs = self.processor(
+            images=list(images), text=[self.decoding.prompt] * len(images), return_tensors="pt"
+        )
+        generated = self.model.generate(
+            pixel_values=inputs["pixel_values"].to(self.model.device, self.model.dtype),
+            input_ids=inputs["input_ids"].to(self.model.device),
+            attention_mask=inputs["attention_mask"].to(self.model.device),
+            **self.decoding.generate_kwargs(),
+        )
+        texts = self.processor.batch_decode(generated, skip_special_tokens=True)
+        k = self.decoding.num_captions
+        return [self._distinct(texts[i * k : (i + 1) * k]) for i in range(len(images))]
+
+    def _distinct(self, texts: Sequence[str]) -> list[str]:
+        """The prompt removed, blanks and repeats dropped, first-seen order kept."""
+        seen: dict[str, None] = {}
+        for text in texts:
+            text = text.strip().removeprefix(self._prompt_text).strip()
+            if text:
+                seen.setdefault(text)
+        return list(seen)
+
+
+@register_captioner("blip")
+class BlipCaptionHandler(CaptionModelHandler):
+    """RunInference handler for BLIP; `model` is a hub id, a local directory or a gs:// URI."""
+
+    kind = "blip"
+    default_model = "Salesforce/blip-image-captioning-base"
+
+    def load_model(self) -> BlipCaptioner:
+        return BlipCaptioner.from_pretrained(
+            self.model_id,
+            decoding=self.decoding,
+            device=self.device,
+            dtype=self.dtype,
+            trust_remote_code=self.trust_remote_code,
+        )

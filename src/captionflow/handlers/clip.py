@@ -1,0 +1,103 @@
+"""CLIP ranking (openai/clip-vit-*), through Hugging Face transformers 4.4x and 5.x."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+from transformers import CLIPModel, CLIPProcessor
+
+from captionflow.handlers.base import RankModelHandler
+from captionflow.handlers.loading import load_error, localize
+from captionflow.handlers.registry import register_ranker
+from captionflow.handlers.torch_setup import resolve_device, resolve_dtype
+from captionflow.records import ScoredCaption
+
+logger = logging.getLogger(__name__)
+
+
+class ClipRanker:
+    """A loaded CLIP: each image embedded once, all its candidates in the same text batch."""
+
+    def __init__(self, model: CLIPModel, processor: CLIPProcessor) -> None:
+        self.model = model.eval()
+        self.processor = processor
+        self.max_text_tokens = model.config.text_config.max_position_embeddings
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        trust_remote_code: bool = False,
+    ) -> ClipRanker:
+        torch_device = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, torch_device)
+        try:
+            local = localize(path)
+            processor = CLIPProcessor.from_pretrained(local, trust_remote_code=trust_remote_code)
+            model = CLIPModel.from_pretrained(
+                local, dtype=torch_dtype, trust_remote_code=trust_remote_code
+            ).to(torch_device)
+        except (OSError, ValueError) as error:
+            raise load_error("ranker", "clip", path, error) from error
+        logger.info("ranker clip %s on %s (%s)", path, torch_device, torch_dtype)
+        return cls(model, processor)
+
+    @torch.inference_mode()
+    def rank(
+        self, images: Sequence[Image.Image], candidates: Sequence[Sequence[str]]
+    ) -> list[list[ScoredCaption]]:
+        device, dtype = self.model.device, self.model.dtype
+        pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"]
+        texts = [text for group in candidates for text in group]
+        tokens = self.processor.tokenizer(
+            texts,
+            padding=True,
+            truncation=True,
+            max_length=self.max_text_tokens,
+            return_tensors="pt",
+        ).to(device)
+        pixels = pixels.to(device, dtype)
+        image_embeds = _embedding(self.model.get_image_features(pixel_values=pixels))
+        text_embeds = _embedding(self.model.get_text_features(**tokens))
+        image_embeds = torch.nn.functional.normalize(image_embeds.float(), dim=-1)
+        text_embeds = torch.nn.functional.normalize(text_embeds.float(), dim=-1)
+        scale = self.model.logit_scale.exp().float()
+
+        ranked, start = [], 0
+        for image_embed, group in zip(image_embeds, candidates, strict=True):
+            cosine = text_embeds[start : start + len(group)] @ image_embed
+            probability = (cosine * scale).softmax(dim=0)
+            start += len(group)
+            scored = [
+                ScoredCaption(text, float(c), float(p))
+                for text, c, p in zip(group, cosine.tolist(), probability.tolist(), strict=True)
+            ]
+            ranked.append(sorted(scored, key=lambda s: s.score, reverse=True))
+        return ranked
+
+
+def _embedding(output: torch.Tensor | object) -> torch.Tensor:
+    """transformers 4.x returns the projected embedding; 5.x wraps it in `.pooler_output`."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+@register_ranker("clip")
+class ClipRankHandler(RankModelHandler):
+    """RunInference handler for CLIP; `model` is a hub id, a local directory or a gs:// URI."""
+
+    kind = "clip"
+    default_model = "openai/clip-vit-base-patch32"
+
+    def load_model(self) -> ClipRanker:
+        return ClipRanker.from_pretrained(
+            self.model_id,
+            device=self.device,
+            dtype=self.dtype,
+            trust_remote_code=self.trust_remote_code,
+        )

@@ -1,0 +1,71 @@
+"""Turning a model reference (hub id, local directory, or any Beam filesystem URI) into a
+directory or id that `from_pretrained` understands."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+
+from apache_beam.io.filesystems import FileSystems
+
+CACHE_DIR = os.path.join(tempfile.gettempdir(), "captionflow-models")
+
+
+def is_remote(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def localize(path: str) -> str:
+    """A remote model directory (`gs://...`) is copied once per machine to a local cache."""
+    if not is_remote(path):
+        return path.removeprefix("file://")
+    target = os.path.join(CACHE_DIR, hashlib.sha256(path.encode()).hexdigest()[:16])
+    if os.path.isdir(target):
+        return target
+    os.makedirs(CACHE_DIR, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=CACHE_DIR)
+    prefix = path.rstrip("/") + "/"
+    for match in FileSystems.match([prefix + "**"])[0].metadata_list:
+        local = os.path.join(staging, match.path[len(prefix) :])
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        with FileSystems.open(match.path) as src, open(local, "wb") as dst:
+            while chunk := src.read(1 << 24):
+                dst.write(chunk)
+    with contextlib.suppress(OSError):  # another process of this machine finished first
+        os.rename(staging, target)
+    return target
+
+
+def load_error(flag: str, kind: str, path: str, error: Exception) -> RuntimeError:
+    """A loading failure that says what to do about it."""
+    return RuntimeError(
+        f"could not load the {kind} model {path!r} ({type(error).__name__}: {error}). "
+        f"If the Hugging Face Hub cannot be reached, download the model where it can "
+        f"(`hf download {path} --local-dir DIR`) and pass the directory: --{flag} {kind}:DIR"
+    )
+
+
+def check_available(model: str) -> str | None:
+    """Why `model` cannot be loaded from here, or None when it can (local, cached or reachable).
+
+    Called before a local run starts, so that an offline machine fails in a second, not after
+    building the pipeline; remote URIs are left to the workers.
+    """
+    if is_remote(model) or os.path.isdir(model.removeprefix("file://")):
+        return None
+    if os.path.isabs(model) or model.startswith("."):
+        return f"{model!r} is not a directory"
+    import huggingface_hub
+
+    if isinstance(huggingface_hub.try_to_load_from_cache(model, "config.json"), str):
+        return None
+    try:
+        huggingface_hub.model_info(model, timeout=10)
+    except Exception as error:
+        return (
+            f"{model!r} is not in the local Hugging Face cache and the Hub is unreachable "
+            f"({type(error).__name__}: {error})"
+        )
+    return None

@@ -1,0 +1,66 @@
+"""The values that flow between the transforms: plain, picklable, and free of model code."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from PIL import Image
+
+STAGES = ("read", "decode", "caption", "rank")
+
+
+@dataclass(frozen=True)
+class ScoredCaption:
+    """One candidate caption with its ranker scores.
+
+    `score` is the cosine similarity of image and text: comparable across images, so good for
+    filtering a dataset. `probability` is the softmax of the ranker's scaled scores within one
+    image: how sure the ranker is of this candidate against its siblings.
+    """
+
+    text: str
+    score: float
+    probability: float
+
+
+@dataclass(frozen=True)
+class CaptionCandidates:
+    """An image with the captions its captioner proposed, on its way to the ranker."""
+
+    image_uri: str
+    image: Image.Image
+    texts: tuple[str, ...]
+    captioner: str
+
+
+@dataclass(frozen=True)
+class CaptionRecord:
+    """The result for one image: the best caption, then every scored candidate, best first."""
+
+    image_uri: str
+    text: str
+    score: float
+    candidates: tuple[ScoredCaption, ...]
+    captioner: str
+    ranker: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"candidates": [asdict(c) for c in self.candidates]}
+
+
+@dataclass(frozen=True)
+class ErrorRecord:
+    """Why one image is not in the output, and at which stage (one of STAGES) it failed."""
+
+    image_uri: str
+    stage: str
+    error_type: str
+    message: str
+
+    @classmethod
+    def from_exception(cls, image_uri: str, stage: str, error: BaseException) -> ErrorRecord:
+        return cls(image_uri, stage, type(error).__name__, str(error) or repr(error))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,113 @@
+"""Tiny random BLIP and CLIP models, built offline, saved like any hub checkout.
+
+They exercise the real loading and inference code (`from_pretrained` of a directory, real
+tokenizers and processors) in tests and in `make demo`. Their captions are noise.
+"""
+
+from __future__ import annotations
+
+import os
+
+WORDS = (
+    "a picture of the an and with on in at near dog cat man woman child tree house car road "
+    "sky sea beach mountain river field flower bird horse boat bridge city street table cup "
+    "red blue green white black small large old young sitting standing running walking two "
+    "three some people building window door grass snow water light dark sunny cloudy"
+).split()
+
+
+def build_tiny_blip(directory: str) -> str:
+    """A ~60k-parameter BLIP captioner with a real BERT tokenizer and BLIP processor."""
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessorPil,
+        BlipProcessor,
+    )
+
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "[ENC]"]
+    vocab = {token: i for i, token in enumerate(special + WORDS)}
+    tokenizer = BertTokenizer(
+        vocab=vocab, bos_token="[DEC]", additional_special_tokens=["[ENC]"], model_max_length=64
+    )
+    image_processor = BlipImageProcessorPil(size={"height": 32, "width": 32})
+    small = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_attention_heads": 2,
+        "num_hidden_layers": 2,
+    }
+    config = BlipConfig(
+        vision_config=small | {"image_size": 32, "patch_size": 8},
+        text_config=small
+        | {
+            "vocab_size": len(vocab),
+            "max_position_embeddings": 64,
+            "pad_token_id": vocab["[PAD]"],
+            "bos_token_id": vocab["[DEC]"],
+            "eos_token_id": vocab["[SEP]"],
+            "sep_token_id": vocab["[SEP]"],
+        },
+        projection_dim=32,
+    )
+    model = BlipForConditionalGeneration(config)
+    _save(directory, model, BlipProcessor(image_processor=image_processor, tokenizer=tokenizer))
+    return directory
+
+
+def build_tiny_clip(directory: str) -> str:
+    """A ~50k-parameter CLIP ranker with a real byte-level BPE tokenizer and CLIP processor."""
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessorPil,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTokenizer,
+    )
+
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    vocab_tokens = specials + letters + [c + "</w>" for c in letters] + ["!", ".", ",", "'"]
+    vocab = {token: i for i, token in enumerate(vocab_tokens)}
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=32)
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    )
+    small = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_attention_heads": 2,
+        "num_hidden_layers": 2,
+    }
+    config = CLIPConfig(
+        vision_config=small | {"image_size": 32, "patch_size": 8},
+        text_config=small
+        | {
+            "vocab_size": len(vocab),
+            "max_position_embeddings": 32,
+            "bos_token_id": vocab["<|startoftext|>"],
+            "eos_token_id": vocab["<|endoftext|>"],
+            "pad_token_id": vocab["<|endoftext|>"],
+        },
+        projection_dim=16,
+    )
+    model = CLIPModel(config)
+    _save(directory, model, CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer))
+    return directory
+
+
+def build_tiny_models(directory: str) -> tuple[str, str]:
+    """Both tiny models under `directory`: `(blip_dir, clip_dir)`."""
+    import torch
+
+    torch.manual_seed(0)
+    blip = build_tiny_blip(os.path.join(directory, "tiny-blip"))
+    clip = build_tiny_clip(os.path.join(directory, "tiny-clip"))
+    return blip, clip
+
+
+def _save(directory: str, model: object, processor: object) -> None:
+    os.makedirs(directory, exist_ok=True)
+    model.save_pretrained(directory)  # type: ignore[attr-defined]
+    processor.save_pretrained(directory)  # type: ignore[attr-defined]

@@ -1,0 +1,21 @@
+"""Composable Beam transforms: read paths, load images, caption, rank, write."""
+
+from captionflow.transforms.caption import CaptionImages, CaptionOutputs
+from captionflow.transforms.inference import GenerateCaptions, RankCaptions
+from captionflow.transforms.load import LoadImages
+from captionflow.transforms.progress import LogProgress
+from captionflow.transforms.read import ReadImagePaths
+from captionflow.transforms.write import WriteErrors, WriteJsonLines, WriteMetadata
+
+__all__ = [
+    "CaptionImages",
+    "CaptionOutputs",
+    "GenerateCaptions",
+    "LoadImages",
+    "LogProgress",
+    "RankCaptions",
+    "ReadImagePaths",
+    "WriteErrors",
+    "WriteJsonLines",
+    "WriteMetadata",
+]

@@ -1,0 +1,54 @@
+"""The whole captioning step as one transform, for use inside any Beam pipeline."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import apache_beam as beam
+from apache_beam.pvalue import PCollection
+
+from captionflow.handlers.base import CaptionModelHandler, RankModelHandler
+from captionflow.handlers.registry import captioner_handler, ranker_handler
+from captionflow.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
+from captionflow.records import CaptionRecord, ErrorRecord
+from captionflow.transforms.errors import ERRORS
+from captionflow.transforms.inference import CANDIDATES, CAPTIONS, GenerateCaptions, RankCaptions
+from captionflow.transforms.load import IMAGES, LoadImages
+
+
+class CaptionOutputs(NamedTuple):
+    """What `CaptionImages` returns: one `CaptionRecord` or one `ErrorRecord` per input URI."""
+
+    captions: PCollection[CaptionRecord]
+    errors: PCollection[ErrorRecord]
+
+
+class CaptionImages(beam.PTransform):
+    """Image URIs in; the best caption of each image, with its scored candidates, out.
+
+        captions, errors = uris | CaptionImages(captioner_handler("blip"), ranker_handler("clip"))
+
+    Each image is read and decoded once, captioned in batches, ranked in batches, and never
+    shuffled. A failing image becomes an `ErrorRecord` with its stage and reason.
+    """
+
+    def __init__(
+        self,
+        captioner: CaptionModelHandler | None = None,
+        ranker: RankModelHandler | None = None,
+        *,
+        max_side: int = DEFAULT_MAX_SIDE,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        super().__init__()
+        self.captioner = captioner or captioner_handler()
+        self.ranker = ranker or ranker_handler()
+        self.max_side = max_side
+        self.max_pixels = max_pixels
+
+    def expand(self, uris: PCollection[str]) -> CaptionOutputs:
+        loaded = uris | "Load" >> LoadImages(max_side=self.max_side, max_pixels=self.max_pixels)
+        captioned = loaded[IMAGES] | "Generate" >> GenerateCaptions(self.captioner)
+        ranked = captioned[CANDIDATES] | "Rank" >> RankCaptions(self.ranker)
+        errors = (loaded[ERRORS], captioned[ERRORS], ranked[ERRORS]) | "Errors" >> beam.Flatten()
+        return CaptionOutputs(ranked[CAPTIONS], errors)

@@ -1,0 +1,18 @@
+"""The side output that carries failed images, and the counters that count them."""
+
+from __future__ import annotations
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.pvalue import TaggedOutput
+
+from captionflow.records import ErrorRecord
+
+ERRORS = "errors"
+NAMESPACE = "captionflow"
+
+
+def error_output(record: ErrorRecord) -> TaggedOutput:
+    """Tag a failure for the `errors` output and count it by stage."""
+    Metrics.counter(NAMESPACE, f"errors_{record.stage}").inc()
+    return beam.pvalue.TaggedOutput(ERRORS, record)

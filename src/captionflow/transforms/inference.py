@@ -1,0 +1,94 @@
+"""RunInference steps: candidates from a captioner, then their order from a ranker.
+
+These transforms see only the handler interface (`CaptionModelHandler`, `RankModelHandler`),
+so any registered captioner or ranker plugs in unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import KeyedModelHandler, PredictionResult, RunInference
+from apache_beam.pvalue import PCollection
+from PIL import Image
+
+from captionflow.handlers.base import CaptionModelHandler, InferenceFailure, RankModelHandler
+from captionflow.records import CaptionCandidates, CaptionRecord, ErrorRecord
+from captionflow.transforms.errors import ERRORS, NAMESPACE, error_output
+
+CANDIDATES = "candidates"
+CAPTIONS = "captions"
+
+
+def _failed(uri: str, stage: str, inference: Any) -> ErrorRecord | None:
+    if isinstance(inference, InferenceFailure):
+        return ErrorRecord(uri, stage, inference.error_type, inference.message)
+    if not inference:
+        return ErrorRecord(uri, stage, "NoCaption", "the model produced no non-empty caption")
+    return None
+
+
+def _to_candidates(
+    keyed: tuple[str, PredictionResult], captioner: str
+) -> Iterator[CaptionCandidates | beam.pvalue.TaggedOutput]:
+    uri, result = keyed
+    if failure := _failed(uri, "caption", result.inference):
+        yield error_output(failure)
+    else:
+        yield CaptionCandidates(uri, result.example, tuple(result.inference), captioner)
+
+
+class GenerateCaptions(beam.PTransform):
+    """`(uri, image)` to `CaptionCandidates` on `candidates`; failed images on `errors`."""
+
+    def __init__(self, handler: CaptionModelHandler) -> None:
+        super().__init__()
+        self.handler = handler
+
+    def expand(self, images: PCollection[tuple[str, Image.Image]]) -> beam.pvalue.DoOutputsTuple:
+        return (
+            images
+            | "Caption" >> RunInference(KeyedModelHandler(self.handler))
+            | "Candidates"
+            >> beam.ParDo(_to_candidates, self.handler.name).with_outputs(ERRORS, main=CANDIDATES)
+        )
+
+
+class _ToRecord(beam.DoFn):
+    def __init__(self, ranker: str) -> None:
+        self.ranker = ranker
+        self.captioned = Metrics.counter(NAMESPACE, "images_captioned")
+
+    def process(
+        self, keyed: tuple[tuple[str, str], PredictionResult]
+    ) -> Iterator[CaptionRecord | beam.pvalue.TaggedOutput]:
+        (uri, captioner), result = keyed
+        if failure := _failed(uri, "rank", result.inference):
+            yield error_output(failure)
+            return
+        best = result.inference[0]
+        self.captioned.inc()
+        yield CaptionRecord(
+            uri, best.text, best.score, tuple(result.inference), captioner, self.ranker
+        )
+
+
+class RankCaptions(beam.PTransform):
+    """`CaptionCandidates` to `CaptionRecord` (best caption first) on `captions`; failures on
+    `errors`."""
+
+    def __init__(self, handler: RankModelHandler) -> None:
+        super().__init__()
+        self.handler = handler
+
+    def expand(self, candidates: PCollection[CaptionCandidates]) -> beam.pvalue.DoOutputsTuple:
+        return (
+            candidates
+            | "Key" >> beam.Map(lambda c: ((c.image_uri, c.captioner), (c.image, c.texts)))
+            | "Rank" >> RunInference(KeyedModelHandler(self.handler))
+            | "Records"
+            >> beam.ParDo(_ToRecord(self.handler.name)).with_outputs(ERRORS, main=CAPTIONS)
+        )

@@ -1,0 +1,145 @@
+"""Writing results: one JSON-lines file, complete or absent, on any Beam filesystem.
+
+Each bundle writes its own part file (temp name, then rename); a last step joins the parts into
+the destination through a temp file and a rename, so no reader ever sees a partial file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.pvalue import PCollection
+from apache_beam.transforms.window import GlobalWindows
+from apache_beam.utils.windowed_value import WindowedValue
+
+from captionflow.records import CaptionRecord, ErrorRecord
+from captionflow.transforms.read import absolute, is_remote, join
+
+METADATA_FILE = "metadata.jsonl"
+ERRORS_FILE = "errors.jsonl"
+
+
+def parts_dir(destination: str) -> str:
+    """Where the bundles of a run park their parts: hidden, beside the destination."""
+    head, tail = (posixpath if is_remote(destination) else os.path).split(destination)
+    return join(head, f".{tail}.parts")
+
+
+class _WriteParts(beam.DoFn):
+    """One part file per bundle, visible under its final name only once complete."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def start_bundle(self) -> None:
+        self._file: Any = None
+
+    def process(self, line: str) -> None:
+        if self._file is None:
+            self._name = uuid.uuid4().hex
+            self._file = FileSystems.create(join(self.directory, f".tmp-{self._name}"))
+        self._file.write(line.encode("utf-8") + b"\n")
+
+    def finish_bundle(self) -> Iterator[WindowedValue]:
+        if self._file is None:
+            return
+        self._file.close()
+        part = join(self.directory, f"part-{self._name}.jsonl")
+        FileSystems.rename([join(self.directory, f".tmp-{self._name}")], [part])
+        self._file = None
+        yield GlobalWindows.windowed_value(part)
+
+
+def merge_parts(parts: Iterable[str], destination: str, key: str) -> str:
+    """Join part files into `destination` atomically, keeping the first line for each `key`
+    (a retried bundle may have written a part twice)."""
+    staging = f"{destination}.tmp-{uuid.uuid4().hex}"
+    seen: set[str] = set()
+    with FileSystems.create(staging) as out:
+        for part in sorted(parts):
+            with FileSystems.open(part, compression_type="uncompressed") as file:
+                for line in file.read().splitlines():
+                    record_key = json.loads(line)[key]
+                    if record_key not in seen:
+                        seen.add(record_key)
+                        out.write(line + b"\n")
+    FileSystems.rename([staging], [destination])
+    if FileSystems.exists(parts_dir(destination)):
+        FileSystems.delete([parts_dir(destination)])
+    return destination
+
+
+class WriteJsonLines(beam.PTransform):
+    """JSON lines to exactly one file at `destination`, unique by `key`, written atomically.
+
+    Returns a one-element PCollection with the destination path once it is complete.
+    """
+
+    def __init__(self, destination: str, *, key: str) -> None:
+        super().__init__()
+        self.destination = absolute(destination)
+        self.key = key
+
+    def expand(self, lines: PCollection[str]) -> PCollection[str]:
+        return (
+            lines
+            | "WriteParts" >> beam.ParDo(_WriteParts(parts_dir(self.destination)))
+            | "CollectParts" >> beam.combiners.ToList()
+            | "Merge" >> beam.Map(merge_parts, self.destination, self.key)
+        )
+
+
+def imagefolder_row(output_dir: str) -> Callable[[CaptionRecord], str]:
+    """A record as a Hugging Face ImageFolder metadata line: `file_name` relative to the
+    output folder when the image lies under it, else its full URI."""
+    prefix = absolute(output_dir).rstrip("/" if is_remote(output_dir) else os.sep)
+    prefix += "/" if is_remote(output_dir) else os.sep
+
+    def row(record: CaptionRecord) -> str:
+        uri = record.image_uri
+        file_name = uri[len(prefix) :] if uri.startswith(prefix) else uri
+        if not is_remote(uri):
+            file_name = file_name.replace(os.sep, "/")
+        return json.dumps({"file_name": file_name, **record.to_dict()}, ensure_ascii=False)
+
+    return row
+
+
+class WriteMetadata(beam.PTransform):
+    """`CaptionRecord`s to `<output_dir>/metadata.jsonl`, loadable with
+    `datasets.load_dataset("imagefolder", data_dir=output_dir)` when the images lie under it."""
+
+    def __init__(self, output_dir: str, *, filename: str = METADATA_FILE) -> None:
+        super().__init__()
+        self.output_dir = absolute(output_dir)
+        self.filename = filename
+
+    def expand(self, records: PCollection[CaptionRecord]) -> PCollection[str]:
+        return (
+            records
+            | "ToRow" >> beam.Map(imagefolder_row(self.output_dir))
+            | "Write" >> WriteJsonLines(join(self.output_dir, self.filename), key="file_name")
+        )
+
+
+class WriteErrors(beam.PTransform):
+    """`ErrorRecord`s to `<output_dir>/errors.jsonl`, one line per failed image."""
+
+    def __init__(self, output_dir: str, *, filename: str = ERRORS_FILE) -> None:
+        super().__init__()
+        self.output_dir = absolute(output_dir)
+        self.filename = filename
+
+    def expand(self, errors: PCollection[ErrorRecord]) -> PCollection[str]:
+        return (
+            errors
+            | "ToRow" >> beam.Map(lambda e: json.dumps(e.to_dict(), ensure_ascii=False))
+            | "Write" >> WriteJsonLines(join(self.output_dir, self.filename), key="image_uri")
+        )
