@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny random models built offline, and small generated images."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # no test may reach the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """`(blip_dir, clip_dir)`: saved with `save_pretrained`, loaded back like any checkout."""
+    from captionflow.tiny_models import build_tiny_models
+
+    return build_tiny_models(str(tmp_path_factory.mktemp("models")))
+
+
+@pytest.fixture(scope="session")
+def tiny_blip(tiny_models: tuple[str, str]) -> str:
+    return tiny_models[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tiny_models: tuple[str, str]) -> str:
+    return tiny_models[1]
+
+
+def random_image(width: int = 64, height: int = 48, seed: int = 0) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def write_images(directory: Path, count: int, suffix: str = ".jpg") -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = directory / f"image_{i:03d}{suffix}"
+        random_image(64 + 8 * i, 48, seed=i).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def image_dir(tmp_path: Path) -> Path:
+    """Four small JPEGs in a folder."""
+    write_images(tmp_path / "images", 4)
+    return tmp_path / "images"

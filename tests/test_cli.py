@@ -1,0 +1,118 @@
+"""`captionflow run` end to end, as a user runs it, and its output loaded by `datasets`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from captionflow.cli import main
+from tests.conftest import write_images
+
+
+def models(tiny_blip: str, tiny_clip: str) -> list[str]:
+    return ["--captioner", f"blip:{tiny_blip}", "--ranker", f"clip:{tiny_clip}"]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="module")
+def captioned_folder(
+    tmp_path_factory: pytest.TempPathFactory, tiny_models: tuple[str, str]
+) -> Path:
+    """A folder of images (one of them broken) captioned in place by the CLI."""
+    folder = tmp_path_factory.mktemp("dataset")
+    write_images(folder / "photos", 5)
+    (folder / "photos" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    argv = ["run", "--input", str(folder), "--output", str(folder), "--num-captions", "3"]
+    assert main(argv + models(*tiny_models)) == 0
+    return folder
+
+
+def test_cli_writes_one_caption_per_good_image(captioned_folder: Path) -> None:
+    rows = read_jsonl(captioned_folder / "metadata.jsonl")
+    assert sorted(r["file_name"] for r in rows) == [f"photos/image_{i:03d}.jpg" for i in range(5)]
+    for row in rows:
+        assert row["text"] == row["candidates"][0]["text"] and row["text"]
+        assert 1 <= len(row["candidates"]) <= 3
+
+
+def test_cli_reports_the_broken_image_as_an_error(captioned_folder: Path) -> None:
+    (error,) = read_jsonl(captioned_folder / "errors.jsonl")
+    assert error["image_uri"].endswith("photos/broken.jpg")
+    assert error["stage"] == "decode" and error["error_type"] == "UnidentifiedImageError"
+
+
+def test_output_loads_as_a_hugging_face_imagefolder(captioned_folder: Path) -> None:
+    import datasets
+
+    dataset = datasets.load_dataset("imagefolder", data_dir=str(captioned_folder), split="train")
+    assert len(dataset) == 5
+    assert {"image", "text", "score", "candidates"} <= set(dataset.column_names)
+    rows = {r["file_name"]: r["text"] for r in read_jsonl(captioned_folder / "metadata.jsonl")}
+    assert sorted(dataset["text"]) == sorted(rows.values())
+    assert dataset[0]["image"].size[1] == 48
+
+
+def test_original_tool_flags_and_a_jsonl_output_path_still_work(
+    tmp_path: Path, tiny_models: tuple[str, str]
+) -> None:
+    images = write_images(tmp_path / "imgs", 2)
+    listing = tmp_path / "dataset.txt"
+    listing.write_text("\n".join(str(p) for p in images) + "\n")
+    out = tmp_path / "out" / "captions.jsonl"
+    argv = ["run", "--dataset-filename", str(listing), "--output-filename", str(out)]
+    assert main(argv + ["--limit", "1", *models(*tiny_models)]) == 0
+    (row,) = read_jsonl(out)
+    assert row["file_name"] == str(images[0])
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--num-captions", "0"], "--num-captions: Input should be greater than or equal to 1"),
+        (["--caption-batch-size", "-3"], "--caption-batch-size: Input should be greater"),
+        (["--captioner", "nosuch"], "--captioner: unknown captioner 'nosuch'"),
+        (["--device", "gpu"], "--device: 'gpu' is not a device"),
+        (["--decoding", "greedy"], "--decoding: Input should be 'sample' or 'beam'"),
+        (["--min-new-tokens", "9", "--max-new-tokens", "3"], "min_new_tokens (9) exceeds max_new_tokens (3)"),
+        (["--num_captions", "3"], "unknown flag(s): --num_captions"),
+        (["--limit", "0"], "--limit: Input should be greater than or equal to 1"),
+    ],
+)
+def test_bad_options_stop_before_any_work_with_one_clear_line(
+    image_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, flags: list, message: str
+) -> None:
+    argv = ["run", "--input", str(image_dir), "--output", str(tmp_path / "out"), *flags]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert f"captionflow: error: {message}" in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_input_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["run", "--input", str(tmp_path / "nope"), "--output", str(tmp_path)]) == 2
+    assert "--input: " in capsys.readouterr().err
+
+
+def test_unreachable_hub_model_fails_fast_with_a_hint(
+    image_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, tiny_clip: str
+) -> None:
+    argv = ["run", "--input", str(image_dir), "--output", str(tmp_path), "--ranker", tiny_clip]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert "--captioner: cannot load Salesforce/blip-image-captioning-base" in error
+    assert "--captioner blip:DIR" in error
+
+
+def test_python_dash_m_entry_point_runs(image_dir: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "captionflow", "run", "--help"], capture_output=True, text=True
+    )
+    assert done.returncode == 0
+    assert "--num-captions" in done.stdout and "--dataset-filename" in done.stdout

@@ -1,0 +1,92 @@
+"""Decoding: every kind of image becomes one small upright RGB picture, or a clear error."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image, UnidentifiedImageError
+
+from captionflow.images import ImageTooLargeError, decode_image
+
+
+def encode(image: Image.Image, fmt: str, **kwargs: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def test_large_jpeg_is_shrunk_to_max_side_keeping_aspect() -> None:
+    image = Image.new("RGB", (2000, 1000), (200, 10, 10))
+    decoded = decode_image(encode(image, "JPEG"), max_side=256)
+    assert decoded.mode == "RGB"
+    assert decoded.size == (256, 128)
+
+
+def test_small_image_is_not_enlarged() -> None:
+    decoded = decode_image(encode(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG"))
+    assert decoded.size == (1, 1)
+
+
+def test_exif_orientation_is_applied() -> None:
+    image = Image.new("RGB", (40, 20), (0, 0, 255))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    decoded = decode_image(encode(image, "JPEG", exif=exif))
+    assert decoded.size == (20, 40)
+
+
+def test_alpha_is_flattened_on_white() -> None:
+    transparent = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
+    decoded = decode_image(encode(transparent, "PNG"))
+    assert decoded.mode == "RGB"
+    assert decoded.getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_palette_with_transparency_is_flattened_on_white() -> None:
+    palette = Image.new("P", (8, 8), 0)
+    palette.putpalette([0, 0, 0] * 256)
+    decoded = decode_image(encode(palette, "PNG", transparency=0))
+    assert decoded.getpixel((4, 4)) == (255, 255, 255)
+
+
+def test_sixteen_bit_grey_is_scaled_not_clipped() -> None:
+    grey = Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16))
+    decoded = decode_image(encode(grey, "PNG"))
+    assert decoded.getpixel((0, 0)) == (128, 128, 128)
+
+
+def test_cmyk_jpeg_becomes_rgb() -> None:
+    decoded = decode_image(encode(Image.new("CMYK", (16, 16), (0, 0, 0, 0)), "JPEG"))
+    assert decoded.mode == "RGB"
+    assert decoded.getpixel((8, 8))[0] > 240
+
+
+def test_animated_gif_gives_its_first_frame() -> None:
+    frames = [Image.new("RGB", (10, 10), color) for color in ((255, 0, 0), (0, 0, 255))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:])
+    decoded = decode_image(buffer.getvalue())
+    red, _, blue = decoded.getpixel((5, 5))
+    assert red > 200 and blue < 50
+
+
+def test_pixel_limit_is_checked_before_decoding() -> None:
+    data = encode(Image.new("RGB", (300, 300)), "PNG")
+    with pytest.raises(ImageTooLargeError, match="90000 pixels exceeds the limit of 1000"):
+        decode_image(data, max_pixels=1000)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"), [(b"", "an empty file"), (b"hello, world", "not an image")]
+)
+def test_non_images_fail_with_a_readable_reason(data: bytes, message: str) -> None:
+    with pytest.raises(UnidentifiedImageError, match=message):
+        decode_image(data)
+
+
+def test_truncated_jpeg_fails() -> None:
+    data = encode(Image.new("RGB", (64, 64), (1, 2, 3)), "JPEG")
+    with pytest.raises(OSError):
+        decode_image(data[: len(data) // 2])

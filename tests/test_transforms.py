@@ -1,0 +1,145 @@
+"""Each transform on its own, in a real Beam pipeline on the FnApiRunner."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import apache_beam as beam
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from captionflow import CaptionImages, LoadImages, ReadImagePaths, WriteMetadata
+from captionflow.handlers import BlipCaptionHandler, ClipRankHandler, DecodingOptions
+from captionflow.records import CaptionRecord, ScoredCaption
+from captionflow.transforms.write import WriteJsonLines, merge_parts, parts_dir
+from tests.conftest import write_images
+
+
+def run_pipeline(build) -> None:  # noqa: ANN001 - a callable that adds to the pipeline
+    with TestPipeline(runner="FnApiRunner") as pipeline:
+        build(pipeline)
+
+
+def test_read_paths_from_a_list_file(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    listing = tmp_path / "dataset.txt"
+    listing.write_text(
+        "# my images\n\n/abs/one.jpg\nsub/two.png\n  sub/two.png  \ngs://bucket/three.jpg\n"
+    )
+    expected = ["/abs/one.jpg", str(tmp_path / "sub" / "two.png"), "gs://bucket/three.jpg"]
+    run_pipeline(lambda p: assert_that(p | ReadImagePaths(str(listing)), equal_to(expected)))
+
+
+def test_read_paths_from_a_folder_recursively_images_only(tmp_path: Path) -> None:
+    top = write_images(tmp_path, 2)
+    nested = write_images(tmp_path / "a" / "b", 1, suffix=".PNG")
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "metadata.jsonl").write_text("{}")
+    expected = [str(p) for p in top + nested]
+    run_pipeline(lambda p: assert_that(p | ReadImagePaths(str(tmp_path)), equal_to(expected)))
+
+
+def test_read_paths_from_a_glob(tmp_path: Path) -> None:
+    jpgs = write_images(tmp_path, 2)
+    write_images(tmp_path / "x", 1, suffix=".png")
+    pattern = str(tmp_path / "*.jpg")
+    run_pipeline(
+        lambda p: assert_that(p | ReadImagePaths(pattern), equal_to([str(j) for j in jpgs]))
+    )
+
+
+def test_limit_takes_the_first_paths_in_sorted_order(tmp_path: Path) -> None:
+    paths = write_images(tmp_path, 5)
+    run_pipeline(
+        lambda p: assert_that(
+            p | ReadImagePaths(str(tmp_path), limit=2), equal_to([str(x) for x in paths[:2]])
+        )
+    )
+
+
+def test_load_images_routes_failures_with_their_stage(tmp_path: Path) -> None:
+    good = write_images(tmp_path, 2)
+    (tmp_path / "bad.jpg").write_text("text, not a picture")
+    uris = [str(g) for g in good] + [str(tmp_path / "bad.jpg"), str(tmp_path / "gone.jpg")]
+
+    def build(p: beam.Pipeline) -> None:
+        loaded = p | beam.Create(uris) | LoadImages(max_side=32)
+        assert_that(
+            loaded.images | beam.Map(lambda kv: (kv[0], kv[1].mode, max(kv[1].size))),
+            equal_to([(str(g), "RGB", 32) for g in good]),
+            label="images",
+        )
+        assert_that(
+            loaded.errors | beam.Map(lambda e: (e.image_uri.rsplit("/", 1)[1], e.stage)),
+            equal_to([("bad.jpg", "decode"), ("gone.jpg", "read")]),
+            label="errors",
+        )
+
+    run_pipeline(build)
+
+
+def test_caption_images_gives_one_ranked_record_per_image(
+    image_dir: Path, tiny_blip: str, tiny_clip: str
+) -> None:
+    uris = sorted(str(p) for p in image_dir.iterdir())
+    captioner = BlipCaptionHandler(tiny_blip, decoding=DecodingOptions(num_captions=3))
+    ranker = ClipRankHandler(tiny_clip, max_batch_size=2)
+
+    def check(records: list[CaptionRecord]) -> None:
+        assert sorted(r.image_uri for r in records) == uris
+        for record in records:
+            assert record.text == record.candidates[0].text
+            assert record.score == record.candidates[0].score
+            scores = [c.score for c in record.candidates]
+            assert scores == sorted(scores, reverse=True) and 1 <= len(scores) <= 3
+            assert record.captioner == f"blip:{tiny_blip}"
+            assert record.ranker == f"clip:{tiny_clip}"
+
+    def build(p: beam.Pipeline) -> None:
+        captions, errors = p | beam.Create(uris) | CaptionImages(captioner, ranker)
+        assert_that(captions | beam.combiners.ToList(), lambda lists: check(lists[0]))
+        assert_that(errors, equal_to([]), label="no errors")
+
+    run_pipeline(build)
+
+
+def record(uri: str, text: str = "a cat") -> CaptionRecord:
+    return CaptionRecord(uri, text, 0.3, (ScoredCaption(text, 0.3, 1.0),), "blip:m", "clip:m")
+
+
+def test_write_metadata_names_files_relative_to_the_output(tmp_path: Path) -> None:
+    records = [record(str(tmp_path / "a" / "x.jpg")), record("gs://bucket/elsewhere.jpg")]
+    run_pipeline(lambda p: p | beam.Create(records) | WriteMetadata(str(tmp_path)))
+    rows = [json.loads(line) for line in (tmp_path / "metadata.jsonl").read_text().splitlines()]
+    assert sorted(r["file_name"] for r in rows) == ["a/x.jpg", "gs://bucket/elsewhere.jpg"]
+    assert rows[0]["candidates"] == [{"text": "a cat", "score": 0.3, "probability": 1.0}]
+    assert {"text", "score", "image_uri", "captioner", "ranker"} <= set(rows[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metadata.jsonl"]
+
+
+def test_write_json_lines_makes_one_file_even_with_no_input(tmp_path: Path) -> None:
+    destination = tmp_path / "out.jsonl"
+    run_pipeline(lambda p: p | beam.Create([]) | WriteJsonLines(str(destination), key="k"))
+    assert destination.read_text() == ""
+    assert not Path(parts_dir(str(destination))).exists()
+
+
+def test_merge_keeps_one_line_per_key_when_a_bundle_was_retried(tmp_path: Path) -> None:
+    parts = tmp_path / ".out.jsonl.parts"
+    parts.mkdir()
+    (parts / "part-1.jsonl").write_text('{"k": "a", "v": 1}\n{"k": "b", "v": 2}\n')
+    (parts / "part-2.jsonl").write_text('{"k": "a", "v": 1}\n')
+    destination = tmp_path / "out.jsonl"
+    merge_parts([str(p) for p in parts.iterdir()], str(destination), "k")
+    assert sorted(json.loads(x)["k"] for x in destination.read_text().splitlines()) == ["a", "b"]
+    assert not parts.exists()
+
+
+@pytest.mark.parametrize("count", [1, 25])
+def test_write_json_lines_keeps_every_line(tmp_path: Path, count: int) -> None:
+    lines = [json.dumps({"k": str(i), "text": "ünïcode ✓"}, ensure_ascii=False) for i in range(count)]
+    destination = tmp_path / "out.jsonl"
+    run_pipeline(lambda p: p | beam.Create(lines) | WriteJsonLines(str(destination), key="k"))
+    assert sorted(destination.read_text(encoding="utf-8").splitlines()) == sorted(lines)
