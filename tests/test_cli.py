@@ -116,3 +116,13 @@ def test_python_dash_m_entry_point_runs(image_dir: Path) -> None:
     )
     assert done.returncode == 0
     assert "--num-captions" in done.stdout and "--dataset-filename" in done.stdout
+
+
+def test_relative_input_and_output_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_models: tuple[str, str]
+) -> None:
+    write_images(tmp_path / "pics", 1)
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--input", "pics", "--output", "out/run", *models(*tiny_models)]) == 0
+    (row,) = read_jsonl(tmp_path / "out" / "run" / "metadata.jsonl")
+    assert row["file_name"] == str(tmp_path / "pics" / "image_000.jpg")

@@ -93,7 +93,8 @@ class RunConfig(BaseModel):
     @property
     def output_dir(self) -> str:
         """`--output` names a folder; a `.jsonl` path (the original tool's form) names the file."""
-        return dirname(absolute(self.output)) if self.output.endswith(".jsonl") else self.output
+        output = absolute(self.output)
+        return dirname(output) if output.endswith(".jsonl") else output
 
     @property
     def metadata_filename(self) -> str:
