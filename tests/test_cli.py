@@ -67,7 +67,7 @@ def test_original_tool_flags_and_a_jsonl_output_path_still_work(
     listing.write_text("\n".join(str(p) for p in images) + "\n")
     out = tmp_path / "out" / "captions.jsonl"
     argv = ["run", "--dataset-filename", str(listing), "--output-filename", str(out)]
-    assert main(argv + ["--limit", "1", *models(*tiny_models)]) == 0
+    assert main([*argv, "--limit", "1", *models(*tiny_models)]) == 0
     (row,) = read_jsonl(out)
     assert row["file_name"] == str(images[0])
 
@@ -80,7 +80,7 @@ def test_original_tool_flags_and_a_jsonl_output_path_still_work(
         (["--captioner", "nosuch"], "--captioner: unknown captioner 'nosuch'"),
         (["--device", "gpu"], "--device: 'gpu' is not a device"),
         (["--decoding", "greedy"], "--decoding: Input should be 'sample' or 'beam'"),
-        (["--min-new-tokens", "9", "--max-new-tokens", "3"], "min_new_tokens (9) exceeds max_new_tokens (3)"),
+        (["--min-new-tokens", "9", "--max-new-tokens", "3"], "min_new_tokens (9) exceeds"),
         (["--num_captions", "3"], "unknown flag(s): --num_captions"),
         (["--limit", "0"], "--limit: Input should be greater than or equal to 1"),
     ],

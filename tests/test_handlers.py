@@ -121,9 +121,7 @@ def test_handlers_carry_beam_batching_and_sharing_options(tiny_clip: str) -> Non
 def test_registry_resolves_names_and_model_references() -> None:
     assert parse_reference("blip", CAPTIONERS, "blip") == ("blip", None)
     assert parse_reference("blip:/m/b", CAPTIONERS, "blip") == ("blip", "/m/b")
-    assert parse_reference("clip:gs://bucket/clip", RANKERS, "clip") == (
-        "clip", "gs://bucket/clip"
-    )
+    assert parse_reference("clip:gs://bucket/clip", RANKERS, "clip") == ("clip", "gs://bucket/clip")
     assert parse_reference("org/model", CAPTIONERS, "blip") == ("blip", "org/model")
     assert captioner_handler("blip").model_id == "Salesforce/blip-image-captioning-base"
     assert ranker_handler("clip:/m/c").model_id == "/m/c"

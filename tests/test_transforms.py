@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import apache_beam as beam
@@ -17,7 +18,7 @@ from captionflow.transforms.write import WriteJsonLines, merge_parts, parts_dir
 from tests.conftest import write_images
 
 
-def run_pipeline(build) -> None:  # noqa: ANN001 - a callable that adds to the pipeline
+def run_pipeline(build: Callable[[beam.Pipeline], object]) -> None:
     with TestPipeline(runner="FnApiRunner") as pipeline:
         build(pipeline)
 
@@ -139,7 +140,8 @@ def test_merge_keeps_one_line_per_key_when_a_bundle_was_retried(tmp_path: Path) 
 
 @pytest.mark.parametrize("count", [1, 25])
 def test_write_json_lines_keeps_every_line(tmp_path: Path, count: int) -> None:
-    lines = [json.dumps({"k": str(i), "text": "ünïcode ✓"}, ensure_ascii=False) for i in range(count)]
+    rows = [{"k": str(i), "text": "ünïcode ✓"} for i in range(count)]
+    lines = [json.dumps(row, ensure_ascii=False) for row in rows]
     destination = tmp_path / "out.jsonl"
     run_pipeline(lambda p: p | beam.Create(lines) | WriteJsonLines(str(destination), key="k"))
     assert sorted(destination.read_text(encoding="utf-8").splitlines()) == sorted(lines)

@@ -28,10 +28,20 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory() as models:
         blip, clip = build_tiny_models(models)
-        code = cli_main([
-            "run", "--input", source, "--output", output,
-            "--captioner", f"blip:{blip}", "--ranker", f"clip:{clip}", *argv[2:],
-        ])
+        code = cli_main(
+            [
+                "run",
+                "--input",
+                source,
+                "--output",
+                output,
+                "--captioner",
+                f"blip:{blip}",
+                "--ranker",
+                f"clip:{clip}",
+                *argv[2:],
+            ]
+        )
     if code == 0:
         print(BANNER)
         with open(os.path.join(output, "metadata.jsonl"), encoding="utf-8") as metadata:
