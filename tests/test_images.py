@@ -90,3 +90,8 @@ def test_truncated_jpeg_fails() -> None:
     data = encode(Image.new("RGB", (64, 64), (1, 2, 3)), "JPEG")
     with pytest.raises(OSError):
         decode_image(data[: len(data) // 2])
+
+
+def test_extreme_aspect_ratio_is_cropped_to_a_sane_strip() -> None:
+    decoded = decode_image(encode(Image.new("RGB", (3, 3000), (5, 5, 5)), "PNG"), max_side=768)
+    assert decoded.size == (3, 24)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from collections.abc import Sequence
 
 import apache_beam as beam
@@ -14,7 +15,7 @@ from pydantic import ValidationError
 from captionflow import __version__
 from captionflow.config import RunConfig
 from captionflow.handlers.decoding import DecodingOptions
-from captionflow.handlers.loading import check_available
+from captionflow.handlers.loading import ModelLoadError, check_available
 from captionflow.handlers.registry import CAPTIONERS, RANKERS, parse_reference
 from captionflow.pipelines import build_caption_pipeline
 
@@ -55,28 +56,44 @@ def build_parser() -> argparse.ArgumentParser:
     io = run.add_argument_group("input and output")
     io.add_argument(
         "--input",
-        "--dataset-filename",
-        dest="input",
-        required=True,
-        help="a list file (.txt: one path a line), a glob, an image or a folder",
+        help="a list file (.txt: one path a line), a glob, an image or a folder; required",
     )
     io.add_argument(
-        "--output",
-        "--output-filename",
-        dest="output",
-        required=True,
-        help="output folder (or a .jsonl path for the metadata file)",
+        "--output", help="output folder, or a .jsonl path naming the metadata file; required"
     )
+    io.add_argument("--dataset-filename", help="the original tool's name for --input")
+    io.add_argument("--output-filename", help="the original tool's name for --output")
     io.add_argument("--limit", type=int, help="caption only the first N paths (sorted)")
+
+    recovery = run.add_argument_group("recovery")
+    recovery.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep what an earlier run of this output wrote; caption the rest",
+    )
+    recovery.add_argument(
+        "--attempts",
+        type=int,
+        default=3,
+        help="if the job fails, resume it until this many attempts in all (default: %(default)s)",
+    )
+    recovery.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=100,
+        help="records per part file: the most a killed job loses per worker (default: %(default)s)",
+    )
 
     models = run.add_argument_group("models")
     models.add_argument(
         "--captioner",
         default="blip",
-        help=f"NAME, NAME:MODEL or MODEL; names: {', '.join(CAPTIONERS)}",
+        help=f"NAME, NAME:MODEL or MODEL; names: {', '.join(CAPTIONERS)} (default: %(default)s)",
     )
     models.add_argument(
-        "--ranker", default="clip", help=f"NAME, NAME:MODEL or MODEL; names: {', '.join(RANKERS)}"
+        "--ranker",
+        default="clip",
+        help=f"NAME, NAME:MODEL or MODEL; names: {', '.join(RANKERS)} (default: %(default)s)",
     )
     models.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     models.add_argument(
@@ -84,35 +101,33 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="auto (float16 on GPU, float32 on CPU), float32, float16, bfloat16",
     )
-    models.add_argument("--caption-batch-size", type=int, default=8)
-    models.add_argument("--rank-batch-size", type=int, default=32)
+    models.add_argument("--caption-batch-size", type=int, default=8, help="(default: %(default)s)")
+    models.add_argument("--rank-batch-size", type=int, default=32, help="(default: %(default)s)")
     models.add_argument(
         "--trust-remote-code",
         action="store_true",
-        help="allow model code from the model's repository (off by default)",
+        help="let transformers run code from the model's repository",
     )
 
     decoding = run.add_argument_group("decoding")
-    defaults = DecodingOptions()
-    decoding.add_argument(
-        "--num-captions",
-        type=int,
-        default=defaults.num_captions,
-        help="candidate captions per image",
-    )
-    decoding.add_argument(
-        "--decoding",
-        dest="strategy",
-        default=defaults.strategy,
-        help="sample (nucleus sampling) or beam (beam search)",
-    )
-    decoding.add_argument("--top-p", type=float, default=defaults.top_p)
-    decoding.add_argument("--temperature", type=float, default=defaults.temperature)
-    decoding.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty)
-    decoding.add_argument("--num-beams", type=int, default=defaults.num_beams)
-    decoding.add_argument("--min-new-tokens", type=int, default=defaults.min_new_tokens)
-    decoding.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
-    decoding.add_argument("--prompt", default=defaults.prompt)
+    default = DecodingOptions()
+    for field, flag, kind, text in (
+        ("num_captions", "--num-captions", int, "candidate captions per image"),
+        ("strategy", "--decoding", str, "sample (nucleus sampling) or beam (beam search)"),
+        ("top_p", "--top-p", float, "sampling only"),
+        ("temperature", "--temperature", float, "sampling only"),
+        ("repetition_penalty", "--repetition-penalty", float, ""),
+        ("num_beams", "--num-beams", int, "beam search only"),
+        ("min_new_tokens", "--min-new-tokens", int, ""),
+        ("max_new_tokens", "--max-new-tokens", int, ""),
+        ("prompt", "--prompt", str, "text BLIP continues; removed from the captions"),
+    ):
+        decoding.add_argument(
+            flag,
+            dest=field,
+            type=kind,
+            help=f"{text} (default: {getattr(default, field)!r})".strip(),
+        )
 
     images = run.add_argument_group("images")
     images.add_argument(
@@ -137,13 +152,26 @@ def _flag(location: tuple[int | str, ...]) -> str:
     return DECODING_FLAGS.get(field, "--" + field.replace("_", "-")) + ": "
 
 
+def _one_of(values: dict, name: str, alias: str) -> str:
+    given, aliased = values.pop(name), values.pop(alias)
+    flag, alias_flag = "--" + name, "--" + alias.replace("_", "-")
+    if given is not None and aliased is not None:
+        raise UsageError(f"{flag} and {alias_flag} name the same thing: give one")
+    if given is None and aliased is None:
+        raise UsageError(f"{flag} is required")
+    return given if given is not None else aliased
+
+
 def to_config(args: argparse.Namespace) -> RunConfig:
     """The flags as a `RunConfig`, or a `UsageError` listing every bad value, one a line."""
     values = vars(args).copy()
     values.pop("command")
+    values["input"] = _one_of(values, "input", "dataset_filename")
+    values["output"] = _one_of(values, "output", "output_filename")
     decoding = {name: values.pop(name) for name in DECODING_FLAGS}
     try:
-        return RunConfig(**values, decoding=DecodingOptions(**decoding))
+        given = {name: value for name, value in decoding.items() if value is not None}
+        return RunConfig(**values, decoding=DecodingOptions(**given))
     except ValidationError as error:
         lines = [_flag(e["loc"]) + e["msg"].removeprefix("Value error, ") for e in error.errors()]
         raise UsageError("\n".join(lines)) from None
@@ -205,8 +233,25 @@ def run(argv: Sequence[str]) -> None:
         config.dtype,
         runner,
     )
-    with beam.Pipeline(options=options) as pipeline:
-        build_caption_pipeline(pipeline, config)
+    started = time.time()
+    for attempt in range(1, config.attempts + 1):
+        resume = config.resume or attempt > 1
+        try:
+            with beam.Pipeline(options=options) as pipeline:
+                build_caption_pipeline(
+                    pipeline, config.model_copy(update={"resume": resume}), started=started
+                )
+            break
+        except Exception as error:
+            if attempt == config.attempts or ModelLoadError.__name__ in str(error):
+                raise
+            logger.warning(
+                "attempt %d of %d failed (%s: %s); resuming from what it wrote",
+                attempt,
+                config.attempts,
+                type(error).__name__,
+                str(error).splitlines()[0],
+            )
     logger.info("done: %s", config.output_dir)
 
 

@@ -11,6 +11,7 @@ IMAGE_EXTENSIONS = frozenset(
 )
 DEFAULT_MAX_SIDE = 768
 DEFAULT_MAX_PIXELS = 100_000_000
+MAX_ASPECT_RATIO = 8  # beyond this, a resize-shortest-edge processor would allocate huge arrays
 
 
 class ImageTooLargeError(ValueError):
@@ -39,7 +40,21 @@ def decode_image(
         opened.draft("RGB", (max_side, max_side))
         image = ImageOps.exif_transpose(opened)
         image = _to_rgb(image)
+    image = _crop_extreme_aspect(image)
     image.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+    return image
+
+
+def _crop_extreme_aspect(image: Image.Image) -> Image.Image:
+    """Centre-crop a strip longer than MAX_ASPECT_RATIO times its width; models crop or squash
+    such images to a square anyway, and a 1x10000 strip would blow up their preprocessing."""
+    width, height = image.size
+    if width > MAX_ASPECT_RATIO * height:
+        keep = MAX_ASPECT_RATIO * height
+        return image.crop(((width - keep) // 2, 0, (width - keep) // 2 + keep, height))
+    if height > MAX_ASPECT_RATIO * width:
+        keep = MAX_ASPECT_RATIO * width
+        return image.crop((0, (height - keep) // 2, width, (height - keep) // 2 + keep))
     return image
 
 

@@ -6,6 +6,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+SAMPLING_ONLY = frozenset({"top_p", "temperature"})
+BEAM_ONLY = frozenset({"num_beams"})
+
 
 class DecodingOptions(BaseModel):
     """Generation settings shared by every `generate`-based captioner.
@@ -27,11 +30,16 @@ class DecodingOptions(BaseModel):
     prompt: str = "a picture of "
 
     @model_validator(mode="after")
-    def _check_lengths(self) -> DecodingOptions:
+    def _check_consistent(self) -> DecodingOptions:
         if self.min_new_tokens > self.max_new_tokens:
             raise ValueError(
                 f"min_new_tokens ({self.min_new_tokens}) exceeds "
                 f"max_new_tokens ({self.max_new_tokens})"
+            )
+        unused = SAMPLING_ONLY if self.strategy == "beam" else BEAM_ONLY
+        if conflicting := sorted(unused & self.model_fields_set):
+            raise ValueError(
+                f"{', '.join(conflicting)} cannot be used with {self.strategy} decoding"
             )
         return self
 

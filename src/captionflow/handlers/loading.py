@@ -38,9 +38,13 @@ def localize(path: str) -> str:
     return target
 
 
-def load_error(flag: str, kind: str, path: str, error: Exception) -> RuntimeError:
+class ModelLoadError(RuntimeError):
+    """A model that cannot be loaded: the job stops at once rather than failing every image."""
+
+
+def load_error(flag: str, kind: str, path: str, error: Exception) -> ModelLoadError:
     """A loading failure that says what to do about it."""
-    return RuntimeError(
+    return ModelLoadError(
         f"could not load the {kind} model {path!r} ({type(error).__name__}: {error}). "
         f"If the Hugging Face Hub cannot be reached, download the model where it can "
         f"(`hf download {path} --local-dir DIR`) and pass the directory: --{flag} {kind}:DIR"

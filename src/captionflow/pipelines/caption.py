@@ -1,22 +1,27 @@
-"""The captioning job: paths in, `metadata.jsonl` and `errors.jsonl` out."""
+"""The captioning job: paths in; `metadata.jsonl`, `errors.jsonl` and `summary.json` out."""
 
 from __future__ import annotations
+
+import time
 
 import apache_beam as beam
 
 from captionflow.config import RunConfig
 from captionflow.handlers.registry import captioner_handler, ranker_handler
-from captionflow.transforms import (
-    CaptionImages,
-    LogProgress,
-    ReadImagePaths,
-    WriteErrors,
-    WriteMetadata,
-)
+from captionflow.transforms import CaptionImages, LogProgress, ReadImagePaths, WriteErrors
+from captionflow.transforms.read import join
+from captionflow.transforms.resume import ReadDone, SkipDone
+from captionflow.transforms.summary import CAPTIONED, KEPT, WriteSummary, outcome_of_error
+from captionflow.transforms.write import ToImageFolderRows, WriteJsonLines
+
+SUMMARY_FILE = "summary.json"
 
 
-def build_caption_pipeline(pipeline: beam.Pipeline, config: RunConfig) -> None:
-    """Add the whole job to `pipeline`."""
+def build_caption_pipeline(
+    pipeline: beam.Pipeline, config: RunConfig, *, started: float | None = None
+) -> None:
+    """Add the whole job to `pipeline`. With `config.resume`, images already in the output
+    (finished file or parts of a killed run) are kept and not captioned again."""
     model_options = {
         "device": config.device,
         "dtype": config.dtype,
@@ -29,13 +34,33 @@ def build_caption_pipeline(pipeline: beam.Pipeline, config: RunConfig) -> None:
         **model_options,
     )
     ranker = ranker_handler(config.ranker, max_batch_size=config.rank_batch_size, **model_options)
+    metadata_path = join(config.output_dir, config.metadata_filename)
+
     uris = pipeline | "ReadImagePaths" >> ReadImagePaths(config.input, limit=config.limit)
+    done = pipeline | "ReadDone" >> (ReadDone(metadata_path) if config.resume else beam.Create([]))
+    if config.resume:
+        uris = (uris, done) | "SkipDone" >> SkipDone()
+
     captions, errors = uris | "CaptionImages" >> CaptionImages(
         captioner, ranker, max_side=config.max_side, max_pixels=config.max_pixels
     )
-    (
-        captions
-        | "Progress" >> LogProgress()
-        | "WriteMetadata" >> WriteMetadata(config.output_dir, filename=config.metadata_filename)
+    rows = captions | "Progress" >> LogProgress() | "ToRows" >> ToImageFolderRows(config.output_dir)
+    metadata_written = (
+        (rows, done)
+        | "KeepDone" >> beam.Flatten()
+        | "WriteMetadata"
+        >> WriteJsonLines(metadata_path, key="image_uri", lines_per_part=config.checkpoint_every)
     )
-    errors | "WriteErrors" >> WriteErrors(config.output_dir)
+    errors_written = errors | "WriteErrors" >> WriteErrors(config.output_dir)
+
+    outcomes = (
+        captions | "Captioned" >> beam.Map(lambda _: CAPTIONED),
+        done | "Kept" >> beam.Map(lambda _: KEPT),
+        errors | "Failed" >> beam.Map(outcome_of_error),
+    ) | "Outcomes" >> beam.Flatten()
+    outcomes | "WriteSummary" >> WriteSummary(
+        join(config.output_dir, SUMMARY_FILE),
+        started=time.time() if started is None else started,
+        settings=config.model_dump(mode="json"),
+        after=(metadata_written, errors_written),
+    )

@@ -13,6 +13,7 @@ NAMESPACE = "captionflow"
 
 
 def error_output(record: ErrorRecord) -> TaggedOutput:
-    """Tag a failure for the `errors` output and count it by stage."""
+    """Tag a failure for the `errors` output and count it by stage and by type."""
     Metrics.counter(NAMESPACE, f"errors_{record.stage}").inc()
+    Metrics.counter(NAMESPACE, f"errors_{record.error_type}").inc()
     return beam.pvalue.TaggedOutput(ERRORS, record)

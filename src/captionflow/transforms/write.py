@@ -33,28 +33,36 @@ def parts_dir(destination: str) -> str:
 
 
 class _WriteParts(beam.DoFn):
-    """One part file per bundle, visible under its final name only once complete."""
+    """Part files of at most `lines_per_part` lines, each visible under its final name only
+    once complete. Small parts are checkpoints: a killed job keeps what they hold."""
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, lines_per_part: int) -> None:
         self.directory = directory
+        self.lines_per_part = lines_per_part
 
     def start_bundle(self) -> None:
         self._file: Any = None
+        self._lines = 0
 
-    def process(self, line: str) -> None:
+    def process(self, line: str) -> Iterator[str]:
         if self._file is None:
             self._name = uuid.uuid4().hex
             self._file = FileSystems.create(join(self.directory, f".tmp-{self._name}"))
         self._file.write(line.encode("utf-8") + b"\n")
+        self._lines += 1
+        if self._lines >= self.lines_per_part:
+            yield self._close()
 
     def finish_bundle(self) -> Iterator[WindowedValue]:
-        if self._file is None:
-            return
+        if self._file is not None:
+            yield GlobalWindows.windowed_value(self._close())
+
+    def _close(self) -> str:
         self._file.close()
         part = join(self.directory, f"part-{self._name}.jsonl")
         FileSystems.rename([join(self.directory, f".tmp-{self._name}")], [part])
-        self._file = None
-        yield GlobalWindows.windowed_value(part)
+        self._file, self._lines = None, 0
+        return part
 
 
 def merge_parts(parts: Iterable[str], destination: str, key: str) -> str:
@@ -82,15 +90,17 @@ class WriteJsonLines(beam.PTransform):
     Returns a one-element PCollection with the destination path once it is complete.
     """
 
-    def __init__(self, destination: str, *, key: str) -> None:
+    def __init__(self, destination: str, *, key: str, lines_per_part: int = 1000) -> None:
         super().__init__()
         self.destination = absolute(destination)
         self.key = key
+        self.lines_per_part = lines_per_part
 
     def expand(self, lines: PCollection[str]) -> PCollection[str]:
         return (
             lines
-            | "WriteParts" >> beam.ParDo(_WriteParts(parts_dir(self.destination)))
+            | "WriteParts"
+            >> beam.ParDo(_WriteParts(parts_dir(self.destination), self.lines_per_part))
             | "CollectParts" >> beam.combiners.ToList()
             | "Merge" >> beam.Map(merge_parts, self.destination, self.key)
         )
@@ -112,20 +122,36 @@ def imagefolder_row(output_dir: str) -> Callable[[CaptionRecord], str]:
     return row
 
 
+class ToImageFolderRows(beam.PTransform):
+    """`CaptionRecord`s to ImageFolder metadata lines for `output_dir` (see `imagefolder_row`)."""
+
+    def __init__(self, output_dir: str) -> None:
+        super().__init__()
+        self.output_dir = output_dir
+
+    def expand(self, records: PCollection[CaptionRecord]) -> PCollection[str]:
+        return records | "ToRow" >> beam.Map(imagefolder_row(self.output_dir))
+
+
 class WriteMetadata(beam.PTransform):
     """`CaptionRecord`s to `<output_dir>/metadata.jsonl`, loadable with
     `datasets.load_dataset("imagefolder", data_dir=output_dir)` when the images lie under it."""
 
-    def __init__(self, output_dir: str, *, filename: str = METADATA_FILE) -> None:
+    def __init__(
+        self, output_dir: str, *, filename: str = METADATA_FILE, lines_per_part: int = 1000
+    ) -> None:
         super().__init__()
         self.output_dir = absolute(output_dir)
         self.filename = filename
+        self.lines_per_part = lines_per_part
 
     def expand(self, records: PCollection[CaptionRecord]) -> PCollection[str]:
+        destination = join(self.output_dir, self.filename)
         return (
             records
-            | "ToRow" >> beam.Map(imagefolder_row(self.output_dir))
-            | "Write" >> WriteJsonLines(join(self.output_dir, self.filename), key="file_name")
+            | "ToRows" >> ToImageFolderRows(self.output_dir)
+            | "Write"
+            >> WriteJsonLines(destination, key="image_uri", lines_per_part=self.lines_per_part)
         )
 
 

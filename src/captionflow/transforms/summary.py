@@ -1,0 +1,118 @@
+"""The run summary: how many images ended where, how fast, with which models and versions."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from collections import Counter
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.pvalue import AsSingleton, PCollection
+
+from captionflow.records import ErrorRecord
+
+logger = logging.getLogger("captionflow")
+
+CAPTIONED, KEPT = "captioned", "kept"
+PACKAGES = ("captionflow", "apache-beam", "torch", "transformers", "pillow")
+
+
+def outcome_of_error(error: ErrorRecord) -> str:
+    return f"failed/{error.stage}/{error.error_type}"
+
+
+def _versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for package in PACKAGES:
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "unknown"
+    return found
+
+
+def summarize(counts: dict[str, int], seconds: float, settings: dict[str, Any]) -> dict[str, Any]:
+    """Counts by outcome (`captioned`, `kept` from an earlier run, `failed/<stage>/<type>`)."""
+    stages: Counter[str] = Counter()
+    types: Counter[str] = Counter()
+    for outcome, count in counts.items():
+        if outcome.startswith("failed/"):
+            _, stage, error_type = outcome.split("/", 2)
+            stages[stage] += count
+            types[error_type] += count
+    captioned, kept, failed = counts.get(CAPTIONED, 0), counts.get(KEPT, 0), stages.total()
+    return {
+        "images": captioned + kept + failed,
+        "captioned": captioned,
+        "kept_from_earlier_run": kept,
+        "failed": failed,
+        "errors_by_stage": dict(sorted(stages.items())),
+        "errors_by_type": dict(sorted(types.items())),
+        "seconds": round(seconds, 3),
+        "images_per_second": round(captioned / seconds, 4) if seconds > 0 else None,
+        "settings": settings,
+        "versions": _versions(),
+    }
+
+
+def _write(
+    counts: dict[str, int], *written: str, path: str, started: float, settings: dict[str, Any]
+) -> str:
+    summary = summarize(counts, time.time() - started, settings)
+    staging = f"{path}.tmp"
+    with FileSystems.create(staging) as file:
+        file.write(json.dumps(summary, indent=2).encode("utf-8") + b"\n")
+    FileSystems.rename([staging], [path])
+    logger.info(
+        "summary: %d images: %d captioned, %d kept from an earlier run, %d failed %s "
+        "in %.1f s (%s images/s); %s",
+        summary["images"],
+        summary["captioned"],
+        summary["kept_from_earlier_run"],
+        summary["failed"],
+        summary["errors_by_stage"],
+        summary["seconds"],
+        summary["images_per_second"],
+        path,
+    )
+    return path
+
+
+class WriteSummary(beam.PTransform):
+    """Outcome labels in; `summary.json` out, written after the `after` outputs are complete.
+
+    `started` is the wall-clock time the job was launched, so the rate covers the whole job.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        started: float,
+        settings: dict[str, Any],
+        after: tuple[PCollection[str], ...] = (),
+    ) -> None:
+        super().__init__()
+        self.path = path
+        self.started = started
+        self.settings = settings
+        self.after = after
+
+    def expand(self, outcomes: PCollection[str]) -> PCollection[str]:
+        counts = (
+            outcomes
+            | "Count" >> beam.combiners.Count.PerElement()
+            | "ToDict" >> beam.combiners.ToDict()
+        )
+        return counts | "Write" >> beam.Map(
+            _write,
+            *(AsSingleton(done) for done in self.after),
+            path=self.path,
+            started=self.started,
+            settings=self.settings,
+        )
