@@ -83,6 +83,12 @@ def test_original_tool_flags_and_a_jsonl_output_path_still_work(
         (["--min-new-tokens", "9", "--max-new-tokens", "3"], "min_new_tokens (9) exceeds"),
         (["--num_captions", "3"], "unknown flag(s): --num_captions"),
         (["--limit", "0"], "--limit: Input should be greater than or equal to 1"),
+        (["--attempts", "0"], "--attempts: Input should be greater than or equal to 1"),
+        (["--checkpoint-every", "-1"], "--checkpoint-every: Input should be greater than"),
+        (["--dataset-filename", "x.txt"], "--input and --dataset-filename name the same thing"),
+        (["--decoding", "beam", "--top-p", "0.5"], "top_p cannot be used with beam decoding"),
+        (["--num-beams", "4"], "num_beams cannot be used with sample decoding"),
+        (["--max-side", "8"], "--max-side: Input should be greater than or equal to 32"),
     ],
 )
 def test_bad_options_stop_before_any_work_with_one_clear_line(
@@ -126,3 +132,17 @@ def test_relative_input_and_output_paths(
     assert main(["run", "--input", "pics", "--output", "out/run", *models(*tiny_models)]) == 0
     (row,) = read_jsonl(tmp_path / "out" / "run" / "metadata.jsonl")
     assert row["file_name"] == str(tmp_path / "pics" / "image_000.jpg")
+
+
+def test_output_that_cannot_be_written_is_reported(
+    image_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["run", "--input", str(image_dir), "--output", str(blocker / "out")]) == 2
+    assert "output: cannot write under" in capsys.readouterr().err
+
+
+def test_missing_required_flags_are_named(capsys: pytest.CaptureFixture) -> None:
+    assert main(["run", "--output", "x"]) == 2
+    assert "captionflow: error: --input is required" in capsys.readouterr().err

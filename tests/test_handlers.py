@@ -19,6 +19,7 @@ from captionflow.handlers import (
     captioner_handler,
     ranker_handler,
 )
+from captionflow.handlers.loading import ModelLoadError
 from captionflow.handlers.registry import parse_reference
 from tests.conftest import random_image
 
@@ -106,9 +107,12 @@ def test_one_bad_example_fails_alone_not_its_batch(tiny_blip: str, images: list)
 
 
 def test_a_model_that_cannot_load_says_how_to_fix_it(tmp_path: str) -> None:
-    handler = BlipCaptionHandler(str(tmp_path))
-    with pytest.raises(RuntimeError, match=r"--captioner blip:DIR"):
-        handler.load_model()
+    with pytest.raises(
+        ModelLoadError, match=r"hf download nobody/no-model .* --captioner blip:DIR"
+    ):
+        BlipCaptionHandler("nobody/no-model").load_model()
+    with pytest.raises(ModelLoadError, match=r"must hold a model saved with save_pretrained"):
+        ClipRankHandler(str(tmp_path)).load_model()
 
 
 def test_handlers_carry_beam_batching_and_sharing_options(tiny_clip: str) -> None:

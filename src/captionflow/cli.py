@@ -213,6 +213,11 @@ def check_models(config: RunConfig) -> None:
             )
 
 
+def _is_load_failure(error: BaseException) -> bool:
+    """In process Beam re-raises our type; from worker processes only its name survives."""
+    return isinstance(error, ModelLoadError) or ModelLoadError.__name__ in str(error)
+
+
 def run(argv: Sequence[str]) -> None:
     args, beam_args = build_parser().parse_known_args(argv)
     config = to_config(args)
@@ -243,7 +248,7 @@ def run(argv: Sequence[str]) -> None:
                 )
             break
         except Exception as error:
-            if attempt == config.attempts or ModelLoadError.__name__ in str(error):
+            if attempt == config.attempts or _is_load_failure(error):
                 raise
             logger.warning(
                 "attempt %d of %d failed (%s: %s); resuming from what it wrote",

@@ -44,11 +44,17 @@ class ModelLoadError(RuntimeError):
 
 def load_error(flag: str, kind: str, path: str, error: Exception) -> ModelLoadError:
     """A loading failure that says what to do about it."""
-    return ModelLoadError(
-        f"could not load the {kind} model {path!r} ({type(error).__name__}: {error}). "
-        f"If the Hugging Face Hub cannot be reached, download the model where it can "
-        f"(`hf download {path} --local-dir DIR`) and pass the directory: --{flag} {kind}:DIR"
-    )
+    reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    if is_remote(path) or os.path.isdir(path.removeprefix("file://")):
+        hint = (
+            "the folder must hold a model saved with save_pretrained (config, weights, processor)"
+        )
+    else:
+        hint = (
+            f"if the Hugging Face Hub cannot be reached, download the model where it can "
+            f"(`hf download {path} --local-dir DIR`) and pass --{flag} {kind}:DIR"
+        )
+    return ModelLoadError(f"could not load the {kind} model {path!r} ({reason}); {hint}")
 
 
 def check_available(model: str) -> str | None:

@@ -1,0 +1,269 @@
+"""Nothing lost: broken inputs, failing models, killed workers and interrupted runs."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import apache_beam as beam
+import numpy as np
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+from PIL import Image
+
+from captionflow import CaptionImages
+from captionflow.cli import main
+from captionflow.handlers import BlipCaptioner, BlipCaptionHandler, ClipRankHandler
+from tests.conftest import random_image, write_images
+from tests.killer import MARKER_ENV, TRIGGER_SIZE
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def jpeg_bytes(image: Image.Image, **kwargs: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", **kwargs)
+    return buffer.getvalue()
+
+
+def make_zoo(folder: Path) -> tuple[list[str], dict[str, str]]:
+    """Unusual and broken inputs. Returns (list-file lines, expected failure stage by name)."""
+    folder.mkdir()
+    good = {
+        "plain.jpg": lambda p: random_image(64, 48).save(p),
+        "with space é ü.jpg": lambda p: random_image(40, 40, seed=1).save(p),
+        "$(touch pwned); rm -rf x.jpg": lambda p: random_image(30, 30, seed=2).save(p),
+        "cmyk.jpg": lambda p: Image.new("CMYK", (32, 32), (0, 50, 100, 0)).save(p),
+        "grey16.png": lambda p: Image.fromarray(np.full((20, 20), 40000, dtype=np.uint16)).save(p),
+        "palette.png": lambda p: random_image(20, 20).convert("P").save(p),
+        "alpha.png": lambda p: Image.new("RGBA", (20, 20), (0, 0, 0, 0)).save(p),
+        "animated.gif": lambda p: Image.new("RGB", (16, 16), "red").save(
+            p, save_all=True, append_images=[Image.new("RGB", (16, 16), "blue")]
+        ),
+        "rotated.jpg": lambda p: p.write_bytes(
+            jpeg_bytes(random_image(40, 20), exif=_orientation(6))
+        ),
+        "one_pixel.png": lambda p: Image.new("RGB", (1, 1), "white").save(p),
+        "strip.png": lambda p: Image.new("RGB", (2, 2000), "green").save(p),
+    }
+    broken = {
+        "missing.jpg": ("read", lambda p: None),
+        "zero.jpg": ("decode", lambda p: p.write_bytes(b"")),
+        "text.jpg": ("decode", lambda p: p.write_text("I am not a picture")),
+        "truncated.jpg": (
+            "decode",
+            lambda p: p.write_bytes(jpeg_bytes(random_image(64, 64))[:300]),
+        ),
+        "bomb.png": ("decode", lambda p: Image.new("1", (3000, 3000)).save(p)),
+        "folder.jpg": ("read", lambda p: p.mkdir()),
+    }
+    for name, make in good.items():
+        make(folder / name)
+    for name, (_, make) in broken.items():
+        make(folder / name)
+    names = [*good, *broken]
+    lines = [str(folder / n) for n in names] + [str(folder / "plain.jpg"), "# comment", ""]
+    return lines, {name: stage for name, (stage, _) in broken.items()}
+
+
+def _orientation(value: int) -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x0112] = value
+    return exif
+
+
+def models(tiny_models: tuple[str, str]) -> list[str]:
+    return ["--captioner", f"blip:{tiny_models[0]}", "--ranker", f"clip:{tiny_models[1]}"]
+
+
+def test_zoo_of_broken_and_unusual_images_is_fully_accounted_for(
+    tmp_path: Path, tiny_models: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    lines, expected_errors = make_zoo(tmp_path / "zoo")
+    listing = tmp_path / "dataset.txt"
+    listing.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    argv = ["run", "--input", str(listing), "--output", str(out), "--max-pixels", "4000000"]
+    assert main([*argv, "--caption-batch-size", "4", *models(tiny_models)]) == 0
+
+    rows, errors = read_jsonl(out / "metadata.jsonl"), read_jsonl(out / "errors.jsonl")
+    distinct_inputs = {line for line in lines if line and not line.startswith("#")}
+    assert len(rows) + len(errors) == len(distinct_inputs) == 17
+    assert {Path(r["image_uri"]).name for r in rows} == {
+        Path(p).name for p in distinct_inputs
+    } - set(expected_errors)
+    assert all(row["text"] for row in rows)
+    assert {Path(e["image_uri"]).name: e["stage"] for e in errors} == expected_errors
+    for error in errors:
+        assert error["error_type"] and error["message"] and " at 0x" not in error["message"]
+    bomb = next(e for e in errors if e["image_uri"].endswith("bomb.png"))
+    assert "9000000 pixels exceeds the limit of 4000000" in bomb["message"]
+    assert not (tmp_path / "pwned").exists()
+    assert sorted(p.name for p in out.iterdir()) == [
+        "errors.jsonl",
+        "metadata.jsonl",
+        "summary.json",
+    ]
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images"] == 17 and summary["captioned"] == 11 and summary["failed"] == 6
+    assert summary["errors_by_stage"] == {"decode": 4, "read": 2}
+    assert summary["errors_by_type"]["ImageTooLargeError"] == 1
+    assert summary["versions"]["apache-beam"] and summary["settings"]["max_pixels"] == 4000000
+
+
+class FailOnTinyImages(BlipCaptionHandler):
+    """A BLIP handler whose model refuses any batch holding a 13x13 image."""
+
+    def predict(self, model: BlipCaptioner, batch: Sequence[Image.Image]) -> list[list[str]]:
+        if any(image.size == (13, 13) for image in batch):
+            raise ValueError("refusing 13x13 images")
+        return super().predict(model, batch)
+
+
+def test_a_model_failing_on_one_image_fails_only_that_image(
+    tmp_path: Path, tiny_blip: str, tiny_clip: str
+) -> None:
+    paths = [str(p) for p in write_images(tmp_path, 5)]
+    random_image(13, 13).save(tmp_path / "bad.png")
+    captioner = FailOnTinyImages(tiny_blip, max_batch_size=8, min_batch_size=8)
+    with TestPipeline(runner="FnApiRunner") as p:
+        captions, errors = (
+            p
+            | beam.Create([*paths, str(tmp_path / "bad.png")])
+            | CaptionImages(captioner, ClipRankHandler(tiny_clip))
+        )
+        assert_that(captions | beam.Map(lambda r: r.image_uri), equal_to(paths))
+        assert_that(
+            errors | beam.Map(lambda e: (e.stage, e.error_type, e.message)),
+            equal_to([("caption", "ValueError", "refusing 13x13 images")]),
+            label="errors",
+        )
+
+
+def test_a_model_that_cannot_load_stops_the_job_at_once(
+    image_dir: Path, tmp_path: Path, tiny_clip: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    not_a_model = tmp_path / "empty-model"
+    not_a_model.mkdir()
+    argv = ["run", "--input", str(image_dir), "--output", str(tmp_path / "out")]
+    with (
+        caplog.at_level(logging.WARNING),
+        pytest.raises(Exception, match="must hold a model saved"),
+    ):
+        main([*argv, "--captioner", f"blip:{not_a_model}", "--ranker", f"clip:{tiny_clip}"])
+    assert "attempt 1 of 3 failed" not in caplog.text
+    assert not (tmp_path / "out" / "errors.jsonl").exists()
+
+
+def run_cli(argv: list[str], marker: Path) -> subprocess.CompletedProcess:
+    """The CLI in its own process, with the kill-once handler registered."""
+    code = (
+        "import sys, tests.killer; from captionflow.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    env = os.environ | {MARKER_ENV: str(marker), "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-c", code, *argv],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.fixture
+def kill_inputs(tmp_path: Path) -> Path:
+    folder = tmp_path / "images"
+    write_images(folder, 7)
+    random_image(*TRIGGER_SIZE, seed=9).save(folder / "trigger.jpg")
+    return folder
+
+
+def deterministic(tiny_models: tuple[str, str], killer: bool) -> list[str]:
+    blip = f"{'killer' if killer else 'blip'}:{tiny_models[0]}"
+    return [
+        "--captioner",
+        blip,
+        "--ranker",
+        f"clip:{tiny_models[1]}",
+        "--decoding",
+        "beam",
+        "--caption-batch-size",
+        "1",
+        "--rank-batch-size",
+        "1",
+        "--checkpoint-every",
+        "1",
+    ]
+
+
+def comparable(rows: list[dict]) -> list[tuple]:
+    return sorted(
+        (r["image_uri"], r["text"], tuple(c["text"] for c in r["candidates"]), round(r["score"], 4))
+        for r in rows
+    )
+
+
+def test_a_killed_worker_process_is_recovered_without_loss_or_duplicates(
+    kill_inputs: Path, tmp_path: Path, tiny_models: tuple[str, str]
+) -> None:
+    out = tmp_path / "out"
+    argv = ["run", "--input", str(kill_inputs), "--output", str(out)]
+    beam_flags = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
+    done = run_cli(
+        [*argv, *deterministic(tiny_models, killer=True), *beam_flags], tmp_path / "killed"
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "killed").exists(), "the worker was never killed"
+    assert "attempt 1 of 3 failed" in done.stderr
+    rows = read_jsonl(out / "metadata.jsonl")
+    assert sorted(Path(r["image_uri"]).name for r in rows) == sorted(
+        p.name for p in kill_inputs.iterdir()
+    )
+    assert read_jsonl(out / "errors.jsonl") == []
+
+
+def test_an_interrupted_run_resumed_equals_an_uninterrupted_run(
+    kill_inputs: Path, tmp_path: Path, tiny_models: tuple[str, str]
+) -> None:
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    argv = ["run", "--input", str(kill_inputs), "--attempts", "1"]
+    first = run_cli(
+        [*argv, "--output", str(resumed), *deterministic(tiny_models, killer=True)],
+        tmp_path / "killed",
+    )
+    assert first.returncode == -9, first.stderr[-3000:]
+    assert not (resumed / "metadata.jsonl").exists()
+    checkpointed = list((resumed / ".metadata.jsonl.parts").glob("part-*.jsonl"))
+
+    second = run_cli(
+        [*argv, "--output", str(resumed), "--resume", *deterministic(tiny_models, killer=True)],
+        tmp_path / "killed",
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    uninterrupted = run_cli(
+        [*argv, "--output", str(whole), *deterministic(tiny_models, killer=False)],
+        tmp_path / "killed",
+    )
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+
+    assert comparable(read_jsonl(resumed / "metadata.jsonl")) == comparable(
+        read_jsonl(whole / "metadata.jsonl")
+    )
+    summary = json.loads((resumed / "summary.json").read_text())
+    assert summary["kept_from_earlier_run"] == len(checkpointed)
+    assert summary["captioned"] == 8 - len(checkpointed)
+    assert not (resumed / ".metadata.jsonl.parts").exists()
