@@ -79,9 +79,17 @@ def merge_parts(parts: Iterable[str], destination: str, key: str) -> str:
                         seen.add(record_key)
                         out.write(line + b"\n")
     FileSystems.rename([staging], [destination])
-    if FileSystems.exists(parts_dir(destination)):
-        FileSystems.delete([parts_dir(destination)])
+    _remove_parts(parts_dir(destination))
     return destination
+
+
+def _remove_parts(directory: str) -> None:
+    """Delete the parts folder: its files by listing (object stores have no folders)."""
+    leftovers = FileSystems.match([join(directory, "*")])[0].metadata_list
+    if leftovers:
+        FileSystems.delete([file.path for file in leftovers])
+    if not is_remote(directory) and os.path.isdir(directory):
+        os.rmdir(directory)
 
 
 class WriteJsonLines(beam.PTransform):

@@ -1,0 +1,86 @@
+"""gs:// input and output through Beam's own GCS filesystem, against a local emulator."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+
+import pytest
+
+from captionflow.cli import main
+from tests.conftest import random_image
+from tests.gcs import BUCKET, gcs_emulator, storage_client, use_emulator
+
+
+@pytest.fixture
+def gcs(monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
+    with gcs_emulator() as address:
+        use_emulator(monkeypatch, address)
+        yield storage_client().bucket(BUCKET)
+
+
+def upload_image(bucket: object, name: str, seed: int) -> None:
+    buffer = io.BytesIO()
+    random_image(48, 40, seed=seed).save(buffer, "JPEG")
+    bucket.blob(name).upload_from_string(buffer.getvalue(), content_type="image/jpeg")
+
+
+def test_caption_a_gcs_folder_into_a_single_gcs_metadata_file(
+    gcs: object, tiny_models: tuple[str, str]
+) -> None:
+    for i in range(3):
+        upload_image(gcs, f"photos/sub/img {i}.jpg", seed=i)
+    gcs.blob("photos/broken.jpg").upload_from_string(b"nope")
+    gcs.blob("photos/notes.txt").upload_from_string(b"not an image")
+    root = f"gs://{BUCKET}/photos"
+    argv = [
+        "run",
+        "--input",
+        root,
+        "--output",
+        root,
+        "--checkpoint-every",
+        "1",
+        "--captioner",
+        f"blip:{tiny_models[0]}",
+        "--ranker",
+        f"clip:{tiny_models[1]}",
+    ]
+    assert main(argv) == 0
+
+    names = sorted(blob.name for blob in gcs.list_blobs(prefix="photos/"))
+    assert names == [
+        "photos/broken.jpg",
+        "photos/errors.jsonl",
+        "photos/metadata.jsonl",
+        "photos/notes.txt",
+        "photos/sub/img 0.jpg",
+        "photos/sub/img 1.jpg",
+        "photos/sub/img 2.jpg",
+        "photos/summary.json",
+    ]
+    rows = [
+        json.loads(x) for x in gcs.blob("photos/metadata.jsonl").download_as_text().splitlines()
+    ]
+    assert sorted(r["file_name"] for r in rows) == [f"sub/img {i}.jpg" for i in range(3)]
+    assert all(r["image_uri"].startswith(f"gs://{BUCKET}/photos/sub/") for r in rows)
+    (error,) = [
+        json.loads(x) for x in gcs.blob("photos/errors.jsonl").download_as_text().splitlines()
+    ]
+    assert error["image_uri"] == f"{root}/broken.jpg" and error["stage"] == "decode"
+
+
+def test_a_gcs_list_file_and_resume(gcs: object, tiny_models: tuple[str, str]) -> None:
+    for i in range(2):
+        upload_image(gcs, f"in/{i}.jpg", seed=i)
+    gcs.blob("in/dataset.txt").upload_from_string("0.jpg\n1.jpg\n")
+    models = ["--captioner", f"blip:{tiny_models[0]}", "--ranker", f"clip:{tiny_models[1]}"]
+    out = f"gs://{BUCKET}/out"
+    argv = ["run", "--input", f"gs://{BUCKET}/in/dataset.txt", "--output", out, *models]
+    assert main([*argv, "--limit", "1"]) == 0
+    assert main([*argv, "--resume"]) == 0
+    rows = [json.loads(x) for x in gcs.blob("out/metadata.jsonl").download_as_text().splitlines()]
+    assert sorted(r["image_uri"] for r in rows) == [f"gs://{BUCKET}/in/{i}.jpg" for i in range(2)]
+    summary = json.loads(gcs.blob("out/summary.json").download_as_text())
+    assert summary["kept_from_earlier_run"] == 1 and summary["captioned"] == 1
