@@ -146,3 +146,13 @@ def test_output_that_cannot_be_written_is_reported(
 def test_missing_required_flags_are_named(capsys: pytest.CaptureFixture) -> None:
     assert main(["run", "--output", "x"]) == 2
     assert "captionflow: error: --input is required" in capsys.readouterr().err
+
+
+def test_models_shared_across_processes_through_beams_proxy(
+    tmp_path: Path, tiny_models: tuple[str, str]
+) -> None:
+    """`--model-copies`: the loaded models live in a separate process and are called by proxy."""
+    write_images(tmp_path / "pics", 3)
+    argv = ["run", "--input", str(tmp_path / "pics"), "--output", str(tmp_path / "out")]
+    assert main([*argv, "--model-copies", "1", *models(*tiny_models)]) == 0
+    assert len(read_jsonl(tmp_path / "out" / "metadata.jsonl")) == 3

@@ -138,3 +138,11 @@ def test_decoding_options_reject_bad_values() -> None:
         DecodingOptions(min_new_tokens=10, max_new_tokens=5)
     beam = DecodingOptions(strategy="beam", num_captions=5, num_beams=3).generate_kwargs()
     assert beam["num_beams"] == 5 and beam["num_return_sequences"] == 5 and not beam["do_sample"]
+
+
+def test_successive_copies_of_a_model_take_successive_indexes(tmp_path: str) -> None:
+    from captionflow.handlers.torch_setup import next_copy_index
+
+    model = f"copies-test-{tmp_path}"
+    assert [next_copy_index(model) for _ in range(3)] == [0, 1, 2]
+    assert next_copy_index(model + "-other") == 0

@@ -104,6 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--caption-batch-size", type=int, default=8, help="(default: %(default)s)")
     models.add_argument("--rank-batch-size", type=int, default=32, help="(default: %(default)s)")
     models.add_argument(
+        "--model-copies",
+        type=int,
+        help="load N copies of each model per machine, shared by all its processes, one per "
+        "GPU (set it to a worker's GPU count); default: one per process",
+    )
+    models.add_argument(
+        "--accelerator-hint",
+        help="Beam resource hint for the decode, caption and rank steps only, e.g. "
+        "'type:nvidia-l4;count:1;install-nvidia-driver'",
+    )
+    models.add_argument(
         "--trust-remote-code",
         action="store_true",
         help="let transformers run code from the model's repository",
@@ -218,13 +229,19 @@ def _is_load_failure(error: BaseException) -> bool:
     return isinstance(error, ModelLoadError) or ModelLoadError.__name__ in str(error)
 
 
-def run(argv: Sequence[str]) -> None:
+def prepare(argv: Sequence[str]) -> tuple[RunConfig, PipelineOptions]:
+    """Parse and validate everything, before any work: the job's settings and Beam's options."""
     args, beam_args = build_parser().parse_known_args(argv)
     config = to_config(args)
     options = pipeline_options(beam_args)
-    runner = options.view_as(StandardOptions).runner
-    if runner in LOCAL_RUNNERS:
+    if options.view_as(StandardOptions).runner in LOCAL_RUNNERS:
         check_models(config)
+    return config, options
+
+
+def run(argv: Sequence[str]) -> None:
+    config, options = prepare(argv)
+    runner = options.view_as(StandardOptions).runner
     logger.info(
         "captioning %s -> %s with captioner %s, ranker %s, %d candidates (%s), device %s, "
         "dtype %s, runner %s",

@@ -47,6 +47,8 @@ class RunConfig(BaseModel):
     max_side: int = Field(DEFAULT_MAX_SIDE, ge=32)
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
     trust_remote_code: bool = False
+    model_copies: int | None = Field(None, ge=1, le=64)
+    accelerator_hint: str | None = None
     resume: bool = False
     attempts: int = Field(3, ge=1, le=100)
     checkpoint_every: int = Field(100, ge=1)

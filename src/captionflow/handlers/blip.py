@@ -44,7 +44,7 @@ class BlipCaptioner:
         dtype: str = "auto",
         trust_remote_code: bool = False,
     ) -> BlipCaptioner:
-        torch_device = resolve_device(device)
+        torch_device = resolve_device(device, model_id=path)
         torch_dtype = resolve_dtype(dtype, torch_device)
         try:
             local = localize(path)

@@ -35,7 +35,7 @@ class ClipRanker:
         dtype: str = "auto",
         trust_remote_code: bool = False,
     ) -> ClipRanker:
-        torch_device = resolve_device(device)
+        torch_device = resolve_device(device, model_id=path)
         torch_dtype = resolve_dtype(dtype, torch_device)
         try:
             local = localize(path)

@@ -2,19 +2,45 @@
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import os
+import tempfile
+
 import torch
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` means the first GPU when the worker has one, else the CPU."""
+def resolve_device(name: str, *, model_id: str = "") -> torch.device:
+    """`auto` means a GPU when the worker has one, else the CPU.
+
+    On a machine with several GPUs, each copy of a model (Beam's `model_copies`, one process
+    each) takes the next GPU in turn, so N copies on N GPUs put one copy on each.
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        count = torch.cuda.device_count()
+        return torch.device("cuda", next_copy_index(model_id) % count if count > 1 else 0)
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {name!r} was asked for but this worker has no CUDA GPU")
     return device
+
+
+def next_copy_index(model_id: str) -> int:
+    """0, 1, 2, ... for successive loads of `model_id` on this machine, across processes."""
+    key = hashlib.sha256(model_id.encode()).hexdigest()[:16]
+    path = os.path.join(tempfile.gettempdir(), f"captionflow-copies-{key}")
+    with open(path, "a+") as counter:
+        fcntl.flock(counter, fcntl.LOCK_EX)
+        counter.seek(0)
+        index = int(counter.read() or 0)
+        counter.seek(0)
+        counter.truncate()
+        counter.write(str(index + 1))
+    return index
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

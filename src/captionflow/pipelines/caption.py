@@ -26,6 +26,7 @@ def build_caption_pipeline(
         "device": config.device,
         "dtype": config.dtype,
         "trust_remote_code": config.trust_remote_code,
+        "model_copies": config.model_copies,
     }
     captioner = captioner_handler(
         config.captioner,
@@ -41,9 +42,12 @@ def build_caption_pipeline(
     if config.resume:
         uris = (uris, done) | "SkipDone" >> SkipDone()
 
-    captions, errors = uris | "CaptionImages" >> CaptionImages(
+    caption_images = CaptionImages(
         captioner, ranker, max_side=config.max_side, max_pixels=config.max_pixels
     )
+    if config.accelerator_hint:  # decoding stays fused with inference: images never shuffle
+        caption_images = caption_images.with_resource_hints(accelerator=config.accelerator_hint)
+    captions, errors = uris | "CaptionImages" >> caption_images
     rows = captions | "Progress" >> LogProgress() | "ToRows" >> ToImageFolderRows(config.output_dir)
     metadata_written = (
         (rows, done)
