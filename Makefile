@@ -10,7 +10,24 @@ CAPTIONER ?= blip
 RANKER ?= clip
 ARGS ?=
 
-.PHONY: install test lint format run-local demo clean
+# Dataflow (see README "Dataflow with GPUs"). DRY_RUN=1 builds the job offline and submits nothing.
+PROJECT ?= $(shell gcloud config get-value project 2>/dev/null)
+REGION ?= us-central1
+BUCKET ?= $(PROJECT)-captionflow
+VERSION ?= $(shell $(PYTHON) -c "import tomllib;print(tomllib.load(open('pyproject.toml','rb'))['project']['version'])")
+IMAGE ?= $(REGION)-docker.pkg.dev/$(PROJECT)/captionflow/worker:$(VERSION)
+CPU_IMAGE ?= $(REGION)-docker.pkg.dev/$(PROJECT)/captionflow/worker-cpu:$(VERSION)
+DATAFLOW_INPUT ?= gs://$(BUCKET)/images/dataset.txt
+DATAFLOW_OUTPUT ?= gs://$(BUCKET)/images
+GPU_TYPE ?= nvidia-l4
+GPU_COUNT ?= 1
+MACHINE_TYPE ?= g2-standard-8
+MAX_WORKERS ?= 4
+CAPTION_BATCH ?= 32
+RANK_BATCH ?= 64
+DRY_RUN ?=
+
+.PHONY: install test lint format run-local demo clean docker-build docker-build-cpu docker-push run-dataflow
 
 install: $(VENV)/.installed
 
@@ -41,3 +58,25 @@ demo: install
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache
+
+docker-build:
+	docker build -f docker/Dockerfile -t $(IMAGE) .
+
+docker-build-cpu:
+	docker build -f docker/Dockerfile -t $(CPU_IMAGE) \
+		--build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu .
+
+docker-push:
+	docker push $(IMAGE)
+
+run-dataflow: install
+	@test -n "$(PROJECT)" || { echo "set PROJECT=your-gcp-project (and BUCKET, IMAGE)"; exit 2; }
+	$(PY) -m captionflow run --input $(DATAFLOW_INPUT) --output $(DATAFLOW_OUTPUT) \
+		--model-copies $(GPU_COUNT) --caption-batch-size $(CAPTION_BATCH) \
+		--rank-batch-size $(RANK_BATCH) \
+		--runner DataflowRunner --project $(PROJECT) --region $(REGION) \
+		--temp_location gs://$(BUCKET)/tmp \
+		--sdk_container_image $(IMAGE) --sdk_location container \
+		--dataflow_service_options "worker_accelerator=type:$(GPU_TYPE);count:$(GPU_COUNT);install-nvidia-driver" \
+		--machine_type $(MACHINE_TYPE) --max_num_workers $(MAX_WORKERS) --disk_size_gb 50 \
+		$(if $(DRY_RUN),--dry_run True --no_auth) $(ARGS)

@@ -1,0 +1,44 @@
+"""The worker image and the Dataflow target stay in step with the launcher."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pinned(package: str) -> str:
+    text = (REPO / "constraints.txt").read_text()
+    return re.search(rf"^{re.escape(package)}==(\S+)$", text, re.MULTILINE).group(1)
+
+
+def test_worker_image_uses_the_launchers_beam_and_torch_and_beams_boot() -> None:
+    dockerfile = (REPO / "docker" / "Dockerfile").read_text()
+    assert f"ARG BEAM_VERSION={pinned('apache-beam')}" in dockerfile
+    assert "FROM apache/beam_python${PYTHON_VERSION}_sdk:${BEAM_VERSION}" in dockerfile
+    assert "COPY --from=beam_sdk /opt/apache/beam /opt/apache/beam" in dockerfile
+    assert 'ENTRYPOINT ["/opt/apache/beam/boot"]' in dockerfile
+    assert "-c constraints.txt" in dockerfile and "grep '^torch==' constraints.txt" in dockerfile
+
+
+def test_make_run_dataflow_builds_the_job_offline() -> None:
+    done = subprocess.run(
+        [
+            "make",
+            "-s",
+            "run-dataflow",
+            "DRY_RUN=1",
+            "PROJECT=test-project",
+            "BUCKET=captionflow-ci",
+            "GPU_COUNT=2",
+            f"PY={sys.executable}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
