@@ -146,3 +146,20 @@ def test_successive_copies_of_a_model_take_successive_indexes(tmp_path: str) -> 
     model = f"copies-test-{tmp_path}"
     assert [next_copy_index(model) for _ in range(3)] == [0, 1, 2]
     assert next_copy_index(model + "-other") == 0
+
+
+def test_batches_are_fixed_size_unless_asked_otherwise() -> None:
+    handler = BlipCaptionHandler("m", max_batch_size=4)
+    assert handler.batch_elements_kwargs() == {"min_batch_size": 4, "max_batch_size": 4}
+
+
+def test_sharing_cross_attention_projections_changes_no_caption(
+    tiny_blip: str, images: list
+) -> None:
+    from captionflow.handlers.blip import share_cross_attention_projections
+
+    decoding = DecodingOptions(num_captions=3, strategy="beam", num_beams=4)
+    captioner = BlipCaptioner.from_pretrained(tiny_blip, decoding=decoding)
+    shared = captioner.caption(images)
+    share_cross_attention_projections(captioner.model, 1)
+    assert captioner.caption(images) == shared

@@ -73,13 +73,15 @@ class IsolatingModelHandler(ModelHandler[ExampleT, PredictionT, ModelT]):
         device: str = "auto",
         dtype: str = "auto",
         max_batch_size: int = 16,
-        min_batch_size: int = 1,
+        min_batch_size: int | None = None,
         large_model: bool = False,
         model_copies: int | None = None,
         trust_remote_code: bool = False,
     ) -> None:
         super().__init__(
-            min_batch_size=min_batch_size,
+            # Fixed-size batches by default: Beam's adaptive sizing shrinks batches that take
+            # longer than ~10 s (any batch on a CPU), which costs throughput for nothing.
+            min_batch_size=max_batch_size if min_batch_size is None else min_batch_size,
             max_batch_size=max_batch_size,
             large_model=large_model,
             model_copies=model_copies,

@@ -33,6 +33,9 @@ class BlipCaptioner:
         tokenizer = processor.tokenizer
         prompt_ids = tokenizer(decoding.prompt, add_special_tokens=False).input_ids
         self._prompt_text = tokenizer.decode(prompt_ids, skip_special_tokens=True).strip()
+        generate_kwargs = decoding.generate_kwargs()
+        self._rows_per_image = max(generate_kwargs["num_beams"], decoding.num_captions)
+        share_cross_attention_projections(self.model, self._rows_per_image)
 
     @classmethod
     def from_pretrained(
@@ -80,6 +83,40 @@ class BlipCaptioner:
             if text:
                 seen.setdefault(text)
         return list(seen)
+
+
+class SharedRowsLinear(torch.nn.Module):
+    """A cross-attention key or value projection, computed once per image, not once per caption.
+
+    `generate` repeats each image's embeddings for its K sequences (`repeat_interleave`, so a
+    batch holds K identical rows per image); projecting them K times is most of the first
+    decoding step. This projects one row of each group and repeats the result: same values,
+    1/K of the work.
+    """
+
+    def __init__(self, linear: torch.nn.Linear, rows_per_image: int) -> None:
+        super().__init__()
+        self.linear = linear
+        self.rows_per_image = rows_per_image
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        k = self.rows_per_image
+        if k > 1 and states.shape[0] % k == 0:
+            return self.linear(states[::k]).repeat_interleave(k, dim=0)
+        return self.linear(states)
+
+
+def share_cross_attention_projections(
+    model: BlipForConditionalGeneration, rows_per_image: int
+) -> None:
+    for name, module in model.text_decoder.named_modules():
+        if name.endswith("crossattention.self"):
+            for projection in ("key", "value"):
+                linear = getattr(module, projection)
+                if isinstance(linear, SharedRowsLinear):
+                    linear.rows_per_image = rows_per_image
+                else:
+                    setattr(module, projection, SharedRowsLinear(linear, rows_per_image))
 
 
 @register_captioner("blip")
