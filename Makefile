@@ -27,7 +27,8 @@ CAPTION_BATCH ?= 32
 RANK_BATCH ?= 64
 DRY_RUN ?=
 
-.PHONY: install test lint format run-local demo clean docker-build docker-build-cpu docker-push run-dataflow
+.PHONY: install test lint format run-local demo clean docker-build docker-build-cpu docker-push run-dataflow \
+	bench bench-quick bench-gpu
 
 install: $(VENV)/.installed
 
@@ -42,12 +43,12 @@ test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 lint: install
-	$(PY) -m ruff check src tests
-	$(PY) -m ruff format --check src tests
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff format --check src tests benchmarks
 
 format: install
-	$(PY) -m ruff check --fix src tests
-	$(PY) -m ruff format src tests
+	$(PY) -m ruff check --fix src tests benchmarks
+	$(PY) -m ruff format src tests benchmarks
 
 run-local: install
 	$(PY) -m captionflow run --input $(INPUT) --output $(OUTPUT) \
@@ -55,6 +56,15 @@ run-local: install
 
 demo: install
 	$(PY) -m captionflow.demo $(INPUT) out/demo $(ARGS)
+
+bench: install  # full-size models on the CPU: about 10 minutes here
+	$(PY) -m benchmarks.bench $(ARGS)
+
+bench-quick: install  # reduced depth, few images: under 3 minutes
+	$(PY) -m benchmarks.bench --quick $(ARGS)
+
+bench-gpu: install  # full-size models on one GPU, with a caption batch-size sweep
+	$(PY) -m benchmarks.bench --device cuda $(ARGS)
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache
