@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import torch
@@ -11,11 +10,8 @@ from transformers import BlipForConditionalGeneration, BlipProcessor
 
 from captionflow.handlers.base import CaptionModelHandler
 from captionflow.handlers.decoding import DecodingOptions
-from captionflow.handlers.loading import load_error, localize
+from captionflow.handlers.loading import load_pretrained
 from captionflow.handlers.registry import register_captioner
-from captionflow.handlers.torch_setup import resolve_device, resolve_dtype
-
-logger = logging.getLogger(__name__)
 
 
 class BlipCaptioner:
@@ -47,17 +43,16 @@ class BlipCaptioner:
         dtype: str = "auto",
         trust_remote_code: bool = False,
     ) -> BlipCaptioner:
-        torch_device = resolve_device(device, model_id=path)
-        torch_dtype = resolve_dtype(dtype, torch_device)
-        try:
-            local = localize(path)
-            processor = BlipProcessor.from_pretrained(local, trust_remote_code=trust_remote_code)
-            model = BlipForConditionalGeneration.from_pretrained(
-                local, dtype=torch_dtype, trust_remote_code=trust_remote_code
-            ).to(torch_device)
-        except (OSError, ValueError) as error:
-            raise load_error("captioner", "blip", path, error) from error
-        logger.info("captioner blip %s on %s (%s)", path, torch_device, torch_dtype)
+        model, processor = load_pretrained(
+            path,
+            BlipForConditionalGeneration,
+            BlipProcessor,
+            flag="captioner",
+            kind="blip",
+            device=device,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+        )
         return cls(model, processor, decoding)
 
     @torch.inference_mode()

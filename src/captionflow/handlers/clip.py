@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import torch
@@ -10,12 +9,9 @@ from PIL import Image
 from transformers import CLIPModel, CLIPProcessor
 
 from captionflow.handlers.base import RankModelHandler
-from captionflow.handlers.loading import load_error, localize
+from captionflow.handlers.loading import load_pretrained
 from captionflow.handlers.registry import register_ranker
-from captionflow.handlers.torch_setup import resolve_device, resolve_dtype
 from captionflow.records import ScoredCaption
-
-logger = logging.getLogger(__name__)
 
 
 class ClipRanker:
@@ -35,17 +31,16 @@ class ClipRanker:
         dtype: str = "auto",
         trust_remote_code: bool = False,
     ) -> ClipRanker:
-        torch_device = resolve_device(device, model_id=path)
-        torch_dtype = resolve_dtype(dtype, torch_device)
-        try:
-            local = localize(path)
-            processor = CLIPProcessor.from_pretrained(local, trust_remote_code=trust_remote_code)
-            model = CLIPModel.from_pretrained(
-                local, dtype=torch_dtype, trust_remote_code=trust_remote_code
-            ).to(torch_device)
-        except (OSError, ValueError) as error:
-            raise load_error("ranker", "clip", path, error) from error
-        logger.info("ranker clip %s on %s (%s)", path, torch_device, torch_dtype)
+        model, processor = load_pretrained(
+            path,
+            CLIPModel,
+            CLIPProcessor,
+            flag="ranker",
+            kind="clip",
+            device=device,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+        )
         return cls(model, processor)
 
     @torch.inference_mode()

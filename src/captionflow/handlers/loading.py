@@ -5,10 +5,21 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import tempfile
+from typing import Any
 
+import transformers
 from apache_beam.io.filesystems import FileSystems
+from packaging.version import Version
+
+from captionflow.handlers.torch_setup import resolve_device, resolve_dtype
+
+logger = logging.getLogger(__name__)
+
+# transformers renamed `torch_dtype` to `dtype` in 4.56; 5.x knows only `dtype`.
+DTYPE_ARGUMENT = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 
 CACHE_DIR = os.path.join(tempfile.gettempdir(), "captionflow-models")
 
@@ -55,6 +66,33 @@ def load_error(flag: str, kind: str, path: str, error: Exception) -> ModelLoadEr
             f"(`hf download {path} --local-dir DIR`) and pass --{flag} {kind}:DIR"
         )
     return ModelLoadError(f"could not load the {kind} model {path!r} ({reason}); {hint}")
+
+
+def load_pretrained(
+    path: str,
+    model_class: Any,
+    processor_class: Any,
+    *,
+    flag: str,
+    kind: str,
+    device: str = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+) -> tuple[Any, Any]:
+    """`(model, processor)` from a hub id, a local folder or a remote folder, on the resolved
+    device and dtype; any failure becomes a `ModelLoadError` that says what to do."""
+    torch_device = resolve_device(device, model_id=path)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    try:
+        local = localize(path)
+        processor = processor_class.from_pretrained(local, trust_remote_code=trust_remote_code)
+        model = model_class.from_pretrained(
+            local, **{DTYPE_ARGUMENT: torch_dtype}, trust_remote_code=trust_remote_code
+        ).to(torch_device)
+    except (OSError, ValueError) as error:
+        raise load_error(flag, kind, path, error) from error
+    logger.info("%s %s %s on %s (%s)", flag, kind, path, torch_device, torch_dtype)
+    return model, processor
 
 
 def check_available(model: str) -> str | None:
