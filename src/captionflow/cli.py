@@ -211,6 +211,7 @@ def pipeline_options(beam_args: Sequence[str]) -> PipelineOptions:
 
 def check_models(config: RunConfig) -> None:
     """On a local runner, fail in a second when a model cannot be had, saying what to do."""
+    problems = []
     for flag, reference, table, default in (
         ("captioner", config.captioner, CAPTIONERS, "blip"),
         ("ranker", config.ranker, RANKERS, "clip"),
@@ -218,10 +219,12 @@ def check_models(config: RunConfig) -> None:
         name, model = parse_reference(reference, table, default)
         model = model or table[name].default_model
         if problem := check_available(model):
-            raise UsageError(
+            problems.append(
                 f"--{flag}: cannot load {model}: {problem}. Download it where the Hub can be "
                 f"reached (`hf download {model} --local-dir DIR`) and pass --{flag} {name}:DIR"
             )
+    if problems:
+        raise UsageError("\n".join(problems))
 
 
 def _is_load_failure(error: BaseException) -> bool:

@@ -104,7 +104,7 @@ def check_available(model: str) -> str | None:
     if is_remote(model) or os.path.isdir(model.removeprefix("file://")):
         return None
     if os.path.isabs(model) or model.startswith("."):
-        return f"{model!r} is not a directory"
+        return "no such directory"
     import huggingface_hub
 
     if isinstance(huggingface_hub.try_to_load_from_cache(model, "config.json"), str):
@@ -112,8 +112,5 @@ def check_available(model: str) -> str | None:
     try:
         huggingface_hub.model_info(model, timeout=10)
     except Exception as error:
-        return (
-            f"{model!r} is not in the local Hugging Face cache and the Hub is unreachable "
-            f"({type(error).__name__}: {error})"
-        )
+        return f"not in the local Hugging Face cache, and the Hub is unreachable ({error})"
     return None
