@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -84,3 +85,17 @@ def test_a_gcs_list_file_and_resume(gcs: object, tiny_models: tuple[str, str]) -
     assert sorted(r["image_uri"] for r in rows) == [f"gs://{BUCKET}/in/{i}.jpg" for i in range(2)]
     summary = json.loads(gcs.blob("out/summary.json").download_as_text())
     assert summary["kept_from_earlier_run"] == 1 and summary["captioned"] == 1
+
+
+def test_models_load_from_a_gcs_folder(gcs: object, tiny_blip: str, tmp_path: Path) -> None:
+    """A model folder on gs:// is copied once to a local cache and loaded from there."""
+    from captionflow.handlers import BlipCaptioner, DecodingOptions
+
+    prefix = f"models/{tmp_path.name}/blip"
+    for file in Path(tiny_blip).iterdir():
+        gcs.blob(f"{prefix}/{file.name}").upload_from_filename(str(file))
+    captioner = BlipCaptioner.from_pretrained(
+        f"gs://{BUCKET}/{prefix}", decoding=DecodingOptions(num_captions=2)
+    )
+    (texts,) = captioner.caption([random_image(32, 32)])
+    assert 1 <= len(texts) <= 2

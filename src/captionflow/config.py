@@ -12,7 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from captionflow.handlers.decoding import DecodingOptions
 from captionflow.handlers.registry import CAPTIONERS, RANKERS
 from captionflow.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
-from captionflow.transforms.read import GLOB_CHARACTERS, absolute, dirname, is_remote
+from captionflow.paths import absolute, dirname, is_remote
+from captionflow.transforms.read import GLOB_CHARACTERS
 from captionflow.transforms.write import METADATA_FILE
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")

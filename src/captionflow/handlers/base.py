@@ -132,7 +132,7 @@ class IsolatingModelHandler(ModelHandler[ExampleT, PredictionT, ModelT]):
 
     def get_num_bytes(self, batch: Sequence[ExampleT]) -> int:
         """Pixel bytes, counted rather than pickled (Beam's default pickles every batch)."""
-        return sum(_image_of(example).width * _image_of(example).height * 3 for example in batch)
+        return sum(image.width * image.height * 3 for image in map(_image_of, batch))
 
     def get_metrics_namespace(self) -> str:
         return f"captionflow_{self.kind}"

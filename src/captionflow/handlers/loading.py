@@ -15,6 +15,7 @@ from apache_beam.io.filesystems import FileSystems
 from packaging.version import Version
 
 from captionflow.handlers.torch_setup import resolve_device, resolve_dtype
+from captionflow.paths import is_remote
 
 logger = logging.getLogger(__name__)
 
@@ -24,14 +25,11 @@ DTYPE_ARGUMENT = "dtype" if Version(transformers.__version__) >= Version("4.56")
 CACHE_DIR = os.path.join(tempfile.gettempdir(), "captionflow-models")
 
 
-def is_remote(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
-
-
 def localize(path: str) -> str:
     """A remote model directory (`gs://...`) is copied once per machine to a local cache."""
+    path = path.removeprefix("file://")
     if not is_remote(path):
-        return path.removeprefix("file://")
+        return path
     target = os.path.join(CACHE_DIR, hashlib.sha256(path.encode()).hexdigest()[:16])
     if os.path.isdir(target):
         return target

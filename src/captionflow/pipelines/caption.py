@@ -8,8 +8,8 @@ import apache_beam as beam
 
 from captionflow.config import RunConfig
 from captionflow.handlers.registry import captioner_handler, ranker_handler
+from captionflow.paths import join
 from captionflow.transforms import CaptionImages, LogProgress, ReadImagePaths, WriteErrors
-from captionflow.transforms.read import join
 from captionflow.transforms.resume import ReadDone, SkipDone
 from captionflow.transforms.summary import CAPTIONED, KEPT, WriteSummary, outcome_of_error
 from captionflow.transforms.write import ToImageFolderRows, WriteJsonLines

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import posixpath
 from collections.abc import Iterator
 
 import apache_beam as beam
@@ -12,26 +11,10 @@ from apache_beam.io.fileio import MatchFiles
 from apache_beam.pvalue import PBegin, PCollection
 
 from captionflow.images import IMAGE_EXTENSIONS
+from captionflow.paths import absolute, dirname, is_remote, join
 
 LIST_EXTENSIONS = (".txt", ".lst")
 GLOB_CHARACTERS = frozenset("*?[")
-
-
-def is_remote(path: str) -> bool:
-    return "://" in path
-
-
-def absolute(path: str) -> str:
-    """Local paths made absolute (so that they compare and relativise); URIs left as they are."""
-    return path if is_remote(path) else os.path.abspath(os.path.expanduser(path))
-
-
-def join(base: str, name: str) -> str:
-    return posixpath.join(base, name) if is_remote(base) else os.path.join(base, name)
-
-
-def dirname(path: str) -> str:
-    return posixpath.dirname(path) if is_remote(path) else os.path.dirname(path)
 
 
 def source_pattern(source: str) -> tuple[str, bool]:

@@ -8,7 +8,7 @@ import apache_beam as beam
 from apache_beam.io.fileio import EmptyMatchTreatment, MatchAll, ReadableFile, ReadMatches
 from apache_beam.pvalue import PBegin, PCollection
 
-from captionflow.transforms.read import join
+from captionflow.paths import join
 from captionflow.transforms.write import parts_dir
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import posixpath
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -19,8 +18,8 @@ from apache_beam.pvalue import PCollection
 from apache_beam.transforms.window import GlobalWindows
 from apache_beam.utils.windowed_value import WindowedValue
 
+from captionflow.paths import absolute, is_remote, join, split
 from captionflow.records import CaptionRecord, ErrorRecord
-from captionflow.transforms.read import absolute, is_remote, join
 
 METADATA_FILE = "metadata.jsonl"
 ERRORS_FILE = "errors.jsonl"
@@ -28,7 +27,7 @@ ERRORS_FILE = "errors.jsonl"
 
 def parts_dir(destination: str) -> str:
     """Where the bundles of a run park their parts: hidden, beside the destination."""
-    head, tail = (posixpath if is_remote(destination) else os.path).split(destination)
+    head, tail = split(destination)
     return join(head, f".{tail}.parts")
 
 
