@@ -145,3 +145,32 @@ def test_write_json_lines_keeps_every_line(tmp_path: Path, count: int) -> None:
     destination = tmp_path / "out.jsonl"
     run_pipeline(lambda p: p | beam.Create(lines) | WriteJsonLines(str(destination), key="k"))
     assert sorted(destination.read_text(encoding="utf-8").splitlines()) == sorted(lines)
+
+
+def test_counters_and_progress_log_count_the_images(
+    image_dir: Path, tiny_blip: str, tiny_clip: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from apache_beam.metrics.metric import MetricsFilter
+
+    from captionflow.transforms import LogProgress
+
+    uris = [*sorted(str(p) for p in image_dir.iterdir()), str(image_dir / "missing.jpg")]
+    pipeline = TestPipeline(runner="FnApiRunner")
+    captions, _ = (
+        pipeline
+        | beam.Create(uris)
+        | CaptionImages(BlipCaptionHandler(tiny_blip), ClipRankHandler(tiny_clip))
+    )
+    _ = captions | LogProgress(every_secs=0)
+    with caplog.at_level(logging.INFO, logger="captionflow"):
+        result = pipeline.run()
+        result.wait_until_finish()
+    counters = {
+        c.key.metric.name: c.committed
+        for c in result.metrics().query(MetricsFilter().with_namespace("captionflow"))["counters"]
+    }
+    assert counters["images_decoded"] == 4 and counters["images_captioned"] == 4
+    assert counters["errors_read"] == 1 and counters["errors_FileNotFoundError"] == 1
+    assert "captioned 4 images on this worker" in caplog.text
