@@ -57,7 +57,7 @@ run-local: install
 demo: install
 	$(PY) -m captionflow.demo $(INPUT) out/demo $(ARGS)
 
-bench: install  # full-size models on the CPU: about 10 minutes here
+bench: install  # full-size models on the CPU: about 17 minutes here
 	$(PY) -m benchmarks.bench $(ARGS)
 
 bench-quick: install  # reduced depth, few images: under 3 minutes
