@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             for line in metadata:
                 row = json.loads(line)
                 print(f"  {os.path.basename(row['file_name'])}: {row['text'][:90]}")
-        print(f"\nwritten: {output}/metadata.jsonl and {output}/errors.jsonl")
+        print(f"\nwritten: {output}/metadata.jsonl, errors.jsonl and summary.json")
     return code
 
 
