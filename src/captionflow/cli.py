@@ -23,17 +23,19 @@ logger = logging.getLogger("captionflow")
 
 LOCAL_RUNNERS = {"FnApiRunner", "DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner"}
 DEFAULT_RUNNER = "FnApiRunner"  # Beam's DirectRunner first tries to download Prism at run time
-DECODING_FLAGS = {
-    "num_captions": "--num-captions",
-    "strategy": "--decoding",
-    "top_p": "--top-p",
-    "temperature": "--temperature",
-    "repetition_penalty": "--repetition-penalty",
-    "num_beams": "--num-beams",
-    "min_new_tokens": "--min-new-tokens",
-    "max_new_tokens": "--max-new-tokens",
-    "prompt": "--prompt",
-}
+# (DecodingOptions field, flag, type, help): the one list of decoding flags.
+DECODING_OPTIONS = (
+    ("num_captions", "--num-captions", int, "candidate captions per image"),
+    ("strategy", "--decoding", str, "sample (nucleus sampling) or beam (beam search)"),
+    ("top_p", "--top-p", float, "sampling only"),
+    ("temperature", "--temperature", float, "sampling only"),
+    ("repetition_penalty", "--repetition-penalty", float, ""),
+    ("num_beams", "--num-beams", int, "beam search only"),
+    ("min_new_tokens", "--min-new-tokens", int, ""),
+    ("max_new_tokens", "--max-new-tokens", int, ""),
+    ("prompt", "--prompt", str, "text BLIP continues; removed from the captions"),
+)
+DECODING_FLAGS = {field: flag for field, flag, _, _ in DECODING_OPTIONS}
 
 
 class UsageError(Exception):
@@ -122,17 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     decoding = run.add_argument_group("decoding")
     default = DecodingOptions()
-    for field, flag, kind, text in (
-        ("num_captions", "--num-captions", int, "candidate captions per image"),
-        ("strategy", "--decoding", str, "sample (nucleus sampling) or beam (beam search)"),
-        ("top_p", "--top-p", float, "sampling only"),
-        ("temperature", "--temperature", float, "sampling only"),
-        ("repetition_penalty", "--repetition-penalty", float, ""),
-        ("num_beams", "--num-beams", int, "beam search only"),
-        ("min_new_tokens", "--min-new-tokens", int, ""),
-        ("max_new_tokens", "--max-new-tokens", int, ""),
-        ("prompt", "--prompt", str, "text BLIP continues; removed from the captions"),
-    ):
+    for field, flag, kind, text in DECODING_OPTIONS:
         decoding.add_argument(
             flag,
             dest=field,

@@ -29,9 +29,9 @@ class BlipCaptioner:
         tokenizer = processor.tokenizer
         prompt_ids = tokenizer(decoding.prompt, add_special_tokens=False).input_ids
         self._prompt_text = tokenizer.decode(prompt_ids, skip_special_tokens=True).strip()
-        generate_kwargs = decoding.generate_kwargs()
-        self._rows_per_image = max(generate_kwargs["num_beams"], decoding.num_captions)
-        share_cross_attention_projections(self.model, self._rows_per_image)
+        self._generate_kwargs = decoding.generate_kwargs()
+        rows_per_image = max(self._generate_kwargs["num_beams"], decoding.num_captions)
+        share_cross_attention_projections(self.model, rows_per_image)
 
     @classmethod
     def from_pretrained(
@@ -64,7 +64,7 @@ class BlipCaptioner:
             pixel_values=inputs["pixel_values"].to(self.model.device, self.model.dtype),
             input_ids=inputs["input_ids"].to(self.model.device),
             attention_mask=inputs["attention_mask"].to(self.model.device),
-            **self.decoding.generate_kwargs(),
+            **self._generate_kwargs,
         )
         texts = self.processor.batch_decode(generated, skip_special_tokens=True)
         k = self.decoding.num_captions
