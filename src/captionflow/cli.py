@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.runners.runner import create_runner
 from pydantic import ValidationError
 
 from captionflow import __version__
@@ -198,7 +199,23 @@ def pipeline_options(beam_args: Sequence[str]) -> PipelineOptions:
     options = PipelineOptions(list(beam_args))
     standard = options.view_as(StandardOptions)
     standard.runner = standard.runner or DEFAULT_RUNNER
+    check_runner(standard.runner)
     return options
+
+
+def check_runner(name: str) -> None:
+    """Beam only resolves the runner's name when the pipeline is built: too late for a clear
+    message (and the CLI would retry it), so resolve it here."""
+    try:
+        create_runner(name)
+    except ValueError:
+        known = ", ".join(StandardOptions.KNOWN_RUNNER_NAMES)
+        raise UsageError(
+            f"--runner: unknown runner {name!r}: use one of {known}, "
+            "or the full name of a PipelineRunner subclass (package.module.Class)"
+        ) from None
+    except (ImportError, AttributeError) as error:  # a dotted name, or a missing Beam extra
+        raise UsageError(f"--runner: cannot load runner {name!r}: {error}") from None
 
 
 def check_models(config: RunConfig) -> None:
