@@ -33,6 +33,22 @@ def test_read_paths_from_a_list_file(tmp_path: Path) -> None:
     run_pipeline(lambda p: assert_that(p | ReadImagePaths(str(listing)), equal_to(expected)))
 
 
+def test_local_paths_are_normalised_so_that_duplicates_collapse(tmp_path: Path) -> None:
+    listing = tmp_path / "dataset.txt"
+    listing.write_text(
+        "/a/./b.jpg\n/a//b.jpg\n/a/b.jpg\n//a/b.jpg\n./c.jpg\nsub/../c.jpg\ngs://bucket/x/./y.jpg\n"
+    )
+    expected = ["/a/b.jpg", str(tmp_path / "c.jpg"), "gs://bucket/x/./y.jpg"]
+    run_pipeline(lambda p: assert_that(p | ReadImagePaths(str(listing)), equal_to(expected)))
+
+
+def test_folder_listings_are_normalised_too(tmp_path: Path) -> None:
+    images = write_images(tmp_path / "pics", 2)
+    pattern = f"/{tmp_path}/./pics//*.jpg"  # a leading //, a ./ and a //
+    expected = [str(p) for p in images]
+    run_pipeline(lambda p: assert_that(p | ReadImagePaths(pattern), equal_to(expected)))
+
+
 def test_read_paths_from_a_folder_recursively_images_only(tmp_path: Path) -> None:
     top = write_images(tmp_path, 2)
     nested = write_images(tmp_path / "a" / "b", 1, suffix=".PNG")

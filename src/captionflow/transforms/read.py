@@ -11,7 +11,7 @@ from apache_beam.io.fileio import MatchFiles
 from apache_beam.pvalue import PBegin, PCollection
 
 from captionflow.images import IMAGE_EXTENSIONS
-from captionflow.paths import absolute, dirname, is_remote, join
+from captionflow.paths import absolute, dirname, is_remote, join, normalise
 
 LIST_EXTENSIONS = (".txt", ".lst")
 GLOB_CHARACTERS = frozenset("*?[")
@@ -36,7 +36,7 @@ def parse_list_line(line: str, base: str) -> Iterator[str]:
     the list file's folder."""
     path = line.strip()
     if path and not path.startswith("#"):
-        yield path if is_remote(path) or os.path.isabs(path) else absolute(join(base, path))
+        yield path if is_remote(path) else absolute(join(base, path))
 
 
 class ReadImagePaths(beam.PTransform):
@@ -64,7 +64,7 @@ class ReadImagePaths(beam.PTransform):
             matched = (
                 pbegin
                 | "Match" >> MatchFiles(pattern)
-                | "Paths" >> beam.Map(lambda metadata: metadata.path)
+                | "Paths" >> beam.Map(lambda metadata: normalise(metadata.path))
             )
             paths = (
                 matched
