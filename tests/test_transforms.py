@@ -190,3 +190,12 @@ def test_counters_and_progress_log_count_the_images(
     assert counters["images_decoded"] == 4 and counters["images_captioned"] == 4
     assert counters["errors_read"] == 1 and counters["errors_FileNotFoundError"] == 1
     assert "captioned 4 images on this worker" in caplog.text
+
+
+def test_a_double_star_glob_matches_zero_or_more_folders_like_pythons_glob(tmp_path: Path) -> None:
+    (top,) = write_images(tmp_path, 1)
+    (nested,) = write_images(tmp_path / "sub", 1)
+    (deep,) = write_images(tmp_path / "sub" / "deeper", 1)
+    pattern = str(tmp_path / "**" / "*.jpg")
+    expected = [str(top), str(nested), str(deep)]
+    run_pipeline(lambda p: assert_that(p | ReadImagePaths(pattern), equal_to(expected)))

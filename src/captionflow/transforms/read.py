@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 
 import apache_beam as beam
 from apache_beam.io import ReadFromText
-from apache_beam.io.fileio import MatchFiles
+from apache_beam.io.fileio import EmptyMatchTreatment, MatchAll
 from apache_beam.pvalue import PBegin, PCollection
 
 from captionflow.images import IMAGE_EXTENSIONS
@@ -15,6 +16,7 @@ from captionflow.paths import absolute, dirname, is_remote, join, normalise
 
 LIST_EXTENSIONS = (".txt", ".lst")
 GLOB_CHARACTERS = frozenset("*?[")
+RECURSIVE_COMPONENT = re.compile(r"(?:(?<=/)|^)\*\*/")  # a `**/` that is a whole path component
 
 
 def source_pattern(source: str) -> tuple[str, bool]:
@@ -25,6 +27,21 @@ def source_pattern(source: str) -> tuple[str, bool]:
     if GLOB_CHARACTERS & set(source) or source.lower().endswith(tuple(IMAGE_EXTENSIONS)):
         return source, False
     return join(source.rstrip("/"), "**"), False
+
+
+def pattern_variants(pattern: str) -> list[str]:
+    """The patterns Beam must match to give what Python's `glob(recursive=True)` gives.
+
+    In Python (and in shells with globstar) `DIR/**/*.jpg` also matches `DIR/a.jpg`: `**/`
+    stands for zero or more folders. Beam's `**` is `.*`, so its `**/` needs at least one.
+    Matching each variant with every `**/` kept or removed, then taking distinct paths, gives
+    Python's set on every Beam filesystem.
+    """
+    pieces = RECURSIVE_COMPONENT.split(pattern)
+    variants = [pieces[0]]
+    for piece in pieces[1:]:
+        variants = [variant + middle + piece for variant in variants for middle in ("**/", "")]
+    return sorted(set(variants))
 
 
 def has_image_extension(path: str) -> bool:
@@ -63,7 +80,8 @@ class ReadImagePaths(beam.PTransform):
         else:
             matched = (
                 pbegin
-                | "Match" >> MatchFiles(pattern)
+                | "Patterns" >> beam.Create(pattern_variants(pattern))
+                | "Match" >> MatchAll(EmptyMatchTreatment.ALLOW)
                 | "Paths" >> beam.Map(lambda metadata: normalise(metadata.path))
             )
             paths = (
