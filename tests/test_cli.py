@@ -72,6 +72,26 @@ def test_original_tool_flags_and_a_jsonl_output_path_still_work(
     assert row["file_name"] == str(images[0])
 
 
+def test_a_list_line_in_another_encoding_is_an_error_record_and_the_rest_is_captioned(
+    tmp_path: Path, tiny_models: tuple[str, str]
+) -> None:
+    images = write_images(tmp_path / "imgs", 2)
+    listing = tmp_path / "dataset.txt"
+    lines = [str(images[0]).encode(), b"imgs/caf\xe9.jpg", str(images[1]).encode()]
+    listing.write_bytes(b"\n".join(lines) + b"\n")  # one Latin-1 line among UTF-8 ones
+    out = tmp_path / "out"
+    assert main(["run", "--input", str(listing), "--output", str(out), *models(*tiny_models)]) == 0
+    assert sorted(r["image_uri"] for r in read_jsonl(out / "metadata.jsonl")) == [
+        str(p) for p in images
+    ]
+    (error,) = read_jsonl(out / "errors.jsonl")
+    assert error["image_uri"] == str(tmp_path / "imgs" / "caf\\xe9.jpg")
+    assert (error["stage"], error["error_type"]) == ("read", "UndecodablePath")
+    assert "line 2 of" in error["message"] and "fix the list's encoding" in error["message"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["images"], summary["captioned"], summary["failed"]) == (3, 2, 1)
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import codecs
+import io
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +15,8 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from captionflow import CaptionImages, LoadImages, ReadImagePaths, WriteMetadata
 from captionflow.handlers import BlipCaptionHandler, ClipRankHandler, DecodingOptions
-from captionflow.records import CaptionRecord, ScoredCaption
+from captionflow.listfile import list_lines
+from captionflow.records import CaptionRecord, ErrorRecord, ScoredCaption
 from captionflow.transforms.write import WriteJsonLines, merge_parts, parts_dir
 from tests.conftest import write_images
 
@@ -31,6 +34,72 @@ def test_read_paths_from_a_list_file(tmp_path: Path) -> None:
     )
     expected = ["/abs/one.jpg", str(tmp_path / "sub" / "two.png"), "gs://bucket/three.jpg"]
     run_pipeline(lambda p: assert_that(p | ReadImagePaths(str(listing)), equal_to(expected)))
+
+
+@pytest.mark.parametrize(
+    ("encoding", "bom"),
+    [
+        ("utf-8", b""),
+        ("utf-8", codecs.BOM_UTF8),
+        ("utf-16-le", codecs.BOM_UTF16_LE),
+        ("utf-16-be", codecs.BOM_UTF16_BE),
+    ],
+)
+def test_list_files_in_utf8_with_or_without_bom_and_in_utf16(
+    tmp_path: Path, encoding: str, bom: bytes
+) -> None:
+    """PowerShell's `>` writes UTF-16 LE with a BOM and CRLF; Notepad may add a UTF-8 BOM."""
+    names = ["été.jpg", "猫.png", "a\u2028b\u0085c\u2029.jpg", "x\x1cy.jpg"]  # no line breaks
+    listing = tmp_path / "dataset.txt"
+    listing.write_bytes(bom + "".join(f"{name}\r\n" for name in names).encode(encoding))
+    expected = [str(tmp_path / name) for name in names]
+    run_pipeline(lambda p: assert_that(p | ReadImagePaths(str(listing)), equal_to(expected)))
+
+
+def test_an_undecodable_list_line_is_an_error_record_not_a_failed_job(tmp_path: Path) -> None:
+    listing = tmp_path / "dataset.txt"
+    listing.write_bytes(b"good.jpg\ncaf\xe9.jpg\n# caf\xe9 comments are fine\nother.jpg\n")
+
+    def build(p: beam.Pipeline) -> None:
+        paths, errors = p | ReadImagePaths(str(listing)).with_errors()
+        assert_that(paths, equal_to([str(tmp_path / "good.jpg"), str(tmp_path / "other.jpg")]))
+        expected = ErrorRecord(
+            str(tmp_path / "caf\\xe9.jpg"),
+            "read",
+            "UndecodablePath",
+            f"line 2 of {listing} is not valid UTF-8: 'caf\\xe9.jpg'; "
+            "fix the list's encoding (save it as UTF-8)",
+        )
+        assert_that(errors, equal_to([expected]), label="errors")
+
+    run_pipeline(build)
+
+
+def test_limit_samples_the_inputs_error_records_included(tmp_path: Path) -> None:
+    listing = tmp_path / "dataset.txt"
+    listing.write_bytes(b"z.jpg\nb\xe9.jpg\na.jpg\nb\xe9.jpg\n")  # sorted: a, b\xe9, z
+
+    def build(p: beam.Pipeline) -> None:
+        paths, errors = p | ReadImagePaths(str(listing), limit=2).with_errors()
+        assert_that(paths, equal_to([str(tmp_path / "a.jpg")]))
+        uris = errors | beam.Map(lambda error: error.image_uri)
+        assert_that(uris, equal_to([str(tmp_path / "b\\xe9.jpg")]), label="errors")
+
+    run_pipeline(build)
+
+
+def test_list_lines_are_streamed_and_split_on_whole_utf16_code_units() -> None:
+    """A `\\n\\0` pair across two characters (U+0A05 U+0100) is not a line break."""
+    text = "\u0a05\u0100.jpg\r\nb.jpg\n\ud800.jpg\nlast.jpg"
+    data = b"\xff\xfe" + text.encode("utf-16-le", "surrogatepass")
+    lines = list(list_lines(io.BytesIO(data), chunk_size=3))
+    assert [(line.number, line.text, line.valid) for line in lines] == [
+        (1, "\u0a05\u0100.jpg", True),
+        (2, "b.jpg", True),
+        (3, "\\x00\\xd8.jpg", False),
+        (4, "last.jpg", True),
+    ]
+    assert {line.encoding for line in lines} == {"UTF-16-LE"}
 
 
 def test_local_paths_are_normalised_so_that_duplicates_collapse(tmp_path: Path) -> None:

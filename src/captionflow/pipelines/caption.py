@@ -37,7 +37,8 @@ def build_caption_pipeline(
     ranker = ranker_handler(config.ranker, max_batch_size=config.rank_batch_size, **model_options)
     metadata_path = join(config.output_dir, config.metadata_filename)
 
-    uris = pipeline | "ReadImagePaths" >> ReadImagePaths(config.input, limit=config.limit)
+    read = ReadImagePaths(config.input, limit=config.limit).with_errors()
+    uris, read_errors = pipeline | "ReadImagePaths" >> read
     done = pipeline | "ReadDone" >> (ReadDone(metadata_path) if config.resume else beam.Create([]))
     if config.resume:
         uris = (uris, done) | "SkipDone" >> SkipDone()
@@ -47,7 +48,8 @@ def build_caption_pipeline(
     )
     if config.accelerator_hint:  # decoding stays fused with inference: images never shuffle
         caption_images = caption_images.with_resource_hints(accelerator=config.accelerator_hint)
-    captions, errors = uris | "CaptionImages" >> caption_images
+    captions, caption_errors = uris | "CaptionImages" >> caption_images
+    errors = (read_errors, caption_errors) | "AllErrors" >> beam.Flatten()
     rows = captions | "Progress" >> LogProgress() | "ToRows" >> ToImageFolderRows(config.output_dir)
     metadata_written = (
         (rows, done)

@@ -1,21 +1,38 @@
-"""Which images to caption: a list file, a glob or a folder, on any Beam filesystem."""
+"""Which images to caption: a list file, a glob or a folder, on any Beam filesystem.
+
+Paths that cannot be captioned before any image is read (a list line that is not text) are
+error records here, so that every input ends up in the output or in `errors.jsonl`.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import NamedTuple
 
 import apache_beam as beam
-from apache_beam.io import ReadFromText
 from apache_beam.io.fileio import EmptyMatchTreatment, MatchAll
-from apache_beam.pvalue import PBegin, PCollection
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.pvalue import PBegin, PCollection, TaggedOutput
 
 from captionflow.images import IMAGE_EXTENSIONS
+from captionflow.listfile import list_lines
 from captionflow.paths import absolute, dirname, is_remote, join, normalise
+from captionflow.records import ErrorRecord
+from captionflow.transforms.errors import ERRORS, error_output
+
+logger = logging.getLogger("captionflow")
 
 LIST_EXTENSIONS = (".txt", ".lst")
 GLOB_CHARACTERS = frozenset("*?[")
+PATHS = "paths"
+UNDECODABLE = "UndecodablePath"
+# Stripped from both ends of a list line: ASCII spaces and a stray BOM (lists joined with
+# `cat`), never the Unicode spaces and separators that may end a file name.
+LINE_SPACE = " \t\r\v\f\ufeff"
 RECURSIVE_COMPONENT = re.compile(r"(?:(?<=/)|^)\*\*/")  # a `**/` that is a whole path component
 
 
@@ -48,12 +65,31 @@ def has_image_extension(path: str) -> bool:
     return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
 
 
-def parse_list_line(line: str, base: str) -> Iterator[str]:
-    """One path a line; blank lines and `#` comments skipped; relative paths are relative to
-    the list file's folder."""
-    path = line.strip()
-    if path and not path.startswith("#"):
-        yield path if is_remote(path) else absolute(join(base, path))
+def read_list(path: str) -> Iterator[str | TaggedOutput]:
+    """A list file's paths, one a line; blank lines and `#` comments skipped; relative paths
+    are relative to the list's folder. A line that cannot be decoded is an error record."""
+    base = dirname(path)
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as file:
+        for line in list_lines(file):
+            entry = line.text.strip(LINE_SPACE)
+            if not entry or entry.startswith("#"):
+                continue
+            uri = entry if is_remote(entry) else absolute(join(base, entry))
+            if line.valid:
+                yield uri
+            else:
+                message = (
+                    f"line {line.number} of {path} is not valid {line.encoding}: '{entry}'; "
+                    "fix the list's encoding (save it as UTF-8)"
+                )
+                yield error_output(ErrorRecord(uri, "read", UNDECODABLE, message))
+
+
+class ReadOutputs(NamedTuple):
+    """What `ReadImagePaths(...).with_errors()` returns."""
+
+    paths: PCollection[str]
+    errors: PCollection[ErrorRecord]
 
 
 class ReadImagePaths(beam.PTransform):
@@ -62,40 +98,113 @@ class ReadImagePaths(beam.PTransform):
     `source` is a `dataset.txt`-style list (`.txt`/`.lst`), a glob, a single image, or a folder
     (searched recursively for image files). `limit` keeps the first N paths in sorted order, a
     reproducible sample for trial runs.
+
+    Inputs that cannot even be named as a path (a list line that is not text) are
+    `ErrorRecord`s (stage `read`): `ReadImagePaths(...).with_errors()` returns
+    `ReadOutputs(paths, errors)` to route them to `errors.jsonl`; without it they are logged.
     """
 
     def __init__(self, source: str, *, limit: int | None = None) -> None:
         super().__init__()
         self.source = absolute(source)
         self.limit = limit
+        self.errors_output = False
 
-    def expand(self, pbegin: PBegin) -> PCollection[str]:
-        pattern, is_list = source_pattern(self.source)
-        if is_list:
-            paths = (
-                pbegin
-                | "ReadList" >> ReadFromText(pattern, validate=False)
-                | "ParseLines" >> beam.FlatMap(parse_list_line, base=dirname(pattern))
-            )
-        else:
-            matched = (
-                pbegin
-                | "Patterns" >> beam.Create(pattern_variants(pattern))
-                | "Match" >> MatchAll(EmptyMatchTreatment.ALLOW)
-                | "Paths" >> beam.Map(lambda metadata: normalise(metadata.path))
-            )
-            paths = (
-                matched
-                if pattern == self.source
-                else (matched | "ImagesOnly" >> beam.Filter(has_image_extension))
-            )
+    def with_errors(self) -> ReadImagePaths:
+        """This transform, returning `ReadOutputs(paths, errors)` instead of the paths only."""
+        transform = ReadImagePaths(self.source, limit=self.limit)
+        transform.errors_output = True
+        return transform
+
+    def expand(self, pbegin: PBegin) -> PCollection[str] | ReadOutputs:
+        paths, errors = pbegin | "Find" >> _FindPaths(self.source)
         # Distinct also redistributes: a list file is read by one worker, its images are not.
         paths = paths | "Distinct" >> beam.Distinct()
+        errors = errors | "DistinctErrors" >> _DistinctErrors()
         if self.limit is not None:
-            paths = (
-                paths
-                | "FirstN" >> beam.combiners.Top.Smallest(self.limit)
-                | "Flatten" >> beam.FlatMap(lambda first: first)
-                | "Spread" >> beam.Reshuffle()
-            )
+            paths, errors = (paths, errors) | "FirstN" >> _FirstN(self.limit)
+        if self.errors_output:
+            return ReadOutputs(paths, errors)
+        _ = errors | "LogErrors" >> beam.Map(_log_error)
         return paths
+
+
+def _log_error(error: ErrorRecord) -> None:
+    logger.warning("not captioned: %s: %s: %s", error.image_uri, error.error_type, error.message)
+
+
+class _FindPaths(beam.PTransform):
+    """`(paths, errors)` as found, with duplicates."""
+
+    def __init__(self, source: str) -> None:
+        super().__init__()
+        self.source = source
+
+    def expand(self, pbegin: PBegin) -> tuple[PCollection[str], PCollection[ErrorRecord]]:
+        pattern, is_list = source_pattern(self.source)
+        if is_list:
+            found = (
+                pbegin
+                | "ListFile" >> beam.Create([pattern])
+                | "ReadList" >> beam.FlatMap(read_list).with_outputs(ERRORS, main=PATHS)
+            )
+            return found[PATHS], found[ERRORS]
+        matched = (
+            pbegin
+            | "Patterns" >> beam.Create(pattern_variants(pattern))
+            | "Match" >> MatchAll(EmptyMatchTreatment.ALLOW)
+            | "Paths" >> beam.Map(lambda metadata: normalise(metadata.path))
+        )
+        paths = (
+            matched
+            if pattern == self.source
+            else (matched | "ImagesOnly" >> beam.Filter(has_image_extension))
+        )
+        return paths, pbegin | "NoErrors" >> beam.Create([])
+
+
+def _first_error(errors: Iterable[ErrorRecord]) -> ErrorRecord:
+    return min(errors, key=lambda error: error.message)  # any one, the same on every run
+
+
+class _DistinctErrors(beam.PTransform):
+    """One error record per `image_uri` (a bad line listed twice is one input), so that the
+    summary counts inputs, as `Distinct` does for paths."""
+
+    def expand(self, errors: PCollection[ErrorRecord]) -> PCollection[ErrorRecord]:
+        return (
+            errors
+            | "ByUri" >> beam.Map(lambda error: (error.image_uri, error))
+            | "One" >> beam.CombinePerKey(_first_error)
+            | "Records" >> beam.Values()
+        )
+
+
+def _split_first(entry: tuple[str, ErrorRecord | None]) -> Iterator[str | TaggedOutput]:
+    uri, error = entry
+    yield uri if error is None else TaggedOutput(ERRORS, error)
+
+
+class _FirstN(beam.PTransform):
+    """The first `n` inputs in sorted order, good paths and error records alike: a sample of
+    the inputs, each of which still ends in the output or in the errors."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+
+    def expand(
+        self, inputs: tuple[PCollection[str], PCollection[ErrorRecord]]
+    ) -> tuple[PCollection[str], PCollection[ErrorRecord]]:
+        paths, errors = inputs
+        first = (
+            (
+                paths | "KeyPaths" >> beam.Map(lambda uri: (uri, None)),
+                errors | "KeyErrors" >> beam.Map(lambda error: (error.image_uri, error)),
+            )
+            | "All" >> beam.Flatten()
+            | "Smallest" >> beam.combiners.Top.Smallest(self.n, key=lambda entry: entry[0])
+            | "Each" >> beam.FlatMap(lambda smallest: smallest)
+            | "Split" >> beam.FlatMap(_split_first).with_outputs(ERRORS, main=PATHS)
+        )
+        return first[PATHS] | "Spread" >> beam.Reshuffle(), first[ERRORS]
