@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -90,6 +91,24 @@ def test_a_list_line_in_another_encoding_is_an_error_record_and_the_rest_is_capt
     assert "line 2 of" in error["message"] and "fix the list's encoding" in error["message"]
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["images"], summary["captioned"], summary["failed"]) == (3, 2, 1)
+
+
+def test_a_file_name_that_is_not_utf8_is_an_error_record_and_the_rest_is_captioned(
+    tmp_path: Path, tiny_models: tuple[str, str]
+) -> None:
+    folder = tmp_path / "photos"
+    images = write_images(folder, 2)
+    with open(os.fsencode(folder) + b"/caf\xe9.jpg", "wb") as latin1:  # a Latin-1 file name
+        latin1.write(images[0].read_bytes())
+    out = tmp_path / "out"
+    assert main(["run", "--input", str(folder), "--output", str(out), *models(*tiny_models)]) == 0
+    assert sorted(r["image_uri"] for r in read_jsonl(out / "metadata.jsonl")) == [
+        str(p) for p in images
+    ]
+    (error,) = read_jsonl(out / "errors.jsonl")
+    assert error["image_uri"] == f"{folder}/caf\\xe9.jpg"
+    assert (error["stage"], error["error_type"]) == ("read", "UndecodablePath")
+    assert "caf\\xe9.jpg" in error["message"] and "convmv" in error["message"]
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 """Which images to caption: a list file, a glob or a folder, on any Beam filesystem.
 
-Paths that cannot be captioned before any image is read (a list line that is not text) are
-error records here, so that every input ends up in the output or in `errors.jsonl`.
+Paths that cannot be captioned before any image is read (a list line or a file name that is
+not text) are error records here, so that every input ends up in the output or in `errors.jsonl`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import apache_beam as beam
 from apache_beam.io.fileio import EmptyMatchTreatment, MatchAll
-from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystem import CompressionTypes, FileMetadata
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.pvalue import PBegin, PCollection, TaggedOutput
 
@@ -85,6 +85,24 @@ def read_list(path: str) -> Iterator[str | TaggedOutput]:
                 yield error_output(ErrorRecord(uri, "read", UNDECODABLE, message))
 
 
+def checked_path(path: str) -> Iterator[str | TaggedOutput]:
+    """A listed file as its normalised path, or as an error record when its name is not text:
+    on Linux a name that is not UTF-8 (Latin-1 archives) comes back from listing with lone
+    surrogates, which no file, JSON line or Beam coder can carry."""
+    path = normalise(path)
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        printable = os.fsencode(path).decode("utf-8", "backslashreplace")
+        message = (
+            f"the file name is not valid UTF-8: '{printable}'; rename it, e.g. with convmv "
+            "(`convmv -f latin1 -t utf8 --notest FILE`)"
+        )
+        yield error_output(ErrorRecord(printable, "read", UNDECODABLE, message))
+        return
+    yield path
+
+
 class ReadOutputs(NamedTuple):
     """What `ReadImagePaths(...).with_errors()` returns."""
 
@@ -99,7 +117,7 @@ class ReadImagePaths(beam.PTransform):
     (searched recursively for image files). `limit` keeps the first N paths in sorted order, a
     reproducible sample for trial runs.
 
-    Inputs that cannot even be named as a path (a list line that is not text) are
+    Inputs that cannot even be named as a path (a list line or file name that is not text) are
     `ErrorRecord`s (stage `read`): `ReadImagePaths(...).with_errors()` returns
     `ReadOutputs(paths, errors)` to route them to `errors.jsonl`; without it they are logged.
     """
@@ -149,18 +167,21 @@ class _FindPaths(beam.PTransform):
                 | "ReadList" >> beam.FlatMap(read_list).with_outputs(ERRORS, main=PATHS)
             )
             return found[PATHS], found[ERRORS]
-        matched = (
+        found = (
             pbegin
             | "Patterns" >> beam.Create(pattern_variants(pattern))
             | "Match" >> MatchAll(EmptyMatchTreatment.ALLOW)
-            | "Paths" >> beam.Map(lambda metadata: normalise(metadata.path))
+            | "Paths"
+            >> beam.FlatMap(_listed, images_only=pattern != self.source).with_outputs(
+                ERRORS, main=PATHS
+            )
         )
-        paths = (
-            matched
-            if pattern == self.source
-            else (matched | "ImagesOnly" >> beam.Filter(has_image_extension))
-        )
-        return paths, pbegin | "NoErrors" >> beam.Create([])
+        return found[PATHS], found[ERRORS]
+
+
+def _listed(metadata: FileMetadata, images_only: bool) -> Iterator[str | TaggedOutput]:
+    if not images_only or has_image_extension(metadata.path):
+        yield from checked_path(metadata.path)
 
 
 def _first_error(errors: Iterable[ErrorRecord]) -> ErrorRecord:
