@@ -46,6 +46,27 @@ def write_images(directory: Path, count: int, suffix: str = ".jpg") -> list[Path
     return paths
 
 
+def image_like_zoo(folder: Path) -> tuple[list[str], dict[str, str]]:
+    """`(paths, {path: error type})`: files with every image-like extension (some Pillow cannot
+    open), a link to an image, a broken link, link loops, and files that are not images."""
+    write_images(folder, 1)
+    names = ["a.avif", "b.HEIC", "c.heif", "d.svg", "e.jxl", "f.jpe", "g.jp2", "h.ico", "i.JPG"]
+    for name in names:
+        (folder / name).write_bytes(b"whatever")
+    (folder / "alias.jpg").symlink_to(folder / "image_000.jpg")
+    (folder / "gone.jpg").symlink_to(folder / "nowhere.jpg")
+    (folder / "self.png").symlink_to(folder / "self.png")
+    (folder / "ping.webp").symlink_to(folder / "pong.webp")
+    (folder / "pong.webp").symlink_to(folder / "ping.webp")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "gone.txt").symlink_to(folder / "nowhere.txt")
+    paths = [str(folder / name) for name in ["image_000.jpg", *names, "alias.jpg"]]
+    errors = {str(folder / "gone.jpg"): "BrokenSymlink"} | {
+        str(folder / name): "SymlinkLoop" for name in ["self.png", "ping.webp", "pong.webp"]
+    }
+    return paths, errors
+
+
 @pytest.fixture
 def image_dir(tmp_path: Path) -> Path:
     """Four small JPEGs in a folder."""

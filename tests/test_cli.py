@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from captionflow.cli import main
-from tests.conftest import write_images
+from tests.conftest import image_like_zoo, write_images
 
 
 def models(tiny_blip: str, tiny_clip: str) -> list[str]:
@@ -109,6 +109,20 @@ def test_a_file_name_that_is_not_utf8_is_an_error_record_and_the_rest_is_caption
     assert error["image_uri"] == f"{folder}/caf\\xe9.jpg"
     assert (error["stage"], error["error_type"]) == ("read", "UndecodablePath")
     assert "caf\\xe9.jpg" in error["message"] and "convmv" in error["message"]
+
+
+def test_every_file_that_looks_like_an_image_gets_a_record(
+    tmp_path: Path, tiny_models: tuple[str, str]
+) -> None:
+    paths, link_errors = image_like_zoo(tmp_path / "zoo")
+    out = tmp_path / "out"
+    argv = ["run", "--input", str(tmp_path / "zoo"), "--output", str(out)]
+    assert main([*argv, *models(*tiny_models)]) == 0
+    captioned = {r["image_uri"] for r in read_jsonl(out / "metadata.jsonl")}
+    errors = {e["image_uri"]: e for e in read_jsonl(out / "errors.jsonl")}
+    assert captioned == {str(tmp_path / "zoo" / n) for n in ["image_000.jpg", "alias.jpg"]}
+    assert sorted(captioned | set(errors)) == sorted(paths + list(link_errors))
+    assert {uri: errors[uri]["stage"] for uri in link_errors} == dict.fromkeys(link_errors, "read")
 
 
 @pytest.mark.parametrize(

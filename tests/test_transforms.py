@@ -18,7 +18,7 @@ from captionflow.handlers import BlipCaptionHandler, ClipRankHandler, DecodingOp
 from captionflow.listfile import list_lines
 from captionflow.records import CaptionRecord, ErrorRecord, ScoredCaption
 from captionflow.transforms.write import WriteJsonLines, merge_parts, parts_dir
-from tests.conftest import write_images
+from tests.conftest import image_like_zoo, write_images
 
 
 def run_pipeline(build: Callable[[beam.Pipeline], object]) -> None:
@@ -125,6 +125,35 @@ def test_read_paths_from_a_folder_recursively_images_only(tmp_path: Path) -> Non
     (tmp_path / "metadata.jsonl").write_text("{}")
     expected = [str(p) for p in top + nested]
     run_pipeline(lambda p: assert_that(p | ReadImagePaths(str(tmp_path)), equal_to(expected)))
+
+
+def test_every_file_in_a_folder_that_looks_like_an_image_gets_a_path_or_an_error(
+    tmp_path: Path,
+) -> None:
+    paths, errors = image_like_zoo(tmp_path / "zoo")
+
+    def build(p: beam.Pipeline) -> None:
+        found, failed = p | ReadImagePaths(str(tmp_path / "zoo")).with_errors()
+        assert_that(found, equal_to(paths))
+        as_pairs = failed | beam.Map(lambda e: (e.image_uri, e.error_type, e.stage))
+        expected = [(uri, kind, "read") for uri, kind in errors.items()]
+        assert_that(as_pairs, equal_to(expected), label="errors")
+
+    run_pipeline(build)
+
+
+def test_a_glob_keeps_broken_links_too(tmp_path: Path) -> None:
+    (good,) = write_images(tmp_path, 1)
+    (tmp_path / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+
+    def build(p: beam.Pipeline) -> None:
+        found, failed = p | ReadImagePaths(str(tmp_path / "*.jpg")).with_errors()
+        assert_that(found, equal_to([str(good)]))
+        messages = failed | beam.Map(lambda e: (e.image_uri, e.message.split(":")[0]))
+        expected = (str(tmp_path / "gone.jpg"), f"broken symbolic link to {tmp_path}/nowhere.jpg")
+        assert_that(messages, equal_to([expected]), label="errors")
+
+    run_pipeline(build)
 
 
 def test_read_paths_from_a_glob(tmp_path: Path) -> None:

@@ -1,25 +1,26 @@
 """Which images to caption: a list file, a glob or a folder, on any Beam filesystem.
 
-Paths that cannot be captioned before any image is read (a list line or a file name that is
-not text) are error records here, so that every input ends up in the output or in `errors.jsonl`.
+Inputs that fail before any image is read (a list line or a file name that is not text, a
+broken symbolic link) are error records here, so that every input ends up in the output or in
+`errors.jsonl`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 import apache_beam as beam
 from apache_beam.io.fileio import EmptyMatchTreatment, MatchAll
-from apache_beam.io.filesystem import CompressionTypes, FileMetadata
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.pvalue import PBegin, PCollection, TaggedOutput
 
 from captionflow.images import IMAGE_EXTENSIONS
 from captionflow.listfile import list_lines
+from captionflow.listing import link_problem, list_local, pattern_variants
 from captionflow.paths import absolute, dirname, is_remote, join, normalise
 from captionflow.records import ErrorRecord
 from captionflow.transforms.errors import ERRORS, error_output
@@ -33,7 +34,11 @@ UNDECODABLE = "UndecodablePath"
 # Stripped from both ends of a list line: ASCII spaces and a stray BOM (lists joined with
 # `cat`), never the Unicode spaces and separators that may end a file name.
 LINE_SPACE = " \t\r\v\f\ufeff"
-RECURSIVE_COMPONENT = re.compile(r"(?:(?<=/)|^)\*\*/")  # a `**/` that is a whole path component
+# Image-like extensions that `images.IMAGE_EXTENSIONS` lacks: listed so that such files get a
+# record (the decode step says why it cannot read them) instead of vanishing.
+OTHER_IMAGE_EXTENSIONS = frozenset(
+    {".avif", ".heic", ".heif", ".svg", ".jxl", ".jpe", ".jp2", ".ico"}
+)
 
 
 def source_pattern(source: str) -> tuple[str, bool]:
@@ -41,28 +46,15 @@ def source_pattern(source: str) -> tuple[str, bool]:
     images at any depth."""
     if source.endswith(LIST_EXTENSIONS):
         return source, True
-    if GLOB_CHARACTERS & set(source) or source.lower().endswith(tuple(IMAGE_EXTENSIONS)):
+    if GLOB_CHARACTERS & set(source) or looks_like_image(source):
         return source, False
     return join(source.rstrip("/"), "**"), False
 
 
-def pattern_variants(pattern: str) -> list[str]:
-    """The patterns Beam must match to give what Python's `glob(recursive=True)` gives.
-
-    In Python (and in shells with globstar) `DIR/**/*.jpg` also matches `DIR/a.jpg`: `**/`
-    stands for zero or more folders. Beam's `**` is `.*`, so its `**/` needs at least one.
-    Matching each variant with every `**/` kept or removed, then taking distinct paths, gives
-    Python's set on every Beam filesystem.
-    """
-    pieces = RECURSIVE_COMPONENT.split(pattern)
-    variants = [pieces[0]]
-    for piece in pieces[1:]:
-        variants = [variant + middle + piece for variant in variants for middle in ("**/", "")]
-    return sorted(set(variants))
-
-
-def has_image_extension(path: str) -> bool:
-    return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
+def looks_like_image(path: str) -> bool:
+    """Whether a file found in a folder is taken as an image; the one place that decides."""
+    extension = os.path.splitext(path)[1].lower()
+    return extension in IMAGE_EXTENSIONS or extension in OTHER_IMAGE_EXTENSIONS
 
 
 def read_list(path: str) -> Iterator[str | TaggedOutput]:
@@ -86,9 +78,10 @@ def read_list(path: str) -> Iterator[str | TaggedOutput]:
 
 
 def checked_path(path: str) -> Iterator[str | TaggedOutput]:
-    """A listed file as its normalised path, or as an error record when its name is not text:
-    on Linux a name that is not UTF-8 (Latin-1 archives) comes back from listing with lone
-    surrogates, which no file, JSON line or Beam coder can carry."""
+    """A listed file as its normalised path, or as an error record when it cannot be read by
+    name: a name that is not UTF-8 (on Linux, Latin-1 archives: it comes back from listing with
+    lone surrogates, which no JSON line or Beam coder can carry), or a symbolic link that
+    reaches no file."""
     path = normalise(path)
     try:
         path.encode("utf-8")
@@ -99,6 +92,9 @@ def checked_path(path: str) -> Iterator[str | TaggedOutput]:
             "(`convmv -f latin1 -t utf8 --notest FILE`)"
         )
         yield error_output(ErrorRecord(printable, "read", UNDECODABLE, message))
+        return
+    if not is_remote(path) and (problem := link_problem(path)):
+        yield error_output(ErrorRecord(path, "read", *problem))
         return
     yield path
 
@@ -117,7 +113,8 @@ class ReadImagePaths(beam.PTransform):
     (searched recursively for image files). `limit` keeps the first N paths in sorted order, a
     reproducible sample for trial runs.
 
-    Inputs that cannot even be named as a path (a list line or file name that is not text) are
+    Inputs that cannot even be named as a path (a list line or file name that is not text, a
+    symbolic link to no file) are
     `ErrorRecord`s (stage `read`): `ReadImagePaths(...).with_errors()` returns
     `ReadOutputs(paths, errors)` to route them to `errors.jsonl`; without it they are logged.
     """
@@ -167,21 +164,27 @@ class _FindPaths(beam.PTransform):
                 | "ReadList" >> beam.FlatMap(read_list).with_outputs(ERRORS, main=PATHS)
             )
             return found[PATHS], found[ERRORS]
-        found = (
-            pbegin
-            | "Patterns" >> beam.Create(pattern_variants(pattern))
-            | "Match" >> MatchAll(EmptyMatchTreatment.ALLOW)
-            | "Paths"
-            >> beam.FlatMap(_listed, images_only=pattern != self.source).with_outputs(
-                ERRORS, main=PATHS
+        images_only = pattern != self.source  # a folder: only what looks like an image
+        if is_remote(pattern):
+            listed = (
+                pbegin
+                | "Patterns" >> beam.Create(pattern_variants(pattern))
+                | "Match" >> MatchAll(EmptyMatchTreatment.ALLOW)
+                | "Listed" >> beam.Map(lambda metadata: metadata.path)
             )
+        else:  # listed here: Beam's local listing drops broken links and link loops
+            listed = (
+                pbegin | "Pattern" >> beam.Create([pattern]) | "Listed" >> beam.FlatMap(list_local)
+            )
+        found = listed | "Paths" >> beam.FlatMap(_listed, images_only=images_only).with_outputs(
+            ERRORS, main=PATHS
         )
         return found[PATHS], found[ERRORS]
 
 
-def _listed(metadata: FileMetadata, images_only: bool) -> Iterator[str | TaggedOutput]:
-    if not images_only or has_image_extension(metadata.path):
-        yield from checked_path(metadata.path)
+def _listed(path: str, images_only: bool) -> Iterator[str | TaggedOutput]:
+    if not images_only or looks_like_image(path):
+        yield from checked_path(path)
 
 
 def _first_error(errors: Iterable[ErrorRecord]) -> ErrorRecord:

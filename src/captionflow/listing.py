@@ -1,0 +1,86 @@
+"""Which files a glob or a folder names: Python's recursive glob, on every Beam filesystem.
+
+Two gaps in Beam's own matching are closed here. Its `**/` needs at least one folder, where
+Python's (and the shell's) also matches none. And its local listing skips every file it cannot
+`stat`: broken symbolic links and link loops vanish without a trace. Local files are therefore
+listed here, with Beam's pattern syntax, so that each one can be reported.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+from collections.abc import Iterator
+
+from apache_beam.io.filesystem import FileSystem
+
+RECURSIVE_COMPONENT = re.compile(r"(?:(?<=/)|^)\*\*/")  # a `**/` that is a whole path component
+BEFORE_WILDCARD = re.compile(r"[^[*?]*")
+
+
+def pattern_variants(pattern: str) -> list[str]:
+    """The patterns Beam must match to give what Python's `glob(recursive=True)` gives.
+
+    `DIR/**/*.jpg` also matches `DIR/a.jpg` in Python: `**/` stands for zero or more folders.
+    Beam's `**` is `.*`, so its `**/` needs at least one. Matching each variant with every
+    `**/` kept or removed, then taking distinct paths, gives Python's set.
+    """
+    pieces = RECURSIVE_COMPONENT.split(pattern)
+    variants = [pieces[0]]
+    for piece in pieces[1:]:
+        variants = [variant + middle + piece for variant in variants for middle in ("**/", "")]
+    return sorted(set(variants))
+
+
+def walk_files(root: str, max_depth: int | None = None) -> Iterator[str]:
+    """Every file under `root`, or only those at most `max_depth` folders down. Symbolic links
+    to folders are not followed (as in Beam's listing: no cycles); broken links and link loops
+    are listed like files."""
+    for folder, subfolders, files in os.walk(root):
+        if max_depth is not None and _depth(root, folder) >= max_depth:
+            subfolders.clear()
+        for name in files:
+            yield os.path.join(folder, name)
+
+
+def _depth(root: str, folder: str) -> int:
+    relative = os.path.relpath(folder, root)
+    return 0 if relative == "." else relative.count(os.sep) + 1
+
+
+def list_local(pattern: str) -> Iterator[str]:
+    """The local files `pattern` matches, with Beam's syntax (`*`, `?`, `[...]`, `**`) and
+    Python's `**/`; a pattern without wildcards names one file."""
+    prefix = BEFORE_WILDCARD.match(pattern).group(0)
+    if prefix == pattern:
+        if os.path.lexists(pattern) and not os.path.isdir(pattern):
+            yield pattern
+        return
+    root = os.path.dirname(prefix)
+    # Without `**`, a pattern spans a fixed number of folders: no need to walk deeper.
+    max_depth = None if "**" in pattern else pattern[len(root) :].strip("/").count("/")
+    variants = pattern_variants(pattern)
+    matchers = [re.compile(FileSystem.translate_pattern(v)).match for v in variants]
+    for path in walk_files(root, max_depth):
+        if any(match(path) for match in matchers):
+            yield path
+
+
+def link_problem(path: str) -> tuple[str, str] | None:
+    """`(error type, message)` when `path` is a symbolic link that reaches no file."""
+    if not os.path.islink(path):
+        return None
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return "BrokenSymlink", f"broken symbolic link to {_target(path)}: no such file"
+    except OSError as error:
+        if error.errno != errno.ELOOP:
+            return None  # anything else is for the read step to report
+        return "SymlinkLoop", f"symbolic link loop: {path} -> {_target(path)} never reaches a file"
+    return None
+
+
+def _target(path: str) -> str:
+    return os.path.normpath(os.path.join(os.path.dirname(path), os.readlink(path)))
