@@ -156,6 +156,18 @@ def test_bad_options_stop_before_any_work_with_one_clear_line(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("name", ["x.csv", "x.list", "notes"])
+def test_an_input_file_that_is_neither_a_list_nor_an_image_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture, name: str
+) -> None:
+    (tmp_path / name).write_text("a.jpg\n")
+    assert main(["run", "--input", str(tmp_path / name), "--output", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert f"captionflow: error: --input: {str(tmp_path / name)!r} is not a list file" in error
+    assert "(.txt or .lst" in error and "an image" in error and "a folder" in error
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_input_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["run", "--input", str(tmp_path / "nope"), "--output", str(tmp_path)]) == 2
     assert "--input: " in capsys.readouterr().err

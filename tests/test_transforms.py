@@ -156,6 +156,27 @@ def test_a_glob_keeps_broken_links_too(tmp_path: Path) -> None:
     run_pipeline(build)
 
 
+def test_a_path_is_taken_for_what_it_is_on_disk_not_for_its_name(tmp_path: Path) -> None:
+    """A folder named like a list file, a folder and an image with glob characters in their
+    names: what they are decides, as the user means it."""
+    in_txt = write_images(tmp_path / "x.txt", 1)
+    in_brackets = write_images(tmp_path / "photos[1]", 1)
+    (tmp_path / "photos1").mkdir()  # what `photos[1]` would match as a glob
+    image = tmp_path / "photo[1].jpg"
+    image.write_bytes(in_txt[0].read_bytes())
+
+    def build(p: beam.Pipeline) -> None:
+        for label, source, expected in [
+            ("txt", tmp_path / "x.txt", in_txt),
+            ("brackets", tmp_path / "photos[1]", in_brackets),
+            ("image", image, [image]),
+        ]:
+            found = p | label >> ReadImagePaths(str(source))
+            assert_that(found, equal_to([str(x) for x in expected]), label=f"{label} paths")
+
+    run_pipeline(build)
+
+
 def test_read_paths_from_a_glob(tmp_path: Path) -> None:
     jpgs = write_images(tmp_path, 2)
     write_images(tmp_path / "x", 1, suffix=".png")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import os
 import re
 from typing import Literal
@@ -12,8 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from captionflow.handlers.decoding import DecodingOptions
 from captionflow.handlers.registry import CAPTIONERS, RANKERS
 from captionflow.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
+from captionflow.listing import list_local
 from captionflow.paths import absolute, dirname, is_remote
-from captionflow.transforms.read import GLOB_CHARACTERS
+from captionflow.transforms.read import InputKind, input_kind, looks_like_image
 from captionflow.transforms.write import METADATA_FILE
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
@@ -28,6 +28,25 @@ def _check_model_reference(reference: str, registered: dict[str, object], role: 
     raise ValueError(
         f"unknown {role} {reference!r}: use one of {known}, NAME:MODEL, a hub id or a directory"
     )
+
+
+def _check_local_input(value: str) -> None:
+    """The input is what `ReadImagePaths` reads, and it can be read."""
+    path = absolute(value)
+    kind = input_kind(path)
+    if kind == InputKind.GLOB:
+        if next(list_local(path), None) is None:
+            raise ValueError(f"no file matches {value!r}")
+        return
+    if not os.path.exists(path):
+        raise ValueError(f"{value!r} does not exist")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"{value!r} is not readable")
+    if kind == InputKind.IMAGE and not looks_like_image(path):
+        raise ValueError(
+            f"{value!r} is not a list file (.txt or .lst, one path a line), an image, "
+            "a folder or a glob"
+        )
 
 
 class RunConfig(BaseModel):
@@ -74,15 +93,8 @@ class RunConfig(BaseModel):
     @field_validator("input")
     @classmethod
     def _input_exists(cls, value: str) -> str:
-        if is_remote(value):
-            return value
-        if GLOB_CHARACTERS & set(value):
-            if not glob.glob(value, recursive=True):
-                raise ValueError(f"no file matches {value!r}")
-        elif not os.path.exists(value):
-            raise ValueError(f"{value!r} does not exist")
-        elif not os.access(value, os.R_OK):
-            raise ValueError(f"{value!r} is not readable")
+        if not is_remote(value):  # remote inputs are only listed when the job runs
+            _check_local_input(value)
         return value
 
     @model_validator(mode="after")

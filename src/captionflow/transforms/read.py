@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Iterator
+from enum import Enum
 from typing import NamedTuple
 
 import apache_beam as beam
@@ -20,7 +21,7 @@ from apache_beam.pvalue import PBegin, PCollection, TaggedOutput
 
 from captionflow.images import IMAGE_EXTENSIONS
 from captionflow.listfile import list_lines
-from captionflow.listing import link_problem, list_local, pattern_variants
+from captionflow.listing import link_problem, list_local, pattern_variants, walk_files
 from captionflow.paths import absolute, dirname, is_remote, join, normalise
 from captionflow.records import ErrorRecord
 from captionflow.transforms.errors import ERRORS, error_output
@@ -41,14 +42,32 @@ OTHER_IMAGE_EXTENSIONS = frozenset(
 )
 
 
-def source_pattern(source: str) -> tuple[str, bool]:
-    """`(pattern, is_list_file)`: a list file, a glob or single image as given, or a folder's
-    images at any depth."""
-    if source.endswith(LIST_EXTENSIONS):
-        return source, True
-    if GLOB_CHARACTERS & set(source) or looks_like_image(source):
-        return source, False
-    return join(source.rstrip("/"), "**"), False
+class InputKind(str, Enum):
+    LIST = "list"
+    FOLDER = "folder"
+    GLOB = "glob"
+    IMAGE = "image"
+
+
+def input_kind(source: str) -> InputKind:
+    """What `source` names. A local path is what it is on disk (a folder named `x.txt` is a
+    folder, `photo[1].jpg` an image); a URI, not listed before the job runs, is what its name
+    says: a list (`.txt`, `.lst`), a glob, an image, else a folder."""
+    if not is_remote(source) and os.path.isdir(source):
+        return InputKind.FOLDER
+    if not is_remote(source) and os.path.lexists(source):
+        return InputKind.LIST if is_list_file(source) else InputKind.IMAGE
+    if is_list_file(source):
+        return InputKind.LIST
+    if GLOB_CHARACTERS & set(source):
+        return InputKind.GLOB
+    if is_remote(source) and not looks_like_image(source):
+        return InputKind.FOLDER
+    return InputKind.IMAGE  # a local path that does not exist: the read step reports it
+
+
+def is_list_file(path: str) -> bool:
+    return path.lower().endswith(LIST_EXTENSIONS)
 
 
 def looks_like_image(path: str) -> bool:
@@ -156,33 +175,35 @@ class _FindPaths(beam.PTransform):
         self.source = source
 
     def expand(self, pbegin: PBegin) -> tuple[PCollection[str], PCollection[ErrorRecord]]:
-        pattern, is_list = source_pattern(self.source)
-        if is_list:
+        source, kind = self.source, input_kind(self.source)
+        if kind == InputKind.LIST:
             found = (
                 pbegin
-                | "ListFile" >> beam.Create([pattern])
+                | "ListFile" >> beam.Create([source])
                 | "ReadList" >> beam.FlatMap(read_list).with_outputs(ERRORS, main=PATHS)
             )
             return found[PATHS], found[ERRORS]
-        images_only = pattern != self.source  # a folder: only what looks like an image
-        if is_remote(pattern):
+        if kind == InputKind.IMAGE:
+            listed = pbegin | "Image" >> beam.Create([source])
+        elif not is_remote(source):  # listed here: Beam's local listing drops broken links
+            list_files = walk_files if kind == InputKind.FOLDER else list_local
+            listed = pbegin | "Source" >> beam.Create([source]) | "List" >> beam.FlatMap(list_files)
+        else:
+            pattern = join(source.rstrip("/"), "**") if kind == InputKind.FOLDER else source
             listed = (
                 pbegin
                 | "Patterns" >> beam.Create(pattern_variants(pattern))
                 | "Match" >> MatchAll(EmptyMatchTreatment.ALLOW)
-                | "Listed" >> beam.Map(lambda metadata: metadata.path)
+                | "Paths" >> beam.Map(lambda metadata: metadata.path)
             )
-        else:  # listed here: Beam's local listing drops broken links and link loops
-            listed = (
-                pbegin | "Pattern" >> beam.Create([pattern]) | "Listed" >> beam.FlatMap(list_local)
-            )
-        found = listed | "Paths" >> beam.FlatMap(_listed, images_only=images_only).with_outputs(
-            ERRORS, main=PATHS
-        )
+        found = listed | "Check" >> beam.FlatMap(
+            _listed, images_only=kind == InputKind.FOLDER
+        ).with_outputs(ERRORS, main=PATHS)
         return found[PATHS], found[ERRORS]
 
 
 def _listed(path: str, images_only: bool) -> Iterator[str | TaggedOutput]:
+    """Of a folder, only what looks like an image; of a glob, all it matches."""
     if not images_only or looks_like_image(path):
         yield from checked_path(path)
 
