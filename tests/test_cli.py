@@ -168,6 +168,32 @@ def test_an_input_file_that_is_neither_a_list_nor_an_image_is_a_usage_error(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    ("make_input", "message"),
+    [
+        (lambda d: d / "empty", "no images found in '{}': no file in it looks like an image"),
+        (lambda d: d / "notes", "no images found in '{}': no file in it looks like an image"),
+        (lambda d: d / "notes" / "*.jpg", "no images found: no file matches '{}'"),
+        (lambda d: d / "empty.txt", "no images found in '{}': it lists no path"),
+        (lambda d: d / "comments.txt", "no images found in '{}': it lists no path"),
+    ],
+    ids=["empty folder", "folder without images", "glob", "empty list", "list of comments"],
+)
+def test_no_images_found_is_a_usage_error_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture, make_input: object, message: str
+) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.md").write_text("no images here")
+    (tmp_path / "notes" / "deeper").mkdir()
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "comments.txt").write_bytes(b"\xef\xbb\xbf# nothing yet\r\n\r\n   \r\n")
+    source = str(make_input(tmp_path))
+    assert main(["run", "--input", source, "--output", str(tmp_path / "out")]) == 2
+    assert f"captionflow: error: --input: {message.format(source)}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_input_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["run", "--input", str(tmp_path / "nope"), "--output", str(tmp_path)]) == 2
     assert "--input: " in capsys.readouterr().err

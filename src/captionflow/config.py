@@ -11,9 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from captionflow.handlers.decoding import DecodingOptions
 from captionflow.handlers.registry import CAPTIONERS, RANKERS
 from captionflow.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
-from captionflow.listing import list_local
+from captionflow.listing import list_local, walk_files
 from captionflow.paths import absolute, dirname, is_remote
-from captionflow.transforms.read import InputKind, input_kind, looks_like_image
+from captionflow.transforms.read import InputKind, input_kind, list_entries, looks_like_image
 from captionflow.transforms.write import METADATA_FILE
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
@@ -31,12 +31,13 @@ def _check_model_reference(reference: str, registered: dict[str, object], role: 
 
 
 def _check_local_input(value: str) -> None:
-    """The input is what `ReadImagePaths` reads, and it can be read."""
+    """The input is what `ReadImagePaths` reads, it can be read, and it names at least one
+    input (each check stops at the first one found): a job with nothing to do is a mistake."""
     path = absolute(value)
     kind = input_kind(path)
     if kind == InputKind.GLOB:
         if next(list_local(path), None) is None:
-            raise ValueError(f"no file matches {value!r}")
+            raise ValueError(f"no images found: no file matches {value!r}")
         return
     if not os.path.exists(path):
         raise ValueError(f"{value!r} does not exist")
@@ -47,6 +48,12 @@ def _check_local_input(value: str) -> None:
             f"{value!r} is not a list file (.txt or .lst, one path a line), an image, "
             "a folder or a glob"
         )
+    if kind == InputKind.FOLDER and not any(map(looks_like_image, walk_files(path))):
+        raise ValueError(f"no images found in {value!r}: no file in it looks like an image")
+    if kind == InputKind.LIST:
+        with open(path, "rb") as file:
+            if next(list_entries(file), None) is None:
+                raise ValueError(f"no images found in {value!r}: it lists no path")
 
 
 class RunConfig(BaseModel):

@@ -11,7 +11,7 @@ import logging
 import os
 from collections.abc import Iterable, Iterator
 from enum import Enum
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 import apache_beam as beam
 from apache_beam.io.fileio import EmptyMatchTreatment, MatchAll
@@ -20,7 +20,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.pvalue import PBegin, PCollection, TaggedOutput
 
 from captionflow.images import IMAGE_EXTENSIONS
-from captionflow.listfile import list_lines
+from captionflow.listfile import ListLine, list_lines
 from captionflow.listing import link_problem, list_local, pattern_variants, walk_files
 from captionflow.paths import absolute, dirname, is_remote, join, normalise
 from captionflow.records import ErrorRecord
@@ -76,15 +76,21 @@ def looks_like_image(path: str) -> bool:
     return extension in IMAGE_EXTENSIONS or extension in OTHER_IMAGE_EXTENSIONS
 
 
+def list_entries(file: BinaryIO) -> Iterator[tuple[ListLine, str]]:
+    """`(line, entry)` for each line that names an input: blank lines and `#` comments are
+    skipped, the entry is the line without surrounding spaces."""
+    for line in list_lines(file):
+        entry = line.text.strip(LINE_SPACE)
+        if entry and not entry.startswith("#"):
+            yield line, entry
+
+
 def read_list(path: str) -> Iterator[str | TaggedOutput]:
-    """A list file's paths, one a line; blank lines and `#` comments skipped; relative paths
-    are relative to the list's folder. A line that cannot be decoded is an error record."""
+    """A list file's paths, one a line; relative paths are relative to the list's folder. A
+    line that cannot be decoded is an error record."""
     base = dirname(path)
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as file:
-        for line in list_lines(file):
-            entry = line.text.strip(LINE_SPACE)
-            if not entry or entry.startswith("#"):
-                continue
+        for line, entry in list_entries(file):
             uri = entry if is_remote(entry) else absolute(join(base, entry))
             if line.valid:
                 yield uri
