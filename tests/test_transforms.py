@@ -5,6 +5,7 @@ from __future__ import annotations
 import codecs
 import io
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -138,6 +139,25 @@ def test_every_file_in_a_folder_that_looks_like_an_image_gets_a_path_or_an_error
         as_pairs = failed | beam.Map(lambda e: (e.image_uri, e.error_type, e.stage))
         expected = [(uri, kind, "read") for uri, kind in errors.items()]
         assert_that(as_pairs, equal_to(expected), label="errors")
+
+    run_pipeline(build)
+
+
+def test_names_that_are_not_utf8_are_error_records_in_folders_and_globs(tmp_path: Path) -> None:
+    (good,) = write_images(tmp_path, 1)
+    os.makedirs(os.fsencode(tmp_path) + b"/d\xe9")
+    for name in [b"/caf\xe9.jpg", b"/d\xe9/x.jpg"]:
+        with open(os.fsencode(tmp_path) + name, "wb") as file:
+            file.write(good.read_bytes())
+    bad = [f"{tmp_path}/caf\\xe9.jpg", f"{tmp_path}/d\\xe9/x.jpg"]
+
+    def build(p: beam.Pipeline) -> None:
+        for label, source in [("folder", tmp_path), ("glob", tmp_path / "**" / "*.jpg")]:
+            found, failed = p | label >> ReadImagePaths(str(source)).with_errors()
+            assert_that(found, equal_to([str(good)]), label=f"{label} paths")
+            uris = failed | f"{label} uris" >> beam.Map(lambda e: (e.image_uri, e.error_type))
+            expected = [(uri, "UndecodablePath") for uri in bad]
+            assert_that(uris, equal_to(expected), label=f"{label} errors")
 
     run_pipeline(build)
 

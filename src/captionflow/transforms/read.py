@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from enum import Enum
 from typing import BinaryIO, NamedTuple
 
@@ -138,9 +138,9 @@ class ReadImagePaths(beam.PTransform):
     (searched recursively for image files). `limit` keeps the first N paths in sorted order, a
     reproducible sample for trial runs.
 
-    Inputs that cannot even be named as a path (a list line or file name that is not text, a
-    symbolic link to no file) are
-    `ErrorRecord`s (stage `read`): `ReadImagePaths(...).with_errors()` returns
+    Inputs that fail before any image is read (a list line or file name that is not text, a
+    symbolic link to no file) are `ErrorRecord`s (stage `read`), one per input and sampled by
+    `limit` like the paths: `ReadImagePaths(...).with_errors()` returns
     `ReadOutputs(paths, errors)` to route them to `errors.jsonl`; without it they are logged.
     """
 
@@ -189,26 +189,35 @@ class _FindPaths(beam.PTransform):
                 | "ReadList" >> beam.FlatMap(read_list).with_outputs(ERRORS, main=PATHS)
             )
             return found[PATHS], found[ERRORS]
+        # Listed and checked in one step: a name that is not UTF-8 cannot cross to another.
+        images_only = kind == InputKind.FOLDER
         if kind == InputKind.IMAGE:
             listed = pbegin | "Image" >> beam.Create([source])
+            check = beam.FlatMap(checked_path)
         elif not is_remote(source):  # listed here: Beam's local listing drops broken links
-            list_files = walk_files if kind == InputKind.FOLDER else list_local
-            listed = pbegin | "Source" >> beam.Create([source]) | "List" >> beam.FlatMap(list_files)
+            listed = pbegin | "Source" >> beam.Create([source])
+            list_files = walk_files if images_only else list_local
+            check = beam.FlatMap(_list_checked, list_files, images_only)
         else:
-            pattern = join(source.rstrip("/"), "**") if kind == InputKind.FOLDER else source
+            pattern = join(source.rstrip("/"), "**") if images_only else source
             listed = (
                 pbegin
                 | "Patterns" >> beam.Create(pattern_variants(pattern))
                 | "Match" >> MatchAll(EmptyMatchTreatment.ALLOW)
-                | "Paths" >> beam.Map(lambda metadata: metadata.path)
             )
-        found = listed | "Check" >> beam.FlatMap(
-            _listed, images_only=kind == InputKind.FOLDER
-        ).with_outputs(ERRORS, main=PATHS)
+            check = beam.FlatMap(lambda file: _checked(file.path, images_only))
+        found = listed | "List" >> check.with_outputs(ERRORS, main=PATHS)
         return found[PATHS], found[ERRORS]
 
 
-def _listed(path: str, images_only: bool) -> Iterator[str | TaggedOutput]:
+def _list_checked(
+    source: str, list_files: Callable[[str], Iterable[str]], images_only: bool
+) -> Iterator[str | TaggedOutput]:
+    for path in list_files(source):
+        yield from _checked(path, images_only)
+
+
+def _checked(path: str, images_only: bool) -> Iterator[str | TaggedOutput]:
     """Of a folder, only what looks like an image; of a glob, all it matches."""
     if not images_only or looks_like_image(path):
         yield from checked_path(path)
