@@ -194,6 +194,17 @@ def test_no_images_found_is_a_usage_error_before_any_work(
     assert not (tmp_path / "out").exists()
 
 
+def test_an_input_path_that_is_not_utf8_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    folder = os.fsencode(tmp_path) + b"/caf\xe9"
+    os.makedirs(folder)
+    assert main(["run", "--input", os.fsdecode(folder), "--output", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert f"captionflow: error: --input: '{tmp_path}/caf\\xe9' is not valid UTF-8" in error
+    assert "convmv" in error
+
+
 def test_missing_input_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["run", "--input", str(tmp_path / "nope"), "--output", str(tmp_path)]) == 2
     assert "--input: " in capsys.readouterr().err

@@ -97,6 +97,20 @@ class RunConfig(BaseModel):
             raise ValueError(f"{value!r} is not a device: use auto, cpu, cuda or cuda:N")
         return value
 
+    @field_validator("input", mode="before")
+    @classmethod
+    def _input_is_text(cls, value: object) -> object:
+        """A name that is not UTF-8 reaches Python with lone surrogates: say so plainly."""
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                printable = os.fsencode(value).decode("utf-8", "backslashreplace")
+                raise ValueError(
+                    f"'{printable}' is not valid UTF-8: rename it, e.g. with convmv"
+                ) from None
+        return value
+
     @field_validator("input")
     @classmethod
     def _input_exists(cls, value: str) -> str:
