@@ -6,9 +6,11 @@ import io
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import apache_beam as beam
@@ -22,7 +24,13 @@ from captionflow import CaptionImages
 from captionflow.cli import main
 from captionflow.handlers import BlipCaptioner, BlipCaptionHandler, ClipRankHandler
 from tests.conftest import random_image, write_images
-from tests.killer import MARKER_ENV, TRIGGER_SIZE
+from tests.killer import (
+    MARKER_ENV,
+    STALL_AFTER_ENV,
+    STALL_GLOB_ENV,
+    STALLED_MARKER_ENV,
+    TRIGGER_SIZE,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -192,11 +200,10 @@ def kill_inputs(tmp_path: Path) -> Path:
     return folder
 
 
-def deterministic(tiny_models: tuple[str, str], killer: bool) -> list[str]:
-    blip = f"{'killer' if killer else 'blip'}:{tiny_models[0]}"
+def deterministic(tiny_models: tuple[str, str], captioner: str = "blip") -> list[str]:
     return [
         "--captioner",
-        blip,
+        f"{captioner}:{tiny_models[0]}",
         "--ranker",
         f"clip:{tiny_models[1]}",
         "--decoding",
@@ -223,9 +230,7 @@ def test_a_killed_worker_process_is_recovered_without_loss_or_duplicates(
     out = tmp_path / "out"
     argv = ["run", "--input", str(kill_inputs), "--output", str(out)]
     beam_flags = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
-    done = run_cli(
-        [*argv, *deterministic(tiny_models, killer=True), *beam_flags], tmp_path / "killed"
-    )
+    done = run_cli([*argv, *deterministic(tiny_models, "killer"), *beam_flags], tmp_path / "killed")
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "killed").exists(), "the worker was never killed"
     assert "attempt 1 of 3 failed" in done.stderr
@@ -236,28 +241,87 @@ def test_a_killed_worker_process_is_recovered_without_loss_or_duplicates(
     assert read_jsonl(out / "errors.jsonl") == []
 
 
-def test_an_interrupted_run_resumed_equals_an_uninterrupted_run(
-    kill_inputs: Path, tmp_path: Path, tiny_models: tuple[str, str]
-) -> None:
-    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    argv = ["run", "--input", str(kill_inputs), "--attempts", "1"]
-    first = run_cli(
-        [*argv, "--output", str(resumed), *deterministic(tiny_models, killer=True)],
-        tmp_path / "killed",
+def start_cli(argv: list[str], **env: str) -> subprocess.Popen:
+    """The CLI in its own process group (so a test can kill it and its workers at once)."""
+    code = (
+        "import sys, tests.killer; from captionflow.cli import main; sys.exit(main(sys.argv[1:]))"
     )
-    assert first.returncode == -9, first.stderr[-3000:]
-    assert not (resumed / "metadata.jsonl").exists()
-    checkpointed = list((resumed / ".metadata.jsonl.parts").glob("part-*.jsonl"))
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *argv],
+        cwd=REPO,
+        env=os.environ | env | {"PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
-    second = run_cli(
-        [*argv, "--output", str(resumed), "--resume", *deterministic(tiny_models, killer=True)],
-        tmp_path / "killed",
-    )
-    assert second.returncode == 0, second.stderr[-3000:]
-    uninterrupted = run_cli(
-        [*argv, "--output", str(whole), *deterministic(tiny_models, killer=False)],
-        tmp_path / "killed",
-    )
+
+def wait_for(condition: Callable[[], bool], process: subprocess.Popen, what: str) -> None:
+    """Poll until `condition` holds; fail at once if the process ends first."""
+    deadline = time.monotonic() + 240
+    while not condition():
+        if process.poll() is not None:
+            pytest.fail(
+                f"the job ended ({process.returncode}) before {what}: "
+                f"{process.stdout.read()[-3000:]}"
+            )
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def stalled_run(argv: list[str], parts: Path, after: int) -> subprocess.Popen:
+    """A job caught while captioning, once `after` checkpoints exist in `parts`: its captioner
+    hangs from then on, until the test stops the job."""
+    marker = parts.parent / f"stalled-{after}"
+    env = {
+        STALL_GLOB_ENV: str(parts / "part-*.jsonl"),
+        STALL_AFTER_ENV: str(after),
+        STALLED_MARKER_ENV: str(marker),
+    }
+    process = start_cli(argv, **env)
+    wait_for(marker.exists, process, f"{after} checkpoints were written while captioning")
+    return process
+
+
+def checkpointed_images(parts: Path) -> set[str]:
+    return {
+        json.loads(line)["image_uri"]
+        for part in parts.glob("part-*.jsonl")
+        for line in part.read_text(encoding="utf-8").splitlines()
+    }
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_killed_job_keeps_its_checkpoints_and_resume_captions_only_the_rest(
+    tmp_path: Path, tiny_models: tuple[str, str], workers: int
+) -> None:
+    write_images(tmp_path / "images", 12)
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    argv = ["run", "--input", str(tmp_path / "images"), "--attempts", "1"]
+    if workers > 1:
+        argv += ["--direct_running_mode=multi_processing", f"--direct_num_workers={workers}"]
+    parts = resumed / ".metadata.jsonl.parts"
+    stall = [*argv, "--output", str(resumed), *deterministic(tiny_models, captioner="stall")]
+    job = stalled_run(stall, parts, after=3)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    first = checkpointed_images(parts)
+    assert len(first) >= 3 and not (resumed / "metadata.jsonl").exists()
+
+    # Killed again while resuming: the resumed run checkpoints as it goes too.
+    job = stalled_run([*stall, "--resume"], parts, after=len(first) + 2)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    checkpointed = checkpointed_images(parts)
+    assert len(checkpointed) >= len(first) + 2 and first < checkpointed
+
+    blip = deterministic(tiny_models, captioner="blip")
+    last = run_cli([*argv, "--output", str(resumed), "--resume", *blip], tmp_path / "m")
+    assert last.returncode == 0, last.stderr[-3000:]
+    uninterrupted = run_cli([*argv, "--output", str(whole), *blip], tmp_path / "m")
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
 
     assert comparable(read_jsonl(resumed / "metadata.jsonl")) == comparable(
@@ -265,5 +329,5 @@ def test_an_interrupted_run_resumed_equals_an_uninterrupted_run(
     )
     summary = json.loads((resumed / "summary.json").read_text())
     assert summary["kept_from_earlier_run"] == len(checkpointed)
-    assert summary["captioned"] == 8 - len(checkpointed)
-    assert not (resumed / ".metadata.jsonl.parts").exists()
+    assert summary["captioned"] == 12 - len(checkpointed)
+    assert not parts.exists()

@@ -14,8 +14,9 @@ from pydantic import ValidationError
 
 from captionflow import __version__
 from captionflow.config import RunConfig
+from captionflow.fatal import fatal_message
 from captionflow.handlers.decoding import DecodingOptions
-from captionflow.handlers.loading import ModelLoadError, check_available
+from captionflow.handlers.loading import check_available
 from captionflow.handlers.registry import CAPTIONERS, RANKERS, parse_reference
 from captionflow.pipelines import build_caption_pipeline
 
@@ -219,11 +220,6 @@ def check_models(config: RunConfig) -> None:
         raise UsageError("\n".join(problems))
 
 
-def _is_load_failure(error: BaseException) -> bool:
-    """In process Beam re-raises our type; from worker processes only its name survives."""
-    return isinstance(error, ModelLoadError) or ModelLoadError.__name__ in str(error)
-
-
 def prepare(argv: Sequence[str]) -> tuple[RunConfig, PipelineOptions]:
     """Parse and validate everything, before any work: the job's settings and Beam's options."""
     args, beam_args = build_parser().parse_known_args(argv)
@@ -260,7 +256,9 @@ def run(argv: Sequence[str]) -> None:
                 )
             break
         except Exception as error:
-            if attempt == config.attempts or _is_load_failure(error):
+            if message := fatal_message(error):
+                raise UsageError(message) from None
+            if attempt == config.attempts:
                 raise
             logger.warning(
                 "attempt %d of %d failed (%s: %s); resuming from what it wrote",

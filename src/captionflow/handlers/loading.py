@@ -14,6 +14,7 @@ import transformers
 from apache_beam.io.filesystems import FileSystems
 from packaging.version import Version
 
+from captionflow.fatal import FatalError
 from captionflow.handlers.torch_setup import resolve_device, resolve_dtype
 from captionflow.paths import is_remote
 
@@ -47,7 +48,7 @@ def localize(path: str) -> str:
     return target
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(FatalError):
     """A model that cannot be loaded: the job stops at once rather than failing every image."""
 
 
