@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -331,3 +332,35 @@ def test_a_killed_job_keeps_its_checkpoints_and_resume_captions_only_the_rest(
     assert summary["kept_from_earlier_run"] == len(checkpointed)
     assert summary["captioned"] == 12 - len(checkpointed)
     assert not parts.exists()
+
+
+@pytest.mark.parametrize(
+    ("signum", "code", "workers"),
+    [(signal.SIGINT, 130, 1), (signal.SIGTERM, 143, 1), (signal.SIGINT, 130, 2)],
+)
+def test_a_stop_signal_stops_the_job_at_once_and_keeps_its_checkpoints(
+    tmp_path: Path, tiny_models: tuple[str, str], signum: int, code: int, workers: int
+) -> None:
+    write_images(tmp_path / "images", 6)
+    out = tmp_path / "out"
+    argv = ["run", "--input", str(tmp_path / "images"), "--output", str(out)]
+    if workers > 1:
+        argv += ["--direct_running_mode=multi_processing", f"--direct_num_workers={workers}"]
+    parts = out / ".metadata.jsonl.parts"
+    job = stalled_run([*argv, *deterministic(tiny_models, "stall")], parts, after=2)
+    try:
+        job.send_signal(signum)
+        assert job.wait(timeout=60) == code
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)  # stalled worker processes, if any
+    log = job.stdout.read()
+    assert f"stopped by {signal.Signals(signum).name}" in log
+    assert "attempt 1 of 3 failed" not in log
+    kept = checkpointed_images(parts)
+    assert len(kept) >= 2 and not (out / ".captionflow.lock").exists()
+
+    resumed = run_cli([*argv, "--resume", *deterministic(tiny_models)], tmp_path / "m")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["kept_from_earlier_run"] == len(kept)
+    assert len(read_jsonl(out / "metadata.jsonl")) == 6
