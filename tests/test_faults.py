@@ -162,19 +162,57 @@ def test_a_model_failing_on_one_image_fails_only_that_image(
         )
 
 
-def test_a_model_that_cannot_load_stops_the_job_at_once(
-    image_dir: Path, tmp_path: Path, tiny_clip: str, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("problem", ["empty folder", "wrong kind"])
+def test_a_model_that_cannot_load_stops_the_job_at_once_in_one_line(
+    image_dir: Path,
+    tmp_path: Path,
+    tiny_clip: str,
+    problem: str,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture,
 ) -> None:
-    not_a_model = tmp_path / "empty-model"
-    not_a_model.mkdir()
+    not_a_blip = tmp_path / "empty-model" if problem == "empty folder" else Path(tiny_clip)
+    not_a_blip.mkdir(exist_ok=True)
     argv = ["run", "--input", str(image_dir), "--output", str(tmp_path / "out")]
-    with (
-        caplog.at_level(logging.WARNING),
-        pytest.raises(Exception, match="must hold a model saved"),
-    ):
-        main([*argv, "--captioner", f"blip:{not_a_model}", "--ranker", f"clip:{tiny_clip}"])
+    with caplog.at_level(logging.WARNING):
+        code = main([*argv, "--captioner", f"blip:{not_a_blip}", "--ranker", f"clip:{tiny_clip}"])
+    assert code == 2
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("captionflow: error")]
+    assert "Traceback" not in err
+    assert line.startswith(f"captionflow: error: could not load the blip model '{not_a_blip}'")
+    expected = "must hold a model saved" if problem == "empty folder" else "holds a 'clip' model"
+    assert expected in line
     assert "attempt 1 of 3 failed" not in caplog.text
     assert not (tmp_path / "out" / "errors.jsonl").exists()
+
+
+def test_a_run_where_every_image_failed_exits_3(
+    tmp_path: Path, tiny_models: tuple[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "in").mkdir()
+    for name in ("a.jpg", "b.png"):
+        (tmp_path / "in" / name).write_text("not a picture")
+    argv = ["run", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")]
+    with caplog.at_level(logging.WARNING):
+        assert main([*argv, *models(tiny_models)]) == 3
+    assert "no image was captioned (2 images, 2 failed" in caplog.text
+    assert len(read_jsonl(tmp_path / "out" / "errors.jsonl")) == 2
+
+
+def test_a_failure_rate_above_the_threshold_warns(
+    tmp_path: Path, tiny_models: tuple[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    write_images(tmp_path / "in", 3)
+    (tmp_path / "in" / "bad.jpg").write_text("not a picture")
+    argv = ["run", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")]
+    with caplog.at_level(logging.WARNING):
+        assert main([*argv, "--max-failure-rate", "0.2", *models(tiny_models)]) == 0
+    assert "1 of 4 images failed (25.0%, above --max-failure-rate 0.2)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert main([*argv, "--max-failure-rate", "0.3", *models(tiny_models)]) == 0
+    assert "images failed" not in caplog.text
 
 
 def run_cli(argv: list[str], marker: Path) -> subprocess.CompletedProcess:
@@ -364,3 +402,41 @@ def test_a_stop_signal_stops_the_job_at_once_and_keeps_its_checkpoints(
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((out / "summary.json").read_text())["kept_from_earlier_run"] == len(kept)
     assert len(read_jsonl(out / "metadata.jsonl")) == 6
+
+
+def test_a_second_run_into_the_same_output_is_refused_while_the_first_runs(
+    tmp_path: Path, tiny_models: tuple[str, str], capsys: pytest.CaptureFixture
+) -> None:
+    write_images(tmp_path / "images", 4)
+    out = tmp_path / "out"
+    argv = ["run", "--input", str(tmp_path / "images"), "--output", str(out)]
+    first = stalled_run(
+        [*argv, *deterministic(tiny_models, "stall")], out / ".metadata.jsonl.parts", 1
+    )
+    try:
+        assert main([*argv, "--resume", *deterministic(tiny_models)]) == 2
+        err = capsys.readouterr().err
+        assert f"captionflow: error: another run is writing into {out} (process {first.pid}" in err
+        assert first.poll() is None
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    # The holder is dead now: its lock is replaced at once, and its checkpoints kept.
+    assert main([*argv, "--resume", *deterministic(tiny_models)]) == 0
+    assert len(read_jsonl(out / "metadata.jsonl")) == 4
+    assert json.loads((out / "summary.json").read_text())["kept_from_earlier_run"] >= 1
+
+
+def test_checkpoints_of_an_interrupted_run_are_not_dropped_without_resume(
+    tmp_path: Path, tiny_models: tuple[str, str], capsys: pytest.CaptureFixture
+) -> None:
+    write_images(tmp_path / "images", 2)
+    parts = tmp_path / "out" / ".metadata.jsonl.parts"
+    parts.mkdir(parents=True)
+    (parts / "part-1.jsonl").write_text('{"image_uri": "/x.jpg", "text": "a cat"}\n')
+    argv = ["run", "--input", str(tmp_path / "images"), "--output", str(tmp_path / "out")]
+    assert main([*argv, *models(tiny_models)]) == 2
+    assert (
+        "holds 1 checkpoint file(s) of an interrupted run: pass --resume" in capsys.readouterr().err
+    )
+    assert (parts / "part-1.jsonl").exists()

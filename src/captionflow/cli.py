@@ -19,7 +19,7 @@ from pydantic_core import ErrorDetails
 
 from captionflow import __version__
 from captionflow.config import RunConfig
-from captionflow.fatal import FatalError, fatal_message
+from captionflow.fatal import FatalError, QuietFatalTracebacks, fatal_message
 from captionflow.handlers.decoding import DecodingOptions
 from captionflow.handlers.loading import check_available
 from captionflow.handlers.registry import CAPTIONERS, RANKERS, parse_reference
@@ -366,6 +366,8 @@ def run(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(QuietFatalTracebacks())
     logging.getLogger("apache_beam.typehints").setLevel(logging.WARNING)
     try:
         return run(sys.argv[1:] if argv is None else argv)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 
 
@@ -19,11 +20,27 @@ def fatal_message(error: BaseException) -> str | None:
     seen: BaseException | None = error
     while seen is not None:
         if isinstance(seen, FatalError):
-            return str(seen)
+            return _without_step(str(seen))
         seen = seen.__cause__ or seen.__context__
     names = "|".join(sorted(_names(FatalError)))
     found = re.search(rf"\b(?:{names}): (.+)", str(error))
-    return found.group(1).strip() if found else None
+    return _without_step(found.group(1)) if found else None
+
+
+class QuietFatalTracebacks(logging.Filter):
+    """Log a `FatalError` that Beam reports as one line, without its traceback: the message
+    says all there is to say, and the CLI repeats it last."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] and fatal_message(record.exc_info[1]):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def _without_step(message: str) -> str:
+    """Beam appends the step that failed (`[while running 'X']`) to the message."""
+    return re.sub(r"\s*\[while running '[^']*'\]", "", message).strip()
 
 
 def _names(cls: type) -> set[str]:
