@@ -13,7 +13,11 @@ from collections.abc import Sequence
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import (
+    PipelineOptions,
+    StandardOptions,
+    TestOptions,
+)
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
@@ -357,6 +361,10 @@ def run(argv: Sequence[str]) -> int:
         config.dtype,
         runner,
     )
+    if options.view_as(TestOptions).dry_run:  # builds the job, touches no output
+        with beam.Pipeline(options=options) as pipeline:
+            build_caption_pipeline(pipeline, config)
+        return 0
     with OutputLock(config.output_dir), StopSignals() as stop:
         check_no_orphaned_checkpoints(config)
         caption(config, options, stop)
