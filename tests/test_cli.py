@@ -89,6 +89,7 @@ def test_original_tool_flags_and_a_jsonl_output_path_still_work(
         (["--decoding", "beam", "--top-p", "0.5"], "top_p cannot be used with beam decoding"),
         (["--num-beams", "4"], "num_beams cannot be used with sample decoding"),
         (["--max-side", "8"], "--max-side: Input should be greater than or equal to 32"),
+        (["--max-bytes", "0"], "--max-bytes: Input should be greater than or equal to 1"),
     ],
 )
 def test_bad_options_stop_before_any_work_with_one_clear_line(

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import apache_beam as beam
@@ -18,7 +20,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
-from captionflow import CaptionImages
+from captionflow import CaptionImages, LoadImages
 from captionflow.cli import main
 from captionflow.handlers import BlipCaptioner, BlipCaptionHandler, ClipRankHandler
 from tests.conftest import random_image, write_images
@@ -67,6 +69,7 @@ def make_zoo(folder: Path) -> tuple[list[str], dict[str, str]]:
         ),
         "bomb.png": ("decode", lambda p: Image.new("1", (3000, 3000)).save(p)),
         "folder.jpg": ("read", lambda p: p.mkdir()),
+        "huge.png": ("read", lambda p: random_image(600, 400, seed=3).save(p)),  # > --max-bytes
     }
     for name, make in good.items():
         make(folder / name)
@@ -96,11 +99,12 @@ def test_zoo_of_broken_and_unusual_images_is_fully_accounted_for(
     listing.write_text("\n".join(lines) + "\n", encoding="utf-8")
     out = tmp_path / "out"
     argv = ["run", "--input", str(listing), "--output", str(out), "--max-pixels", "4000000"]
+    argv += ["--max-bytes", "300000"]
     assert main([*argv, "--caption-batch-size", "4", *models(tiny_models)]) == 0
 
     rows, errors = read_jsonl(out / "metadata.jsonl"), read_jsonl(out / "errors.jsonl")
     distinct_inputs = {line for line in lines if line and not line.startswith("#")}
-    assert len(rows) + len(errors) == len(distinct_inputs) == 17
+    assert len(rows) + len(errors) == len(distinct_inputs) == 18
     assert {Path(r["image_uri"]).name for r in rows} == {
         Path(p).name for p in distinct_inputs
     } - set(expected_errors)
@@ -110,6 +114,8 @@ def test_zoo_of_broken_and_unusual_images_is_fully_accounted_for(
         assert error["error_type"] and error["message"] and " at 0x" not in error["message"]
     bomb = next(e for e in errors if e["image_uri"].endswith("bomb.png"))
     assert "9000000 pixels exceeds the limit of 4000000" in bomb["message"]
+    huge = next(e for e in errors if e["image_uri"].endswith("huge.png"))
+    assert huge["message"].endswith("bytes exceeds --max-bytes 300000")
     assert not (tmp_path / "pwned").exists()
     assert sorted(p.name for p in out.iterdir()) == [
         "errors.jsonl",
@@ -118,10 +124,113 @@ def test_zoo_of_broken_and_unusual_images_is_fully_accounted_for(
     ]
 
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["images"] == 17 and summary["captioned"] == 11 and summary["failed"] == 6
-    assert summary["errors_by_stage"] == {"decode": 4, "read": 2}
+    assert summary["images"] == 18 and summary["captioned"] == 11 and summary["failed"] == 7
+    assert summary["errors_by_stage"] == {"decode": 4, "read": 3}
     assert summary["errors_by_type"]["ImageTooLargeError"] == 1
     assert summary["versions"]["apache-beam"] and summary["settings"]["max_pixels"] == 4000000
+    assert summary["settings"]["max_bytes"] == 300000
+
+
+def run_within(seconds: float, build: Callable[[beam.Pipeline], object], fifo: Path) -> None:
+    """Run a pipeline in a thread and fail, rather than hang the test run, if it outlives
+    `seconds`: a reader stuck opening `fifo` is released by opening its other end."""
+    failures: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            with TestPipeline(runner="FnApiRunner") as pipeline:
+                build(pipeline)
+        except BaseException as error:
+            failures.append(error)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    stuck = thread.is_alive()
+    if stuck:
+        with contextlib.suppress(OSError):  # no reader yet: nothing to release
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(60)
+    assert not stuck, f"the pipeline was still running after {seconds} s: stuck on {fifo.name}?"
+    if failures:
+        raise failures[0]
+
+
+def load_outcomes(loaded: beam.pvalue.DoOutputsTuple) -> tuple[object, object]:
+    """`(names decoded, (name, stage, error type, message) of each error)` of a `LoadImages`."""
+    names = loaded.images | "Names" >> beam.Map(lambda kv: Path(kv[0]).name)
+    errors = loaded.errors | "Errors" >> beam.Map(
+        lambda e: (Path(e.image_uri).name, e.stage, e.error_type, e.message)
+    )
+    return names, errors
+
+
+def test_a_fifo_or_folder_named_like_an_image_is_a_read_error_not_a_hang(tmp_path: Path) -> None:
+    random_image(32, 32).save(tmp_path / "ok.png")
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    (tmp_path / "folder.jpg").mkdir()
+    uris = [str(tmp_path / name) for name in ("ok.png", "pipe.jpg", "folder.jpg")]
+
+    def build(p: beam.Pipeline) -> None:
+        names, errors = load_outcomes(p | beam.Create(uris) | LoadImages())
+        assert_that(names, equal_to(["ok.png"]), label="images")
+        expected = [
+            ("pipe.jpg", "read", "NotRegularFileError", "not a regular file (a FIFO)"),
+            ("folder.jpg", "read", "NotRegularFileError", "not a regular file (a directory)"),
+        ]
+        assert_that(errors, equal_to(expected), label="errors")
+
+    run_within(60, build, fifo)
+
+
+def test_files_larger_than_max_bytes_are_read_errors(tmp_path: Path) -> None:
+    random_image(16, 16).save(tmp_path / "small.png")
+    random_image(400, 300).save(tmp_path / "big.jpg")
+    size = (tmp_path / "big.jpg").stat().st_size
+    assert (tmp_path / "small.png").stat().st_size < 5000 < size
+    uris = [str(tmp_path / "small.png"), str(tmp_path / "big.jpg")]
+
+    def build(p: beam.Pipeline) -> None:
+        names, errors = load_outcomes(p | beam.Create(uris) | LoadImages(max_bytes=5000))
+        assert_that(names, equal_to(["small.png"]), label="images")
+        message = f"{size} bytes exceeds --max-bytes 5000"
+        assert_that(
+            errors, equal_to([("big.jpg", "read", "FileTooLargeError", message)]), label="errors"
+        )
+
+    with TestPipeline(runner="FnApiRunner") as pipeline:
+        build(pipeline)
+
+
+def test_a_stream_is_never_read_past_max_bytes_plus_one() -> None:
+    from captionflow.files import FileTooLargeError, cap_file
+
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"x" * 3000)
+    os.close(write_end)
+    spare = os.dup(read_end)  # cap_file closes the stream it refuses; this end stays open
+    with (
+        open(read_end, "rb", buffering=0) as stream,  # a pipe: it cannot seek
+        pytest.raises(FileTooLargeError, match="more than 1000 bytes exceeds --max-bytes 1000"),
+    ):
+        cap_file(stream, 1000)
+    with open(spare, "rb") as rest:
+        assert len(rest.read()) == 3000 - 1001
+
+
+def test_a_file_that_grows_after_its_size_was_checked_is_still_capped(tmp_path: Path) -> None:
+    from captionflow.files import FileTooLargeError, cap_file
+
+    path = tmp_path / "growing.jpg"
+    path.write_bytes(b"x" * 500)
+    with cap_file(open(path, "rb"), 1000) as file:
+        assert file.read(100) == b"x" * 100
+        with open(path, "ab") as writer:
+            writer.write(b"y" * 5000)
+        with pytest.raises(FileTooLargeError, match="more than 1000 bytes"):
+            file.read()
+        assert file.tell() <= 1001
 
 
 class FailOnTinyImages(BlipCaptionHandler):

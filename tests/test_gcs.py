@@ -99,3 +99,16 @@ def test_models_load_from_a_gcs_folder(gcs: object, tiny_blip: str, tmp_path: Pa
     )
     (texts,) = captioner.caption([random_image(32, 32)])
     assert 1 <= len(texts) <= 2
+
+
+def test_gcs_objects_over_max_bytes_are_refused_from_their_size(gcs: object) -> None:
+    """Beam's GCS reader can seek: the size is known before any byte is read."""
+    from captionflow.files import FileTooLargeError, open_image_file
+    from captionflow.images import decode_image
+
+    upload_image(gcs, "sized/small.jpg", seed=0)
+    size = gcs.get_blob("sized/small.jpg").size
+    with pytest.raises(FileTooLargeError, match=f"^{size} bytes exceeds --max-bytes {size - 1}$"):
+        open_image_file(f"gs://{BUCKET}/sized/small.jpg", size - 1)
+    with open_image_file(f"gs://{BUCKET}/sized/small.jpg", size) as file:
+        assert decode_image(file).size == (48, 40)

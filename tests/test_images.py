@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -95,3 +96,12 @@ def test_truncated_jpeg_fails() -> None:
 def test_extreme_aspect_ratio_is_cropped_to_a_sane_strip() -> None:
     decoded = decode_image(encode(Image.new("RGB", (3, 3000), (5, 5, 5)), "PNG"), max_side=768)
     assert decoded.size == (3, 24)
+
+
+def test_a_bomb_is_refused_after_reading_only_its_header(tmp_path: Path) -> None:
+    path = tmp_path / "bomb.png"
+    Image.fromarray(np.random.default_rng(0).random((3000, 3000)) > 0.5).save(path)
+    with open(path, "rb") as file:
+        with pytest.raises(ImageTooLargeError, match="3000x3000 = 9000000 pixels"):
+            decode_image(file, max_pixels=1000)
+        assert file.tell() < 1000 < 100_000 < path.stat().st_size

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from typing import BinaryIO
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -11,6 +12,7 @@ IMAGE_EXTENSIONS = frozenset(
 )
 DEFAULT_MAX_SIDE = 768
 DEFAULT_MAX_PIXELS = 100_000_000
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # the largest file read, in bytes
 MAX_ASPECT_RATIO = 8  # beyond this, a resize-shortest-edge processor would allocate huge arrays
 
 
@@ -19,18 +21,26 @@ class ImageTooLargeError(ValueError):
 
 
 def decode_image(
-    data: bytes, *, max_side: int = DEFAULT_MAX_SIDE, max_pixels: int = DEFAULT_MAX_PIXELS
+    data: bytes | BinaryIO,
+    *,
+    max_side: int = DEFAULT_MAX_SIDE,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Image.Image:
-    """Bytes to an upright RGB image no larger than `max_side` on its longer side.
+    """Bytes, or a seekable binary file, to an upright RGB image no larger than `max_side` on its
+    longer side.
 
-    JPEGs are decoded at a reduced scale (draft mode) when they are much larger than needed,
-    which is several times faster than decoding full size and shrinking afterwards.
+    A file is read as Pillow needs it, so an image refused from its header (too many pixels)
+    costs only the header. JPEGs are decoded at a reduced scale (draft mode) when they are much
+    larger than needed, which is several times faster than decoding full size and shrinking
+    afterwards.
     """
+    file = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
     try:
-        opened = Image.open(io.BytesIO(data))
+        opened = Image.open(file)
     except UnidentifiedImageError:
-        kind = "an empty file" if not data else "not an image Pillow can read"
-        raise UnidentifiedImageError(f"{kind} ({len(data)} bytes)") from None
+        size = file.seek(0, io.SEEK_END)
+        kind = "an empty file" if not size else "not an image Pillow can read"
+        raise UnidentifiedImageError(f"{kind} ({size} bytes)") from None
     with opened:
         width, height = opened.size
         if width * height > max_pixels:
