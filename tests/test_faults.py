@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -231,6 +232,55 @@ def test_a_file_that_grows_after_its_size_was_checked_is_still_capped(tmp_path: 
         with pytest.raises(FileTooLargeError, match="more than 1000 bytes"):
             file.read()
         assert file.tell() <= 1001
+
+
+def png_file(path: Path, image: Image.Image) -> str:
+    image.save(path)
+    return str(path)
+
+
+def test_max_pixels_above_pillows_own_limit_lets_huge_images_through_without_warnings(
+    tmp_path: Path,
+) -> None:
+    """Pillow alone refuses over ~179 MP and warns, naming no file, over ~89 MP."""
+    uris = [
+        png_file(tmp_path / "200mp.png", Image.new("1", (20000, 10000))),
+        png_file(tmp_path / "100mp.png", Image.new("1", (10000, 10000))),
+    ]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with TestPipeline(runner="FnApiRunner") as p:
+            names, errors = load_outcomes(
+                p | beam.Create(uris) | LoadImages(max_pixels=300_000_000)
+            )
+            assert_that(names, equal_to(["200mp.png", "100mp.png"]), label="images")
+            assert_that(errors, equal_to([]), label="errors")
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+def test_images_over_max_pixels_are_refused_with_their_size_and_no_pillow_warning(
+    tmp_path: Path,
+) -> None:
+    uris = [  # over twice the limit (Pillow's error), and between once and twice (its warning)
+        png_file(tmp_path / "twice.png", Image.new("RGB", (300, 300))),
+        png_file(tmp_path / "once.png", Image.new("RGB", (40, 40))),
+        png_file(tmp_path / "fits.png", Image.new("RGB", (30, 30))),
+    ]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with TestPipeline(runner="FnApiRunner") as p:
+            names, errors = load_outcomes(p | beam.Create(uris) | LoadImages(max_pixels=1000))
+            assert_that(names, equal_to(["fits.png"]), label="images")
+            expected = [
+                ("twice.png", "decode", "ImageTooLargeError", "300x300 = 90000 pixels exceeds "),
+                ("once.png", "decode", "ImageTooLargeError", "40x40 = 1600 pixels exceeds "),
+            ]
+            assert_that(
+                errors | beam.Map(lambda e: (*e[:3], e[3].removesuffix("the limit of 1000"))),
+                equal_to(expected),
+                label="errors",
+            )
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
 
 
 class FailOnTinyImages(BlipCaptionHandler):

@@ -11,6 +11,8 @@ from PIL import Image, UnidentifiedImageError
 
 from captionflow.images import ImageTooLargeError, decode_image
 
+PILLOW_LIMIT = 1024 * 1024 * 1024 // 4 // 3  # Pillow's own MAX_IMAGE_PIXELS, as it ships
+
 
 def encode(image: Image.Image, fmt: str, **kwargs: object) -> bytes:
     buffer = io.BytesIO()
@@ -105,3 +107,26 @@ def test_a_bomb_is_refused_after_reading_only_its_header(tmp_path: Path) -> None
         with pytest.raises(ImageTooLargeError, match="3000x3000 = 9000000 pixels"):
             decode_image(file, max_pixels=1000)
         assert file.tell() < 1000 < 100_000 < path.stat().st_size
+
+
+def huge_png(width: int, height: int) -> bytes:
+    """Hundreds of megapixels in a few kilobytes: one bit a pixel, all zero."""
+    return encode(Image.new("1", (width, height)), "PNG")
+
+
+def test_max_pixels_above_pillows_own_limit_is_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", PILLOW_LIMIT)  # it refuses over twice that
+    decoded = decode_image(huge_png(20000, 10000), max_pixels=300_000_000)
+    assert decoded.size == (768, 384)
+
+
+def test_pillows_own_refusal_comes_out_as_ours_with_the_dimensions(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # as LoadImages sets it
+    with pytest.raises(
+        ImageTooLargeError, match=r"^300x300 = 90000 pixels exceeds the limit of 1000$"
+    ):
+        decode_image(encode(Image.new("RGB", (300, 300)), "PNG"), max_pixels=1000)
+    # Pillow's limit is process-wide; one left lower by another run does not refuse for us.
+    assert decode_image(encode(Image.new("RGB", (300, 300)), "PNG")).size == (300, 300)

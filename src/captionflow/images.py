@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import struct
+import warnings
 from typing import BinaryIO
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".jfif"}
@@ -18,6 +21,18 @@ MAX_ASPECT_RATIO = 8  # beyond this, a resize-shortest-edge processor would allo
 
 class ImageTooLargeError(ValueError):
     """The header announces more pixels than allowed: refused before any pixel is decoded."""
+
+
+def limit_pillow_pixels(max_pixels: int) -> None:
+    """Make Pillow's own, process-wide decompression-bomb limit ours.
+
+    Pillow refuses images of more than twice its limit (about 179 MP as it ships, whatever
+    `--max-pixels` says) and warns above it, naming no file. With its limit at ours, every image
+    it warns about is one that `decode_image` refuses with a record naming the file, so the
+    warning says nothing more and is silenced.
+    """
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def decode_image(
@@ -35,24 +50,49 @@ def decode_image(
     afterwards.
     """
     file = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
-    try:
-        opened = Image.open(file)
-    except UnidentifiedImageError:
-        size = file.seek(0, io.SEEK_END)
-        kind = "an empty file" if not size else "not an image Pillow can read"
-        raise UnidentifiedImageError(f"{kind} ({size} bytes)") from None
-    with opened:
+    with _open(file) as opened:
         width, height = opened.size
         if width * height > max_pixels:
             raise ImageTooLargeError(
                 f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}"
             )
-        opened.draft("RGB", (max_side, max_side))
-        image = ImageOps.exif_transpose(opened)
-        image = _to_rgb(image)
+        try:
+            opened.draft("RGB", (max_side, max_side))
+            image = ImageOps.exif_transpose(opened)
+            image = _to_rgb(image)
+        except Image.DecompressionBombError as error:  # a frame or tile larger than the image
+            raise ImageTooLargeError(str(error)) from None
     image = _crop_extreme_aspect(image)
     image.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
     return image
+
+
+def _open(file: BinaryIO) -> ImageFile.ImageFile:
+    """Identify the image from its header; the pixels are read later, and only if needed."""
+    try:
+        return Image.open(file)
+    except Image.DecompressionBombError:
+        # Pillow's limit (process-wide: maybe set for another run) is below this image's size;
+        # identify it without that limit and let our own check, which names its size, decide.
+        return _open_without_pillow_limit(file)
+    except UnidentifiedImageError:
+        size = file.seek(0, io.SEEK_END)
+        kind = "an empty file" if not size else "not an image Pillow can read"
+        raise UnidentifiedImageError(f"{kind} ({size} bytes)") from None
+
+
+def _open_without_pillow_limit(file: BinaryIO) -> ImageFile.ImageFile:
+    """What `Image.open` does, in its order of formats, minus its pixel check."""
+    file.seek(0)
+    prefix = file.read(16)
+    for name in Image.ID:
+        factory, accept = Image.OPEN[name]
+        accepted = accept(prefix) if accept else True
+        if accepted and not isinstance(accepted, str):  # a string: "accepted, but no codec"
+            file.seek(0)
+            with contextlib.suppress(SyntaxError, IndexError, TypeError, struct.error):
+                return factory(file, "")
+    raise UnidentifiedImageError("Pillow refused the image for its size, then could not open it")
 
 
 def _crop_extreme_aspect(image: Image.Image) -> Image.Image:

@@ -15,6 +15,7 @@ from captionflow.images import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MAX_SIDE,
     decode_image,
+    limit_pillow_pixels,
 )
 from captionflow.records import ErrorRecord
 from captionflow.transforms.errors import ERRORS, NAMESPACE, error_output
@@ -28,6 +29,9 @@ class _LoadImage(beam.DoFn):
         self.max_pixels = max_pixels
         self.max_bytes = max_bytes
         self.decoded = Metrics.counter(NAMESPACE, "images_decoded")
+
+    def setup(self) -> None:
+        limit_pillow_pixels(self.max_pixels)
 
     def process(self, uri: str) -> Iterator[tuple[str, Image.Image] | beam.pvalue.TaggedOutput]:
         try:
