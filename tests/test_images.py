@@ -130,3 +130,45 @@ def test_pillows_own_refusal_comes_out_as_ours_with_the_dimensions(
         decode_image(encode(Image.new("RGB", (300, 300)), "PNG"), max_pixels=1000)
     # Pillow's limit is process-wide; one left lower by another run does not refuse for us.
     assert decode_image(encode(Image.new("RGB", (300, 300)), "PNG")).size == (300, 300)
+
+
+def tiff(values: np.ndarray) -> bytes:
+    return encode(Image.fromarray(values), "TIFF")
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        np.linspace(0, 1, 64, dtype=np.float32),
+        np.linspace(0, 1000, 64, dtype=np.float32),
+        np.linspace(-5, 1_000_000, 64).astype(np.int32),
+    ],
+    ids=["float 0..1", "float 0..1000", "int32 up to 1e6"],
+)
+def test_float_and_32_bit_tiffs_keep_their_tones(values: np.ndarray) -> None:
+    gradient = np.tile(values, (16, 1))
+    assert Image.open(io.BytesIO(tiff(gradient))).mode in ("F", "I")
+    grey = np.asarray(decode_image(tiff(gradient)))[0, :, 0].astype(int)
+    assert grey.min() < 32 and grey.max() > 223  # neither solid black nor solid white
+    assert (np.diff(grey) >= 0).all() and len(set(grey)) > 32  # darker stays darker
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        (np.float32([0.0, 0.5, 1.0]), [0, 128, 255]),  # floats in [0, 1]: x255
+        (np.int32([0, 100, 255]), [0, 100, 255]),  # 32-bit data that fits 8 bits: as is
+        (np.int32([0, 32768, 65535]), [0, 128, 255]),  # fits 16 bits: /257
+        (np.float32([np.nan, 2.0, np.inf, 4.0]), [0, 0, 255, 255]),  # min-max of finite values
+    ],
+)
+def test_deep_values_map_to_eight_bits(values: np.ndarray, expected: list[int]) -> None:
+    decoded = decode_image(tiff(np.tile(values, (4, 1))))
+    assert [decoded.getpixel((x, 0)) for x in range(len(values))] == [(v, v, v) for v in expected]
+
+
+def test_an_image_with_no_finite_value_is_a_clear_error() -> None:
+    values = np.full((8, 8), np.nan, dtype=np.float32)
+    values[0, 0] = np.inf
+    with pytest.raises(ValueError, match="every pixel is NaN or infinite"):
+        decode_image(tiff(values))

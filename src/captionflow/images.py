@@ -8,6 +8,7 @@ import struct
 import warnings
 from typing import BinaryIO
 
+import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = frozenset(
@@ -109,9 +110,9 @@ def _crop_extreme_aspect(image: Image.Image) -> Image.Image:
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """Any mode to RGB: transparency flattened on white, 16-bit scaled rather than clipped."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        image = image.convert("I").point(lambda v: v / 256).convert("L")
+    """Any mode to RGB: transparency flattened on white, deep greys scaled rather than clipped."""
+    if image.mode.startswith("I") or image.mode == "F":
+        image = _to_8_bits(image)
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -119,3 +120,30 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def _to_8_bits(image: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit or float grey image as 8-bit grey, its tones kept (Pillow's own convert
+    clips them: a float or 32-bit TIFF would come out solid black or white).
+
+    16-bit modes, and 32-bit data within 0..65535, are divided by 257 (65535 -> 255); 32-bit data
+    within 0..255 is kept as is; floats within 0..1 are multiplied by 255; anything else is
+    stretched from its lowest to its highest finite value. NaN becomes black, infinities the ends.
+    """
+    values = np.asarray(image).astype(np.float32)
+    finite = values[np.isfinite(values)]
+    if not finite.size:
+        raise ValueError(f"every pixel is NaN or infinite (mode {image.mode}): nothing to show")
+    low, high = float(finite.min()), float(finite.max())
+    if image.mode.startswith("I;16"):
+        values /= 257
+    elif image.mode == "F" and low >= 0 and high <= 1:
+        values *= 255
+    elif image.mode != "F" and low >= 0 and high <= 255:
+        pass
+    elif image.mode != "F" and low >= 0 and high <= 65535:
+        values /= 257
+    else:
+        values = (values - low) * (255 / (high - low) if high > low else 0)
+    values = np.nan_to_num(values, nan=0, posinf=255, neginf=0)
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
