@@ -283,6 +283,37 @@ def test_images_over_max_pixels_are_refused_with_their_size_and_no_pillow_warnin
     assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
 
 
+def test_formats_we_do_not_decode_are_decode_errors_that_say_why(tmp_path: Path) -> None:
+    files = {
+        "drawing.eps": b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n",
+        "photo.heic": b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64),
+        "logo.svg": b'<svg xmlns="http://www.w3.org/2000/svg" width="9" height="9"/>',
+        "raw.nef": b"MM\x00*" + bytes(64),
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    uris = [str(tmp_path / name) for name in files]
+
+    def build(p: beam.Pipeline) -> None:
+        names, errors = load_outcomes(p | beam.Create(uris) | LoadImages())
+        assert_that(names, equal_to([]), label="images")
+        assert_that(
+            errors | beam.Map(lambda e: (e[0], e[1], e[2], e[3].split(" ")[0])),
+            equal_to(
+                [
+                    ("drawing.eps", "decode", "UnsupportedFormatError", "EPS/PostScript"),
+                    ("photo.heic", "decode", "UnsupportedFormatError", "HEIC/HEIF"),
+                    ("logo.svg", "decode", "UnsupportedFormatError", "SVG"),
+                    ("raw.nef", "decode", "UnsupportedFormatError", "raw"),
+                ]
+            ),
+            label="errors",
+        )
+
+    with TestPipeline(runner="FnApiRunner") as pipeline:
+        build(pipeline)
+
+
 class FailOnTinyImages(BlipCaptionHandler):
     """A BLIP handler whose model refuses any batch holding a 13x13 image."""
 

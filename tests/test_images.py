@@ -7,9 +7,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError, features
 
-from captionflow.images import ImageTooLargeError, decode_image
+from captionflow.images import (
+    ALLOWED_FORMATS,
+    IMAGE_EXTENSIONS,
+    UNSUPPORTED_IMAGE_EXTENSIONS,
+    ImageTooLargeError,
+    UnsupportedFormatError,
+    decode_image,
+    looks_like_image,
+)
 
 PILLOW_LIMIT = 1024 * 1024 * 1024 // 4 // 3  # Pillow's own MAX_IMAGE_PIXELS, as it ships
 
@@ -172,3 +180,80 @@ def test_an_image_with_no_finite_value_is_a_clear_error() -> None:
     values[0, 0] = np.inf
     with pytest.raises(ValueError, match="every pixel is NaN or infinite"):
         decode_image(tiff(values))
+
+
+EPS = (
+    b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n%%EndComments\n"
+    b"newpath 0 0 moveto 10 10 lineto stroke\nshowpage\n%%EOF\n"
+)
+
+
+def test_eps_is_refused_without_pillows_eps_plugin_ever_seeing_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from PIL import EpsImagePlugin
+
+    assert Image.open(io.BytesIO(EPS)).format == "EPS"  # Pillow alone opens it (then runs gs)
+
+    def tripwire(*args: object) -> None:
+        raise AssertionError("Pillow's EPS plugin was asked to open the file")
+
+    monkeypatch.setitem(Image.OPEN, "EPS", (tripwire, EpsImagePlugin._accept))
+    with pytest.raises(UnsupportedFormatError, match="EPS/PostScript is not supported"):
+        decode_image(EPS, name="drawing.eps")
+
+
+def test_allowed_formats_are_pillows_raster_formats_minus_the_refused() -> None:
+    Image.init()
+    assert {"JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP", "JPEG2000", "QOI"} <= set(ALLOWED_FORMATS)
+    assert not {"EPS", "WMF", "MPEG", "IPTC", "BUFR", "GRIB", "HDF5"} & set(ALLOWED_FORMATS)
+    assert set(ALLOWED_FORMATS) <= set(Image.OPEN)
+
+
+def test_image_extensions_are_those_pillow_opens_and_unsupported_ones_are_named() -> None:
+    old = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".jfif"}
+    assert old | {".jp2", ".qoi", ".tga", ".ico", ".apng", ".mpo"} <= IMAGE_EXTENSIONS
+    refused = {".eps", ".ps", ".wmf", ".emf", ".mpg", ".h5", ".iim", ".pdf", ".txt"}
+    assert not refused & IMAGE_EXTENSIONS
+    unsupported = {".heic", ".heif", ".svg", ".jxl", ".eps", ".ps", ".cr2", ".nef", ".dng", ".raf"}
+    assert unsupported <= UNSUPPORTED_IMAGE_EXTENSIONS
+    assert not IMAGE_EXTENSIONS & UNSUPPORTED_IMAGE_EXTENSIONS
+    assert (".avif" in IMAGE_EXTENSIONS) == features.check("avif")
+    assert (".psd" in UNSUPPORTED_IMAGE_EXTENSIONS) == ("PSD" not in ALLOWED_FORMATS)
+    assert looks_like_image("photos/IMG_1.HEIC") and looks_like_image("gs://b/x y/cat.JPG")
+    assert not looks_like_image("notes.txt") and not looks_like_image("clip.mpg")
+    assert not looks_like_image("folder.d/README")
+
+
+HEIC = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64)
+SVG = b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="9" height="9"/>\n'
+
+
+@pytest.mark.parametrize(
+    ("data", "name", "message"),
+    [
+        (HEIC, "IMG_0001.HEIC", "HEIC/HEIF images are not supported by the installed Pillow"),
+        (HEIC, "misnamed.jpg", "install pillow-heif"),
+        (SVG, "logo.svg", "SVG is a vector format; rasterise it first"),
+        (b"\xff\x0a" + bytes(64), "photo.jxl", "JPEG XL images are not supported"),
+        (b"IIRO\x08\x00\x00\x00" + bytes(64), "P1010001.ORF", "raw camera files are not supported"),
+        (b"II*\x00\x10\x00\x00\x00CR\x02\x00" + bytes(64), "IMG_2.CR2", "raw camera files"),
+        (EPS, "drawing.jpg", "EPS/PostScript is not supported"),
+        (
+            b"\xd7\xcd\xc6\x9a\x00\x00" + bytes(64),
+            "chart.wmf",
+            "WMF/EMF drawings are not supported",
+        ),
+    ],
+)
+def test_images_the_installed_pillow_cannot_open_say_why(
+    data: bytes, name: str, message: str
+) -> None:
+    with pytest.raises(UnsupportedFormatError, match=message):
+        decode_image(data, name=name)
+
+
+def test_a_broken_file_with_a_supported_extension_still_says_it_is_not_an_image() -> None:
+    with pytest.raises(UnidentifiedImageError, match="not an image Pillow can read") as error:
+        decode_image(b"\x89PNG but not really", name="x.png")
+    assert not isinstance(error.value, UnsupportedFormatError)

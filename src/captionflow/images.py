@@ -11,17 +11,42 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".jfif"}
+from captionflow.formats import (
+    ALLOWED_FORMATS,
+    IMAGE_EXTENSIONS,
+    UNSUPPORTED_IMAGE_EXTENSIONS,
+    looks_like_image,
+    why_not_decoded,
 )
+
+__all__ = [
+    "ALLOWED_FORMATS",
+    "DEFAULT_MAX_BYTES",
+    "DEFAULT_MAX_PIXELS",
+    "DEFAULT_MAX_SIDE",
+    "IMAGE_EXTENSIONS",
+    "UNSUPPORTED_IMAGE_EXTENSIONS",
+    "ImageTooLargeError",
+    "UnsupportedFormatError",
+    "decode_image",
+    "limit_pillow_pixels",
+    "looks_like_image",
+]
+
 DEFAULT_MAX_SIDE = 768
 DEFAULT_MAX_PIXELS = 100_000_000
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # the largest file read, in bytes
 MAX_ASPECT_RATIO = 8  # beyond this, a resize-shortest-edge processor would allocate huge arrays
+SNIFF_BYTES = 4096  # enough of a file's start to tell an SVG, HEIC or EPS from its content
 
 
 class ImageTooLargeError(ValueError):
     """The header announces more pixels than allowed: refused before any pixel is decoded."""
+
+
+class UnsupportedFormatError(UnidentifiedImageError):
+    """A known image format that is not decoded (HEIC, SVG, EPS, raw...): the message says why
+    and what to do, instead of Pillow's "cannot identify image file"."""
 
 
 def limit_pillow_pixels(max_pixels: int) -> None:
@@ -41,17 +66,18 @@ def decode_image(
     *,
     max_side: int = DEFAULT_MAX_SIDE,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    name: str = "",
 ) -> Image.Image:
     """Bytes, or a seekable binary file, to an upright RGB image no larger than `max_side` on its
-    longer side.
+    longer side. `name` (the file's path or URI) only helps explain an unsupported format.
 
-    A file is read as Pillow needs it, so an image refused from its header (too many pixels)
-    costs only the header. JPEGs are decoded at a reduced scale (draft mode) when they are much
-    larger than needed, which is several times faster than decoding full size and shrinking
-    afterwards.
+    Only `ALLOWED_FORMATS` are tried: an EPS never reaches Pillow's Ghostscript plugin. A file is
+    read as Pillow needs it, so an image refused from its header (too many pixels) costs only
+    the header. JPEGs are decoded at a reduced scale (draft mode) when they are much larger than
+    needed, which is several times faster than decoding full size and shrinking afterwards.
     """
     file = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
-    with _open(file) as opened:
+    with _open(file, name) as opened:
         width, height = opened.size
         if width * height > max_pixels:
             raise ImageTooLargeError(
@@ -68,25 +94,28 @@ def decode_image(
     return image
 
 
-def _open(file: BinaryIO) -> ImageFile.ImageFile:
+def _open(file: BinaryIO, name: str) -> ImageFile.ImageFile:
     """Identify the image from its header; the pixels are read later, and only if needed."""
     try:
-        return Image.open(file)
+        return Image.open(file, formats=ALLOWED_FORMATS)
     except Image.DecompressionBombError:
         # Pillow's limit (process-wide: maybe set for another run) is below this image's size;
         # identify it without that limit and let our own check, which names its size, decide.
         return _open_without_pillow_limit(file)
     except UnidentifiedImageError:
+        file.seek(0)
+        if why := why_not_decoded(file.read(SNIFF_BYTES), name):
+            raise UnsupportedFormatError(why) from None
         size = file.seek(0, io.SEEK_END)
         kind = "an empty file" if not size else "not an image Pillow can read"
         raise UnidentifiedImageError(f"{kind} ({size} bytes)") from None
 
 
 def _open_without_pillow_limit(file: BinaryIO) -> ImageFile.ImageFile:
-    """What `Image.open` does, in its order of formats, minus its pixel check."""
+    """What `Image.open` does with our formats, in their order, minus its pixel check."""
     file.seek(0)
     prefix = file.read(16)
-    for name in Image.ID:
+    for name in ALLOWED_FORMATS:
         factory, accept = Image.OPEN[name]
         accepted = accept(prefix) if accept else True
         if accepted and not isinstance(accepted, str):  # a string: "accepted, but no codec"

@@ -43,7 +43,9 @@ class _LoadImage(beam.DoFn):
         # while decoding, and is then reported as the read error that it is.
         with file:
             try:
-                image = decode_image(file, max_side=self.max_side, max_pixels=self.max_pixels)
+                image = decode_image(
+                    file, max_side=self.max_side, max_pixels=self.max_pixels, name=uri
+                )
             except Exception as error:
                 stage = "read" if isinstance(error, ReadError) else "decode"
                 yield error_output(ErrorRecord.from_exception(uri, stage, error))
