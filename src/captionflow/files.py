@@ -60,13 +60,12 @@ def open_image_file(uri: str, max_bytes: int) -> BinaryIO:
         return cap_file(FileSystems.open(uri, compression_type="uncompressed"), max_bytes)
     _check(os.stat(uri), max_bytes)
     descriptor = os.open(uri, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    file = open(descriptor, "rb")  # noqa: SIM115 (returned open)
     try:
-        _check(os.fstat(descriptor), max_bytes)
-        return cap_file(file, max_bytes)
+        _check(os.fstat(descriptor), max_bytes)  # the file opened, in case the path changed
     except BaseException:
-        file.close()
+        os.close(descriptor)
         raise
+    return cap_file(open(descriptor, "rb"), max_bytes)
 
 
 def cap_file(file: BinaryIO, max_bytes: int) -> BinaryIO:
