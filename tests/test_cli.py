@@ -95,6 +95,7 @@ def test_original_tool_flags_and_a_jsonl_output_path_still_work(
         (["--device", "mps"], "--device: mps was asked for, but MPS is not available here"),
         (["--max-failure-rate", "2"], "--max-failure-rate: Input should be less than or equal"),
         (["--max-side", "8"], "--max-side: Input should be greater than or equal to 32"),
+        (["--max-bytes", "0"], "--max-bytes: Input should be greater than or equal to 1"),
     ],
 )
 def test_bad_options_stop_before_any_work_with_one_clear_line(

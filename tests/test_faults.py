@@ -10,7 +10,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
-from captionflow import CaptionImages
+from captionflow import CaptionImages, LoadImages
 from captionflow.cli import main
 from captionflow.handlers import BlipCaptioner, BlipCaptionHandler, ClipRankHandler
 from tests.conftest import random_image, write_images
@@ -76,6 +78,7 @@ def make_zoo(folder: Path) -> tuple[list[str], dict[str, str]]:
         ),
         "bomb.png": ("decode", lambda p: Image.new("1", (3000, 3000)).save(p)),
         "folder.jpg": ("read", lambda p: p.mkdir()),
+        "huge.png": ("read", lambda p: random_image(600, 400, seed=3).save(p)),  # > --max-bytes
     }
     for name, make in good.items():
         make(folder / name)
@@ -105,11 +108,12 @@ def test_zoo_of_broken_and_unusual_images_is_fully_accounted_for(
     listing.write_text("\n".join(lines) + "\n", encoding="utf-8")
     out = tmp_path / "out"
     argv = ["run", "--input", str(listing), "--output", str(out), "--max-pixels", "4000000"]
+    argv += ["--max-bytes", "300000"]
     assert main([*argv, "--caption-batch-size", "4", *models(tiny_models)]) == 0
 
     rows, errors = read_jsonl(out / "metadata.jsonl"), read_jsonl(out / "errors.jsonl")
     distinct_inputs = {line for line in lines if line and not line.startswith("#")}
-    assert len(rows) + len(errors) == len(distinct_inputs) == 17
+    assert len(rows) + len(errors) == len(distinct_inputs) == 18
     assert {Path(r["image_uri"]).name for r in rows} == {
         Path(p).name for p in distinct_inputs
     } - set(expected_errors)
@@ -119,6 +123,8 @@ def test_zoo_of_broken_and_unusual_images_is_fully_accounted_for(
         assert error["error_type"] and error["message"] and " at 0x" not in error["message"]
     bomb = next(e for e in errors if e["image_uri"].endswith("bomb.png"))
     assert "9000000 pixels exceeds the limit of 4000000" in bomb["message"]
+    huge = next(e for e in errors if e["image_uri"].endswith("huge.png"))
+    assert huge["message"].endswith("bytes exceeds --max-bytes 300000")
     assert not (tmp_path / "pwned").exists()
     assert sorted(p.name for p in out.iterdir()) == [
         "errors.jsonl",
@@ -127,10 +133,193 @@ def test_zoo_of_broken_and_unusual_images_is_fully_accounted_for(
     ]
 
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["images"] == 17 and summary["captioned"] == 11 and summary["failed"] == 6
-    assert summary["errors_by_stage"] == {"decode": 4, "read": 2}
+    assert summary["images"] == 18 and summary["captioned"] == 11 and summary["failed"] == 7
+    assert summary["errors_by_stage"] == {"decode": 4, "read": 3}
     assert summary["errors_by_type"]["ImageTooLargeError"] == 1
     assert summary["versions"]["apache-beam"] and summary["settings"]["max_pixels"] == 4000000
+    assert summary["settings"]["max_bytes"] == 300000
+
+
+def run_within(seconds: float, build: Callable[[beam.Pipeline], object], fifo: Path) -> None:
+    """Run a pipeline in a thread and fail, rather than hang the test run, if it outlives
+    `seconds`: a reader stuck opening `fifo` is released by opening its other end."""
+    failures: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            with TestPipeline(runner="FnApiRunner") as pipeline:
+                build(pipeline)
+        except BaseException as error:
+            failures.append(error)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    stuck = thread.is_alive()
+    if stuck:
+        with contextlib.suppress(OSError):  # no reader yet: nothing to release
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(60)
+    assert not stuck, f"the pipeline was still running after {seconds} s: stuck on {fifo.name}?"
+    if failures:
+        raise failures[0]
+
+
+def load_outcomes(loaded: beam.pvalue.DoOutputsTuple) -> tuple[object, object]:
+    """`(names decoded, (name, stage, error type, message) of each error)` of a `LoadImages`."""
+    names = loaded.images | "Names" >> beam.Map(lambda kv: Path(kv[0]).name)
+    errors = loaded.errors | "Errors" >> beam.Map(
+        lambda e: (Path(e.image_uri).name, e.stage, e.error_type, e.message)
+    )
+    return names, errors
+
+
+def test_a_fifo_or_folder_named_like_an_image_is_a_read_error_not_a_hang(tmp_path: Path) -> None:
+    random_image(32, 32).save(tmp_path / "ok.png")
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    (tmp_path / "folder.jpg").mkdir()
+    uris = [str(tmp_path / name) for name in ("ok.png", "pipe.jpg", "folder.jpg")]
+
+    def build(p: beam.Pipeline) -> None:
+        names, errors = load_outcomes(p | beam.Create(uris) | LoadImages())
+        assert_that(names, equal_to(["ok.png"]), label="images")
+        expected = [
+            ("pipe.jpg", "read", "NotRegularFileError", "not a regular file (a FIFO)"),
+            ("folder.jpg", "read", "NotRegularFileError", "not a regular file (a directory)"),
+        ]
+        assert_that(errors, equal_to(expected), label="errors")
+
+    run_within(60, build, fifo)
+
+
+def test_files_larger_than_max_bytes_are_read_errors(tmp_path: Path) -> None:
+    random_image(16, 16).save(tmp_path / "small.png")
+    random_image(400, 300).save(tmp_path / "big.jpg")
+    size = (tmp_path / "big.jpg").stat().st_size
+    assert (tmp_path / "small.png").stat().st_size < 5000 < size
+    uris = [str(tmp_path / "small.png"), str(tmp_path / "big.jpg")]
+
+    def build(p: beam.Pipeline) -> None:
+        names, errors = load_outcomes(p | beam.Create(uris) | LoadImages(max_bytes=5000))
+        assert_that(names, equal_to(["small.png"]), label="images")
+        message = f"{size} bytes exceeds --max-bytes 5000"
+        assert_that(
+            errors, equal_to([("big.jpg", "read", "FileTooLargeError", message)]), label="errors"
+        )
+
+    with TestPipeline(runner="FnApiRunner") as pipeline:
+        build(pipeline)
+
+
+def test_a_stream_is_never_read_past_max_bytes_plus_one() -> None:
+    from captionflow.files import FileTooLargeError, cap_file
+
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"x" * 3000)
+    os.close(write_end)
+    spare = os.dup(read_end)  # cap_file closes the stream it refuses; this end stays open
+    with (
+        open(read_end, "rb", buffering=0) as stream,  # a pipe: it cannot seek
+        pytest.raises(FileTooLargeError, match="more than 1000 bytes exceeds --max-bytes 1000"),
+    ):
+        cap_file(stream, 1000)
+    with open(spare, "rb") as rest:
+        assert len(rest.read()) == 3000 - 1001
+
+
+def test_a_file_that_grows_after_its_size_was_checked_is_still_capped(tmp_path: Path) -> None:
+    from captionflow.files import FileTooLargeError, cap_file
+
+    path = tmp_path / "growing.jpg"
+    path.write_bytes(b"x" * 500)
+    with cap_file(open(path, "rb"), 1000) as file:
+        assert file.read(100) == b"x" * 100
+        with open(path, "ab") as writer:
+            writer.write(b"y" * 5000)
+        with pytest.raises(FileTooLargeError, match="more than 1000 bytes"):
+            file.read()
+        assert file.tell() <= 1001
+
+
+def png_file(path: Path, image: Image.Image) -> str:
+    image.save(path)
+    return str(path)
+
+
+def test_max_pixels_above_pillows_own_limit_lets_huge_images_through_without_warnings(
+    tmp_path: Path,
+) -> None:
+    """Pillow alone refuses over ~179 MP and warns, naming no file, over ~89 MP."""
+    uris = [
+        png_file(tmp_path / "200mp.png", Image.new("1", (20000, 10000))),
+        png_file(tmp_path / "100mp.png", Image.new("1", (10000, 10000))),
+    ]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with TestPipeline(runner="FnApiRunner") as p:
+            names, errors = load_outcomes(
+                p | beam.Create(uris) | LoadImages(max_pixels=300_000_000)
+            )
+            assert_that(names, equal_to(["200mp.png", "100mp.png"]), label="images")
+            assert_that(errors, equal_to([]), label="errors")
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+def test_images_over_max_pixels_are_refused_with_their_size_and_no_pillow_warning(
+    tmp_path: Path,
+) -> None:
+    uris = [  # over twice the limit (Pillow's error), and between once and twice (its warning)
+        png_file(tmp_path / "twice.png", Image.new("RGB", (300, 300))),
+        png_file(tmp_path / "once.png", Image.new("RGB", (40, 40))),
+        png_file(tmp_path / "fits.png", Image.new("RGB", (30, 30))),
+    ]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with TestPipeline(runner="FnApiRunner") as p:
+            names, errors = load_outcomes(p | beam.Create(uris) | LoadImages(max_pixels=1000))
+            assert_that(names, equal_to(["fits.png"]), label="images")
+            expected = [
+                ("twice.png", "decode", "ImageTooLargeError", "300x300 = 90000 pixels exceeds "),
+                ("once.png", "decode", "ImageTooLargeError", "40x40 = 1600 pixels exceeds "),
+            ]
+            assert_that(
+                errors | beam.Map(lambda e: (*e[:3], e[3].removesuffix("the limit of 1000"))),
+                equal_to(expected),
+                label="errors",
+            )
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+def test_formats_we_do_not_decode_are_decode_errors_that_say_why(tmp_path: Path) -> None:
+    files = {
+        "drawing.eps": b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n",
+        "photo.heic": b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64),
+        "logo.svg": b'<svg xmlns="http://www.w3.org/2000/svg" width="9" height="9"/>',
+        "raw.nef": b"MM\x00*" + bytes(64),
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    uris = [str(tmp_path / name) for name in files]
+
+    def build(p: beam.Pipeline) -> None:
+        names, errors = load_outcomes(p | beam.Create(uris) | LoadImages())
+        assert_that(names, equal_to([]), label="images")
+        assert_that(
+            errors | beam.Map(lambda e: (e[0], e[1], e[2], e[3].split(" ")[0])),
+            equal_to(
+                [
+                    ("drawing.eps", "decode", "UnsupportedFormatError", "EPS/PostScript"),
+                    ("photo.heic", "decode", "UnsupportedFormatError", "HEIC/HEIF"),
+                    ("logo.svg", "decode", "UnsupportedFormatError", "SVG"),
+                    ("raw.nef", "decode", "UnsupportedFormatError", "raw"),
+                ]
+            ),
+            label="errors",
+        )
+
+    with TestPipeline(runner="FnApiRunner") as pipeline:
+        build(pipeline)
 
 
 class FailOnTinyImages(BlipCaptionHandler):

@@ -121,3 +121,16 @@ def test_the_output_lock_works_on_gcs(gcs: object) -> None:
         with pytest.raises(OutputBusyError):
             OutputLock(f"gs://{BUCKET}/out").acquire()
     assert not blob.exists()
+
+
+def test_gcs_objects_over_max_bytes_are_refused_from_their_size(gcs: object) -> None:
+    """Beam's GCS reader can seek: the size is known before any byte is read."""
+    from captionflow.files import FileTooLargeError, open_image_file
+    from captionflow.images import decode_image
+
+    upload_image(gcs, "sized/small.jpg", seed=0)
+    size = gcs.get_blob("sized/small.jpg").size
+    with pytest.raises(FileTooLargeError, match=f"^{size} bytes exceeds --max-bytes {size - 1}$"):
+        open_image_file(f"gs://{BUCKET}/sized/small.jpg", size - 1)
+    with open_image_file(f"gs://{BUCKET}/sized/small.jpg", size) as file:
+        assert decode_image(file).size == (48, 40)

@@ -172,6 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=RunConfig.model_fields["max_pixels"].default,
         help="refuse images with more pixels than this (decompression bombs)",
     )
+    images.add_argument(
+        "--max-bytes",
+        type=int,
+        default=RunConfig.model_fields["max_bytes"].default,
+        help="refuse image files larger than this many bytes (default: %(default)s)",
+    )
     return parser
 
 

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from captionflow.handlers.decoding import DecodingOptions
 from captionflow.handlers.registry import CAPTIONERS, RANKERS
-from captionflow.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
+from captionflow.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
 from captionflow.paths import absolute, dirname, is_remote
 from captionflow.transforms.read import GLOB_CHARACTERS
 from captionflow.transforms.write import ERRORS_FILE, METADATA_FILE
@@ -52,6 +52,7 @@ class RunConfig(BaseModel):
     limit: int | None = Field(None, ge=1)
     max_side: int = Field(DEFAULT_MAX_SIDE, ge=32)
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
+    max_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1)
     trust_remote_code: bool = False
     model_copies: int | None = Field(None, ge=1, le=64)
     accelerator_hint: str | None = None

@@ -44,7 +44,11 @@ def build_caption_pipeline(
         uris, kept = (uris, done) | "SkipDone" >> SkipDone()
 
     caption_images = CaptionImages(
-        captioner, ranker, max_side=config.max_side, max_pixels=config.max_pixels
+        captioner,
+        ranker,
+        max_side=config.max_side,
+        max_pixels=config.max_pixels,
+        max_bytes=config.max_bytes,
     )
     if config.accelerator_hint:  # decoding stays fused with inference: images never shuffle
         caption_images = caption_images.with_resource_hints(accelerator=config.accelerator_hint)
