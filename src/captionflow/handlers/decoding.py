@@ -6,6 +6,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+# Settings that only one strategy uses: given with the other, they are a mistake.
+STRATEGY_OF = {"top_p": "sample", "temperature": "sample", "num_beams": "beam"}
+
 
 class DecodingOptions(BaseModel):
     """Generation settings shared by every `generate`-based captioner.
@@ -28,18 +31,12 @@ class DecodingOptions(BaseModel):
 
     # Cross-field checks are field validators (reading the fields declared before them), not a
     # model validator, so that one bad value never hides another: all are reported at once.
-    @field_validator("top_p", "temperature")
+    @field_validator(*STRATEGY_OF)
     @classmethod
-    def _sampling_only(cls, value: float, info: ValidationInfo) -> float:
-        if info.data.get("strategy") == "beam":
-            raise ValueError("cannot be used with beam decoding")
-        return value
-
-    @field_validator("num_beams")
-    @classmethod
-    def _beam_only(cls, value: int, info: ValidationInfo) -> int:
-        if info.data.get("strategy") == "sample":
-            raise ValueError("cannot be used with sample decoding")
+    def _for_its_strategy(cls, value: float, info: ValidationInfo) -> float:
+        strategy = info.data.get("strategy")
+        if strategy is not None and strategy != STRATEGY_OF[info.field_name]:
+            raise ValueError(f"cannot be used with {strategy} decoding")
         return value
 
     @field_validator("max_new_tokens")
