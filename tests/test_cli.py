@@ -133,17 +133,24 @@ def test_every_file_that_looks_like_an_image_gets_a_record(
         (["--captioner", "nosuch"], "--captioner: unknown captioner 'nosuch'"),
         (["--device", "gpu"], "--device: 'gpu' is not a device"),
         (["--decoding", "greedy"], "--decoding: Input should be 'sample' or 'beam'"),
-        (["--min-new-tokens", "9", "--max-new-tokens", "3"], "min_new_tokens (9) exceeds"),
+        (
+            ["--min-new-tokens", "9", "--max-new-tokens", "3"],
+            "--max-new-tokens: must be at least --min-new-tokens (9)",
+        ),
         (["--num_captions", "3"], "unknown flag(s): --num_captions"),
         (["--limit", "0"], "--limit: Input should be greater than or equal to 1"),
         (["--attempts", "0"], "--attempts: Input should be greater than or equal to 1"),
         (["--checkpoint-every", "-1"], "--checkpoint-every: Input should be greater than"),
         (["--dataset-filename", "x.txt"], "--input and --dataset-filename name the same thing"),
-        (["--decoding", "beam", "--top-p", "0.5"], "top_p cannot be used with beam decoding"),
-        (["--num-beams", "4"], "num_beams cannot be used with sample decoding"),
+        (["--decoding", "beam", "--top-p", "0.5"], "--top-p: cannot be used with beam decoding"),
+        (["--num-beams", "4"], "--num-beams: cannot be used with sample decoding"),
+        (["--device", "cuda"], "--device: cuda was asked for, but this machine has no usable"),
+        (["--device", "mps"], "--device: mps was asked for, but MPS is not available here"),
+        (["--max-failure-rate", "2"], "--max-failure-rate: Input should be less than or equal"),
         (["--max-side", "8"], "--max-side: Input should be greater than or equal to 32"),
         (["--runner", "NoSuchRunner"], "--runner: unknown runner 'NoSuchRunner': use one of"),
         (["--runner", "no.such.Runner"], "--runner: cannot load runner 'no.such.Runner': No mod"),
+        (["--max-bytes", "0"], "--max-bytes: Input should be greater than or equal to 1"),
     ],
 )
 def test_bad_options_stop_before_any_work_with_one_clear_line(
@@ -203,6 +210,31 @@ def test_an_input_path_that_is_not_utf8_is_a_usage_error(
     error = capsys.readouterr().err
     assert f"captionflow: error: --input: '{tmp_path}/caf\\xe9' is not valid UTF-8" in error
     assert "convmv" in error
+
+
+def test_every_bad_value_is_reported_at_once(
+    image_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    flags = ["--num-captions", "0", "--decoding", "beam", "--top-p", "0.5"]
+    flags += ["--min-new-tokens", "9", "--max-new-tokens", "3", "--caption-batch-size", "0"]
+    argv = ["run", "--input", str(image_dir), "--output", str(tmp_path / "out"), *flags]
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert sorted(line.split(": ")[2] for line in lines) == [
+        "--caption-batch-size",
+        "--max-new-tokens",
+        "--num-captions",
+        "--top-p",
+    ]
+    assert not any("_" in line.split(": ", 3)[3] for line in lines), lines
+
+
+def test_an_errors_file_named_as_the_output_is_refused(
+    image_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    argv = ["run", "--input", str(image_dir), "--output", str(tmp_path / "errors.jsonl")]
+    assert main(argv) == 2
+    assert "--output: errors.jsonl is where failed images are listed" in capsys.readouterr().err
 
 
 def test_missing_input_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+import threading
+import time
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import apache_beam as beam
@@ -18,11 +23,17 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
-from captionflow import CaptionImages
+from captionflow import CaptionImages, LoadImages
 from captionflow.cli import main
 from captionflow.handlers import BlipCaptioner, BlipCaptionHandler, ClipRankHandler
 from tests.conftest import random_image, write_images
-from tests.killer import MARKER_ENV, TRIGGER_SIZE
+from tests.killer import (
+    MARKER_ENV,
+    STALL_AFTER_ENV,
+    STALL_GLOB_ENV,
+    STALLED_MARKER_ENV,
+    TRIGGER_SIZE,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -67,6 +78,7 @@ def make_zoo(folder: Path) -> tuple[list[str], dict[str, str]]:
         ),
         "bomb.png": ("decode", lambda p: Image.new("1", (3000, 3000)).save(p)),
         "folder.jpg": ("read", lambda p: p.mkdir()),
+        "huge.png": ("read", lambda p: random_image(600, 400, seed=3).save(p)),  # > --max-bytes
     }
     for name, make in good.items():
         make(folder / name)
@@ -96,11 +108,12 @@ def test_zoo_of_broken_and_unusual_images_is_fully_accounted_for(
     listing.write_text("\n".join(lines) + "\n", encoding="utf-8")
     out = tmp_path / "out"
     argv = ["run", "--input", str(listing), "--output", str(out), "--max-pixels", "4000000"]
+    argv += ["--max-bytes", "300000"]
     assert main([*argv, "--caption-batch-size", "4", *models(tiny_models)]) == 0
 
     rows, errors = read_jsonl(out / "metadata.jsonl"), read_jsonl(out / "errors.jsonl")
     distinct_inputs = {line for line in lines if line and not line.startswith("#")}
-    assert len(rows) + len(errors) == len(distinct_inputs) == 17
+    assert len(rows) + len(errors) == len(distinct_inputs) == 18
     assert {Path(r["image_uri"]).name for r in rows} == {
         Path(p).name for p in distinct_inputs
     } - set(expected_errors)
@@ -110,6 +123,8 @@ def test_zoo_of_broken_and_unusual_images_is_fully_accounted_for(
         assert error["error_type"] and error["message"] and " at 0x" not in error["message"]
     bomb = next(e for e in errors if e["image_uri"].endswith("bomb.png"))
     assert "9000000 pixels exceeds the limit of 4000000" in bomb["message"]
+    huge = next(e for e in errors if e["image_uri"].endswith("huge.png"))
+    assert huge["message"].endswith("bytes exceeds --max-bytes 300000")
     assert not (tmp_path / "pwned").exists()
     assert sorted(p.name for p in out.iterdir()) == [
         "errors.jsonl",
@@ -118,10 +133,193 @@ def test_zoo_of_broken_and_unusual_images_is_fully_accounted_for(
     ]
 
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["images"] == 17 and summary["captioned"] == 11 and summary["failed"] == 6
-    assert summary["errors_by_stage"] == {"decode": 4, "read": 2}
+    assert summary["images"] == 18 and summary["captioned"] == 11 and summary["failed"] == 7
+    assert summary["errors_by_stage"] == {"decode": 4, "read": 3}
     assert summary["errors_by_type"]["ImageTooLargeError"] == 1
     assert summary["versions"]["apache-beam"] and summary["settings"]["max_pixels"] == 4000000
+    assert summary["settings"]["max_bytes"] == 300000
+
+
+def run_within(seconds: float, build: Callable[[beam.Pipeline], object], fifo: Path) -> None:
+    """Run a pipeline in a thread and fail, rather than hang the test run, if it outlives
+    `seconds`: a reader stuck opening `fifo` is released by opening its other end."""
+    failures: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            with TestPipeline(runner="FnApiRunner") as pipeline:
+                build(pipeline)
+        except BaseException as error:
+            failures.append(error)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    stuck = thread.is_alive()
+    if stuck:
+        with contextlib.suppress(OSError):  # no reader yet: nothing to release
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(60)
+    assert not stuck, f"the pipeline was still running after {seconds} s: stuck on {fifo.name}?"
+    if failures:
+        raise failures[0]
+
+
+def load_outcomes(loaded: beam.pvalue.DoOutputsTuple) -> tuple[object, object]:
+    """`(names decoded, (name, stage, error type, message) of each error)` of a `LoadImages`."""
+    names = loaded.images | "Names" >> beam.Map(lambda kv: Path(kv[0]).name)
+    errors = loaded.errors | "Errors" >> beam.Map(
+        lambda e: (Path(e.image_uri).name, e.stage, e.error_type, e.message)
+    )
+    return names, errors
+
+
+def test_a_fifo_or_folder_named_like_an_image_is_a_read_error_not_a_hang(tmp_path: Path) -> None:
+    random_image(32, 32).save(tmp_path / "ok.png")
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    (tmp_path / "folder.jpg").mkdir()
+    uris = [str(tmp_path / name) for name in ("ok.png", "pipe.jpg", "folder.jpg")]
+
+    def build(p: beam.Pipeline) -> None:
+        names, errors = load_outcomes(p | beam.Create(uris) | LoadImages())
+        assert_that(names, equal_to(["ok.png"]), label="images")
+        expected = [
+            ("pipe.jpg", "read", "NotRegularFileError", "not a regular file (a FIFO)"),
+            ("folder.jpg", "read", "NotRegularFileError", "not a regular file (a directory)"),
+        ]
+        assert_that(errors, equal_to(expected), label="errors")
+
+    run_within(60, build, fifo)
+
+
+def test_files_larger_than_max_bytes_are_read_errors(tmp_path: Path) -> None:
+    random_image(16, 16).save(tmp_path / "small.png")
+    random_image(400, 300).save(tmp_path / "big.jpg")
+    size = (tmp_path / "big.jpg").stat().st_size
+    assert (tmp_path / "small.png").stat().st_size < 5000 < size
+    uris = [str(tmp_path / "small.png"), str(tmp_path / "big.jpg")]
+
+    def build(p: beam.Pipeline) -> None:
+        names, errors = load_outcomes(p | beam.Create(uris) | LoadImages(max_bytes=5000))
+        assert_that(names, equal_to(["small.png"]), label="images")
+        message = f"{size} bytes exceeds --max-bytes 5000"
+        assert_that(
+            errors, equal_to([("big.jpg", "read", "FileTooLargeError", message)]), label="errors"
+        )
+
+    with TestPipeline(runner="FnApiRunner") as pipeline:
+        build(pipeline)
+
+
+def test_a_stream_is_never_read_past_max_bytes_plus_one() -> None:
+    from captionflow.files import FileTooLargeError, cap_file
+
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"x" * 3000)
+    os.close(write_end)
+    spare = os.dup(read_end)  # cap_file closes the stream it refuses; this end stays open
+    with (
+        open(read_end, "rb", buffering=0) as stream,  # a pipe: it cannot seek
+        pytest.raises(FileTooLargeError, match="more than 1000 bytes exceeds --max-bytes 1000"),
+    ):
+        cap_file(stream, 1000)
+    with open(spare, "rb") as rest:
+        assert len(rest.read()) == 3000 - 1001
+
+
+def test_a_file_that_grows_after_its_size_was_checked_is_still_capped(tmp_path: Path) -> None:
+    from captionflow.files import FileTooLargeError, cap_file
+
+    path = tmp_path / "growing.jpg"
+    path.write_bytes(b"x" * 500)
+    with cap_file(open(path, "rb"), 1000) as file:
+        assert file.read(100) == b"x" * 100
+        with open(path, "ab") as writer:
+            writer.write(b"y" * 5000)
+        with pytest.raises(FileTooLargeError, match="more than 1000 bytes"):
+            file.read()
+        assert file.tell() <= 1001
+
+
+def png_file(path: Path, image: Image.Image) -> str:
+    image.save(path)
+    return str(path)
+
+
+def test_max_pixels_above_pillows_own_limit_lets_huge_images_through_without_warnings(
+    tmp_path: Path,
+) -> None:
+    """Pillow alone refuses over ~179 MP and warns, naming no file, over ~89 MP."""
+    uris = [
+        png_file(tmp_path / "200mp.png", Image.new("1", (20000, 10000))),
+        png_file(tmp_path / "100mp.png", Image.new("1", (10000, 10000))),
+    ]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with TestPipeline(runner="FnApiRunner") as p:
+            names, errors = load_outcomes(
+                p | beam.Create(uris) | LoadImages(max_pixels=300_000_000)
+            )
+            assert_that(names, equal_to(["200mp.png", "100mp.png"]), label="images")
+            assert_that(errors, equal_to([]), label="errors")
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+def test_images_over_max_pixels_are_refused_with_their_size_and_no_pillow_warning(
+    tmp_path: Path,
+) -> None:
+    uris = [  # over twice the limit (Pillow's error), and between once and twice (its warning)
+        png_file(tmp_path / "twice.png", Image.new("RGB", (300, 300))),
+        png_file(tmp_path / "once.png", Image.new("RGB", (40, 40))),
+        png_file(tmp_path / "fits.png", Image.new("RGB", (30, 30))),
+    ]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with TestPipeline(runner="FnApiRunner") as p:
+            names, errors = load_outcomes(p | beam.Create(uris) | LoadImages(max_pixels=1000))
+            assert_that(names, equal_to(["fits.png"]), label="images")
+            expected = [
+                ("twice.png", "decode", "ImageTooLargeError", "300x300 = 90000 pixels exceeds "),
+                ("once.png", "decode", "ImageTooLargeError", "40x40 = 1600 pixels exceeds "),
+            ]
+            assert_that(
+                errors | beam.Map(lambda e: (*e[:3], e[3].removesuffix("the limit of 1000"))),
+                equal_to(expected),
+                label="errors",
+            )
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+def test_formats_we_do_not_decode_are_decode_errors_that_say_why(tmp_path: Path) -> None:
+    files = {
+        "drawing.eps": b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n",
+        "photo.heic": b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64),
+        "logo.svg": b'<svg xmlns="http://www.w3.org/2000/svg" width="9" height="9"/>',
+        "raw.nef": b"MM\x00*" + bytes(64),
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    uris = [str(tmp_path / name) for name in files]
+
+    def build(p: beam.Pipeline) -> None:
+        names, errors = load_outcomes(p | beam.Create(uris) | LoadImages())
+        assert_that(names, equal_to([]), label="images")
+        assert_that(
+            errors | beam.Map(lambda e: (e[0], e[1], e[2], e[3].split(" ")[0])),
+            equal_to(
+                [
+                    ("drawing.eps", "decode", "UnsupportedFormatError", "EPS/PostScript"),
+                    ("photo.heic", "decode", "UnsupportedFormatError", "HEIC/HEIF"),
+                    ("logo.svg", "decode", "UnsupportedFormatError", "SVG"),
+                    ("raw.nef", "decode", "UnsupportedFormatError", "raw"),
+                ]
+            ),
+            label="errors",
+        )
+
+    with TestPipeline(runner="FnApiRunner") as pipeline:
+        build(pipeline)
 
 
 class FailOnTinyImages(BlipCaptionHandler):
@@ -153,19 +351,57 @@ def test_a_model_failing_on_one_image_fails_only_that_image(
         )
 
 
-def test_a_model_that_cannot_load_stops_the_job_at_once(
-    image_dir: Path, tmp_path: Path, tiny_clip: str, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("problem", ["empty folder", "wrong kind"])
+def test_a_model_that_cannot_load_stops_the_job_at_once_in_one_line(
+    image_dir: Path,
+    tmp_path: Path,
+    tiny_clip: str,
+    problem: str,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture,
 ) -> None:
-    not_a_model = tmp_path / "empty-model"
-    not_a_model.mkdir()
+    not_a_blip = tmp_path / "empty-model" if problem == "empty folder" else Path(tiny_clip)
+    not_a_blip.mkdir(exist_ok=True)
     argv = ["run", "--input", str(image_dir), "--output", str(tmp_path / "out")]
-    with (
-        caplog.at_level(logging.WARNING),
-        pytest.raises(Exception, match="must hold a model saved"),
-    ):
-        main([*argv, "--captioner", f"blip:{not_a_model}", "--ranker", f"clip:{tiny_clip}"])
+    with caplog.at_level(logging.WARNING):
+        code = main([*argv, "--captioner", f"blip:{not_a_blip}", "--ranker", f"clip:{tiny_clip}"])
+    assert code == 2
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("captionflow: error")]
+    assert "Traceback" not in err
+    assert line.startswith(f"captionflow: error: could not load the blip model '{not_a_blip}'")
+    expected = "must hold a model saved" if problem == "empty folder" else "holds a 'clip' model"
+    assert expected in line
     assert "attempt 1 of 3 failed" not in caplog.text
     assert not (tmp_path / "out" / "errors.jsonl").exists()
+
+
+def test_a_run_where_every_image_failed_exits_3(
+    tmp_path: Path, tiny_models: tuple[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "in").mkdir()
+    for name in ("a.jpg", "b.png"):
+        (tmp_path / "in" / name).write_text("not a picture")
+    argv = ["run", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")]
+    with caplog.at_level(logging.WARNING):
+        assert main([*argv, *models(tiny_models)]) == 3
+    assert "no image was captioned (2 images, 2 failed" in caplog.text
+    assert len(read_jsonl(tmp_path / "out" / "errors.jsonl")) == 2
+
+
+def test_a_failure_rate_above_the_threshold_warns(
+    tmp_path: Path, tiny_models: tuple[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    write_images(tmp_path / "in", 3)
+    (tmp_path / "in" / "bad.jpg").write_text("not a picture")
+    argv = ["run", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")]
+    with caplog.at_level(logging.WARNING):
+        assert main([*argv, "--max-failure-rate", "0.2", *models(tiny_models)]) == 0
+    assert "1 of 4 images failed (25.0%, above --max-failure-rate 0.2)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert main([*argv, "--max-failure-rate", "0.3", *models(tiny_models)]) == 0
+    assert "images failed" not in caplog.text
 
 
 def run_cli(argv: list[str], marker: Path) -> subprocess.CompletedProcess:
@@ -192,11 +428,10 @@ def kill_inputs(tmp_path: Path) -> Path:
     return folder
 
 
-def deterministic(tiny_models: tuple[str, str], killer: bool) -> list[str]:
-    blip = f"{'killer' if killer else 'blip'}:{tiny_models[0]}"
+def deterministic(tiny_models: tuple[str, str], captioner: str = "blip") -> list[str]:
     return [
         "--captioner",
-        blip,
+        f"{captioner}:{tiny_models[0]}",
         "--ranker",
         f"clip:{tiny_models[1]}",
         "--decoding",
@@ -223,9 +458,7 @@ def test_a_killed_worker_process_is_recovered_without_loss_or_duplicates(
     out = tmp_path / "out"
     argv = ["run", "--input", str(kill_inputs), "--output", str(out)]
     beam_flags = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
-    done = run_cli(
-        [*argv, *deterministic(tiny_models, killer=True), *beam_flags], tmp_path / "killed"
-    )
+    done = run_cli([*argv, *deterministic(tiny_models, "killer"), *beam_flags], tmp_path / "killed")
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "killed").exists(), "the worker was never killed"
     assert "attempt 1 of 3 failed" in done.stderr
@@ -236,28 +469,87 @@ def test_a_killed_worker_process_is_recovered_without_loss_or_duplicates(
     assert read_jsonl(out / "errors.jsonl") == []
 
 
-def test_an_interrupted_run_resumed_equals_an_uninterrupted_run(
-    kill_inputs: Path, tmp_path: Path, tiny_models: tuple[str, str]
-) -> None:
-    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    argv = ["run", "--input", str(kill_inputs), "--attempts", "1"]
-    first = run_cli(
-        [*argv, "--output", str(resumed), *deterministic(tiny_models, killer=True)],
-        tmp_path / "killed",
+def start_cli(argv: list[str], **env: str) -> subprocess.Popen:
+    """The CLI in its own process group (so a test can kill it and its workers at once)."""
+    code = (
+        "import sys, tests.killer; from captionflow.cli import main; sys.exit(main(sys.argv[1:]))"
     )
-    assert first.returncode == -9, first.stderr[-3000:]
-    assert not (resumed / "metadata.jsonl").exists()
-    checkpointed = list((resumed / ".metadata.jsonl.parts").glob("part-*.jsonl"))
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *argv],
+        cwd=REPO,
+        env=os.environ | env | {"PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
-    second = run_cli(
-        [*argv, "--output", str(resumed), "--resume", *deterministic(tiny_models, killer=True)],
-        tmp_path / "killed",
-    )
-    assert second.returncode == 0, second.stderr[-3000:]
-    uninterrupted = run_cli(
-        [*argv, "--output", str(whole), *deterministic(tiny_models, killer=False)],
-        tmp_path / "killed",
-    )
+
+def wait_for(condition: Callable[[], bool], process: subprocess.Popen, what: str) -> None:
+    """Poll until `condition` holds; fail at once if the process ends first."""
+    deadline = time.monotonic() + 240
+    while not condition():
+        if process.poll() is not None:
+            pytest.fail(
+                f"the job ended ({process.returncode}) before {what}: "
+                f"{process.stdout.read()[-3000:]}"
+            )
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def stalled_run(argv: list[str], parts: Path, after: int) -> subprocess.Popen:
+    """A job caught while captioning, once `after` checkpoints exist in `parts`: its captioner
+    hangs from then on, until the test stops the job."""
+    marker = parts.parent / f"stalled-{after}"
+    env = {
+        STALL_GLOB_ENV: str(parts / "part-*.jsonl"),
+        STALL_AFTER_ENV: str(after),
+        STALLED_MARKER_ENV: str(marker),
+    }
+    process = start_cli(argv, **env)
+    wait_for(marker.exists, process, f"{after} checkpoints were written while captioning")
+    return process
+
+
+def checkpointed_images(parts: Path) -> set[str]:
+    return {
+        json.loads(line)["image_uri"]
+        for part in parts.glob("part-*.jsonl")
+        for line in part.read_text(encoding="utf-8").splitlines()
+    }
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_killed_job_keeps_its_checkpoints_and_resume_captions_only_the_rest(
+    tmp_path: Path, tiny_models: tuple[str, str], workers: int
+) -> None:
+    write_images(tmp_path / "images", 12)
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    argv = ["run", "--input", str(tmp_path / "images"), "--attempts", "1"]
+    if workers > 1:
+        argv += ["--direct_running_mode=multi_processing", f"--direct_num_workers={workers}"]
+    parts = resumed / ".metadata.jsonl.parts"
+    stall = [*argv, "--output", str(resumed), *deterministic(tiny_models, captioner="stall")]
+    job = stalled_run(stall, parts, after=3)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    first = checkpointed_images(parts)
+    assert len(first) >= 3 and not (resumed / "metadata.jsonl").exists()
+
+    # Killed again while resuming: the resumed run checkpoints as it goes too.
+    job = stalled_run([*stall, "--resume"], parts, after=len(first) + 2)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    checkpointed = checkpointed_images(parts)
+    assert len(checkpointed) >= len(first) + 2 and first < checkpointed
+
+    blip = deterministic(tiny_models, captioner="blip")
+    last = run_cli([*argv, "--output", str(resumed), "--resume", *blip], tmp_path / "m")
+    assert last.returncode == 0, last.stderr[-3000:]
+    uninterrupted = run_cli([*argv, "--output", str(whole), *blip], tmp_path / "m")
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
 
     assert comparable(read_jsonl(resumed / "metadata.jsonl")) == comparable(
@@ -265,5 +557,75 @@ def test_an_interrupted_run_resumed_equals_an_uninterrupted_run(
     )
     summary = json.loads((resumed / "summary.json").read_text())
     assert summary["kept_from_earlier_run"] == len(checkpointed)
-    assert summary["captioned"] == 8 - len(checkpointed)
-    assert not (resumed / ".metadata.jsonl.parts").exists()
+    assert summary["captioned"] == 12 - len(checkpointed)
+    assert not parts.exists()
+
+
+@pytest.mark.parametrize(
+    ("signum", "code", "workers"),
+    [(signal.SIGINT, 130, 1), (signal.SIGTERM, 143, 1), (signal.SIGINT, 130, 2)],
+)
+def test_a_stop_signal_stops_the_job_at_once_and_keeps_its_checkpoints(
+    tmp_path: Path, tiny_models: tuple[str, str], signum: int, code: int, workers: int
+) -> None:
+    write_images(tmp_path / "images", 6)
+    out = tmp_path / "out"
+    argv = ["run", "--input", str(tmp_path / "images"), "--output", str(out)]
+    if workers > 1:
+        argv += ["--direct_running_mode=multi_processing", f"--direct_num_workers={workers}"]
+    parts = out / ".metadata.jsonl.parts"
+    job = stalled_run([*argv, *deterministic(tiny_models, "stall")], parts, after=2)
+    try:
+        job.send_signal(signum)
+        assert job.wait(timeout=60) == code
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)  # stalled worker processes, if any
+    log = job.stdout.read()
+    assert f"stopped by {signal.Signals(signum).name}" in log
+    assert "attempt 1 of 3 failed" not in log
+    kept = checkpointed_images(parts)
+    assert len(kept) >= 2 and not (out / ".captionflow.lock").exists()
+
+    resumed = run_cli([*argv, "--resume", *deterministic(tiny_models)], tmp_path / "m")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["kept_from_earlier_run"] == len(kept)
+    assert len(read_jsonl(out / "metadata.jsonl")) == 6
+
+
+def test_a_second_run_into_the_same_output_is_refused_while_the_first_runs(
+    tmp_path: Path, tiny_models: tuple[str, str], capsys: pytest.CaptureFixture
+) -> None:
+    write_images(tmp_path / "images", 4)
+    out = tmp_path / "out"
+    argv = ["run", "--input", str(tmp_path / "images"), "--output", str(out)]
+    first = stalled_run(
+        [*argv, *deterministic(tiny_models, "stall")], out / ".metadata.jsonl.parts", 1
+    )
+    try:
+        assert main([*argv, "--resume", *deterministic(tiny_models)]) == 2
+        err = capsys.readouterr().err
+        assert f"captionflow: error: another run is writing into {out} (process {first.pid}" in err
+        assert first.poll() is None
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    # The holder is dead now: its lock is replaced at once, and its checkpoints kept.
+    assert main([*argv, "--resume", *deterministic(tiny_models)]) == 0
+    assert len(read_jsonl(out / "metadata.jsonl")) == 4
+    assert json.loads((out / "summary.json").read_text())["kept_from_earlier_run"] >= 1
+
+
+def test_checkpoints_of_an_interrupted_run_are_not_dropped_without_resume(
+    tmp_path: Path, tiny_models: tuple[str, str], capsys: pytest.CaptureFixture
+) -> None:
+    write_images(tmp_path / "images", 2)
+    parts = tmp_path / "out" / ".metadata.jsonl.parts"
+    parts.mkdir(parents=True)
+    (parts / "part-1.jsonl").write_text('{"image_uri": "/x.jpg", "text": "a cat"}\n')
+    argv = ["run", "--input", str(tmp_path / "images"), "--output", str(tmp_path / "out")]
+    assert main([*argv, *models(tiny_models)]) == 2
+    assert (
+        "holds 1 checkpoint file(s) of an interrupted run: pass --resume" in capsys.readouterr().err
+    )
+    assert (parts / "part-1.jsonl").exists()

@@ -99,3 +99,38 @@ def test_models_load_from_a_gcs_folder(gcs: object, tiny_blip: str, tmp_path: Pa
     )
     (texts,) = captioner.caption([random_image(32, 32)])
     assert 1 <= len(texts) <= 2
+
+
+def test_the_output_lock_works_on_gcs(gcs: object) -> None:
+    """A live holder on another machine is refused; a silent one is replaced; ours is
+    removed at the end."""
+    import time
+
+    from captionflow.lock import LOCK_FILE, STALE_AFTER_SECS, OutputBusyError, OutputLock
+
+    blob = gcs.blob(f"out/{LOCK_FILE}")
+    now = time.time()
+    other = {"run_id": "x", "host": "another-machine", "pid": 1, "started": now, "heartbeat": now}
+    blob.upload_from_string(json.dumps(other))
+    with pytest.raises(OutputBusyError, match=r"process 1 on another-machine.*last seen 0 s ago"):
+        OutputLock(f"gs://{BUCKET}/out").acquire()
+
+    blob.upload_from_string(json.dumps(other | {"heartbeat": now - STALE_AFTER_SECS - 1}))
+    with OutputLock(f"gs://{BUCKET}/out") as lock:
+        assert json.loads(blob.download_as_bytes())["run_id"] == lock.holder.run_id
+        with pytest.raises(OutputBusyError):
+            OutputLock(f"gs://{BUCKET}/out").acquire()
+    assert not blob.exists()
+
+
+def test_gcs_objects_over_max_bytes_are_refused_from_their_size(gcs: object) -> None:
+    """Beam's GCS reader can seek: the size is known before any byte is read."""
+    from captionflow.files import FileTooLargeError, open_image_file
+    from captionflow.images import decode_image
+
+    upload_image(gcs, "sized/small.jpg", seed=0)
+    size = gcs.get_blob("sized/small.jpg").size
+    with pytest.raises(FileTooLargeError, match=f"^{size} bytes exceeds --max-bytes {size - 1}$"):
+        open_image_file(f"gs://{BUCKET}/sized/small.jpg", size - 1)
+    with open_image_file(f"gs://{BUCKET}/sized/small.jpg", size) as file:
+        assert decode_image(file).size == (48, 40)

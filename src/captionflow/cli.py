@@ -3,22 +3,38 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
+import re
 import sys
 import time
 from collections.abc import Sequence
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import (
+    PipelineOptions,
+    StandardOptions,
+    TestOptions,
+)
 from apache_beam.runners.runner import create_runner
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
 from captionflow import __version__
 from captionflow.config import RunConfig
+from captionflow.fatal import FatalError, QuietFatalTracebacks, fatal_message
 from captionflow.handlers.decoding import DecodingOptions
-from captionflow.handlers.loading import ModelLoadError, check_available
+from captionflow.handlers.loading import check_available
 from captionflow.handlers.registry import CAPTIONERS, RANKERS, parse_reference
+from captionflow.handlers.torch_setup import DeviceUnavailableError, check_device
+from captionflow.lock import OutputLock
+from captionflow.paths import join
 from captionflow.pipelines import build_caption_pipeline
+from captionflow.pipelines.caption import SUMMARY_FILE
+from captionflow.signals import Interrupted, StopSignals
+from captionflow.transforms.write import ERRORS_FILE, parts_dir
 
 logger = logging.getLogger("captionflow")
 
@@ -41,6 +57,11 @@ DECODING_FLAGS = {field: flag for field, flag, _, _ in DECODING_OPTIONS}
 
 class UsageError(Exception):
     """A bad flag or value: reported as one line each, before any work."""
+
+
+# Exit codes (README, "Exit codes"); a stop signal exits with 128 + its number (130, 143).
+USAGE = 2
+NOTHING_CAPTIONED = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=3,
         help="if the job fails, resume it until this many attempts in all (default: %(default)s)",
+    )
+    recovery.add_argument(
+        "--max-failure-rate",
+        type=float,
+        default=RunConfig.model_fields["max_failure_rate"].default,
+        help="warn when more than this fraction of the images fail (default: %(default)s)",
     )
     recovery.add_argument(
         "--checkpoint-every",
@@ -146,14 +173,33 @@ def build_parser() -> argparse.ArgumentParser:
         default=RunConfig.model_fields["max_pixels"].default,
         help="refuse images with more pixels than this (decompression bombs)",
     )
+    images.add_argument(
+        "--max-bytes",
+        type=int,
+        default=RunConfig.model_fields["max_bytes"].default,
+        help="refuse image files larger than this many bytes (default: %(default)s)",
+    )
     return parser
 
 
-def _flag(location: tuple[int | str, ...]) -> str:
-    field = str(location[-1]) if location else ""
-    if not field:
-        return ""
-    return DECODING_FLAGS.get(field, "--" + field.replace("_", "-")) + ": "
+def _flag_of(field: str) -> str:
+    return DECODING_FLAGS.get(field, "--" + field.replace("_", "-"))
+
+
+def _in_flags(message: str) -> str:
+    """A validation message as a user of the CLI reads it: fields named by their flags."""
+    known = set(DECODING_FLAGS) | set(RunConfig.model_fields)
+    return re.sub(
+        r"\b[a-z]+(?:_[a-z]+)+\b",
+        lambda m: _flag_of(m.group()) if m.group() in known else m.group(),
+        message,
+    )
+
+
+def _line(error: ErrorDetails) -> str:
+    message = _in_flags(error["msg"].removeprefix("Value error, "))
+    field = str(error["loc"][-1]) if error["loc"] else ""
+    return f"{_flag_of(field)}: {message}" if field else message
 
 
 def _one_of(values: dict, name: str, alias: str) -> str:
@@ -173,12 +219,11 @@ def to_config(args: argparse.Namespace) -> RunConfig:
     values["input"] = _one_of(values, "input", "dataset_filename")
     values["output"] = _one_of(values, "output", "output_filename")
     decoding = {name: values.pop(name) for name in DECODING_FLAGS}
+    given = {name: value for name, value in decoding.items() if value is not None}
     try:
-        given = {name: value for name, value in decoding.items() if value is not None}
-        return RunConfig(**values, decoding=DecodingOptions(**given))
+        return RunConfig(**values, decoding=given)
     except ValidationError as error:
-        lines = [_flag(e["loc"]) + e["msg"].removeprefix("Value error, ") for e in error.errors()]
-        raise UsageError("\n".join(lines)) from None
+        raise UsageError("\n".join(_line(e) for e in error.errors())) from None
 
 
 def unknown_beam_flags(beam_args: Sequence[str]) -> list[str]:
@@ -236,22 +281,94 @@ def check_models(config: RunConfig) -> None:
         raise UsageError("\n".join(problems))
 
 
-def _is_load_failure(error: BaseException) -> bool:
-    """In process Beam re-raises our type; from worker processes only its name survives."""
-    return isinstance(error, ModelLoadError) or ModelLoadError.__name__ in str(error)
-
-
 def prepare(argv: Sequence[str]) -> tuple[RunConfig, PipelineOptions]:
     """Parse and validate everything, before any work: the job's settings and Beam's options."""
     args, beam_args = build_parser().parse_known_args(argv)
     config = to_config(args)
     options = pipeline_options(beam_args)
     if options.view_as(StandardOptions).runner in LOCAL_RUNNERS:
+        try:
+            check_device(config.device)
+        except DeviceUnavailableError as error:
+            raise UsageError(f"--device: {error}") from None
         check_models(config)
     return config, options
 
 
-def run(argv: Sequence[str]) -> None:
+def check_no_orphaned_checkpoints(config: RunConfig) -> None:
+    """Parts left by an interrupted run are either kept (`--resume`) or removed by the user,
+    never silently dropped by a run that starts over."""
+    if config.resume:
+        return
+    parts = parts_dir(join(config.output_dir, config.metadata_filename))
+    left = FileSystems.match([join(parts, "part-*.jsonl")])[0].metadata_list
+    if left:
+        raise UsageError(
+            f"{config.output_dir} holds {len(left)} checkpoint file(s) of an interrupted run: "
+            f"pass --resume to keep them, or delete {parts} to start over"
+        )
+
+
+def caption(config: RunConfig, options: PipelineOptions, stop: StopSignals) -> None:
+    """Run the job, resuming it after a failure until `config.attempts`; never after a
+    fatal error or a stop signal."""
+    started = time.time()
+    for attempt in range(1, config.attempts + 1):
+        resume = config.resume or attempt > 1
+        try:
+            with beam.Pipeline(options=options) as pipeline:
+                build_caption_pipeline(
+                    pipeline, config.model_copy(update={"resume": resume}), started=started
+                )
+            return
+        except BaseException as error:
+            if stop.received:
+                raise Interrupted(stop.received) from None
+            if message := fatal_message(error):
+                raise UsageError(message) from None
+            if attempt == config.attempts or not isinstance(error, Exception):
+                raise
+            logger.warning(
+                "attempt %d of %d failed (%s: %s); resuming from what it wrote",
+                attempt,
+                config.attempts,
+                type(error).__name__,
+                str(error).splitlines()[0] if str(error) else "",
+            )
+
+
+def outcome(config: RunConfig) -> int:
+    """The exit code the run's summary calls for: NOTHING_CAPTIONED when the output holds no
+    caption at all; a warning when more images failed than `--max-failure-rate` allows."""
+    path = join(config.output_dir, SUMMARY_FILE)
+    if not FileSystems.exists(path):  # a runner that returns before the job ends
+        return 0
+    with FileSystems.open(path, compression_type="uncompressed") as file:
+        summary = json.loads(file.read())
+    images, failed = summary["images"], summary["failed"]
+    if summary["captioned"] + summary["kept_from_earlier_run"] == 0:
+        logger.error(
+            "no image was captioned (%d images, %d failed: %s); see %s",
+            images,
+            failed,
+            summary["errors_by_type"],
+            join(config.output_dir, ERRORS_FILE),
+        )
+        return NOTHING_CAPTIONED
+    if images and failed / images > config.max_failure_rate:
+        logger.warning(
+            "%d of %d images failed (%.1f%%, above --max-failure-rate %g): %s; see %s",
+            failed,
+            images,
+            100 * failed / images,
+            config.max_failure_rate,
+            summary["errors_by_type"],
+            join(config.output_dir, ERRORS_FILE),
+        )
+    return 0
+
+
+def run(argv: Sequence[str]) -> int:
     config, options = prepare(argv)
     runner = options.view_as(StandardOptions).runner
     logger.info(
@@ -267,35 +384,34 @@ def run(argv: Sequence[str]) -> None:
         config.dtype,
         runner,
     )
-    started = time.time()
-    for attempt in range(1, config.attempts + 1):
-        resume = config.resume or attempt > 1
-        try:
-            with beam.Pipeline(options=options) as pipeline:
-                build_caption_pipeline(
-                    pipeline, config.model_copy(update={"resume": resume}), started=started
-                )
-            break
-        except Exception as error:
-            if attempt == config.attempts or _is_load_failure(error):
-                raise
-            logger.warning(
-                "attempt %d of %d failed (%s: %s); resuming from what it wrote",
-                attempt,
-                config.attempts,
-                type(error).__name__,
-                str(error).splitlines()[0],
-            )
+    if options.view_as(TestOptions).dry_run:  # builds the job, touches no output
+        with beam.Pipeline(options=options) as pipeline:
+            build_caption_pipeline(pipeline, config)
+        return 0
+    with OutputLock(config.output_dir), StopSignals() as stop:
+        check_no_orphaned_checkpoints(config)
+        caption(config, options, stop)
     logger.info("done: %s", config.output_dir)
+    return outcome(config)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(QuietFatalTracebacks())
     logging.getLogger("apache_beam.typehints").setLevel(logging.WARNING)
     try:
-        run(sys.argv[1:] if argv is None else argv)
-    except UsageError as error:
+        return run(sys.argv[1:] if argv is None else argv)
+    except (UsageError, FatalError) as error:
         for line in str(error).splitlines():
             print(f"captionflow: error: {line}", file=sys.stderr)
-        return 2
-    return 0
+        return USAGE
+    except Interrupted as stopped:
+        print(
+            f"captionflow: stopped by {stopped.name}; what was written is kept: run the same "
+            "command with --resume to finish",
+            file=sys.stderr,
+        )
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(stopped.exit_code)  # Beam's worker threads would hold a normal exit

@@ -6,15 +6,20 @@ import os
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from captionflow.handlers.decoding import DecodingOptions
 from captionflow.handlers.registry import CAPTIONERS, RANKERS
-from captionflow.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
+from captionflow.images import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_SIDE,
+    looks_like_image,
+)
 from captionflow.listing import list_local, walk_files
 from captionflow.paths import absolute, dirname, is_remote
-from captionflow.transforms.read import InputKind, input_kind, list_entries, looks_like_image
-from captionflow.transforms.write import METADATA_FILE
+from captionflow.transforms.read import InputKind, input_kind, list_entries
+from captionflow.transforms.write import ERRORS_FILE, METADATA_FILE
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 
@@ -56,6 +61,11 @@ def _check_local_input(value: str) -> None:
                 raise ValueError(f"no images found in {value!r}: it lists no path")
 
 
+def _output_dir(output: str) -> str:
+    output = absolute(output)
+    return dirname(output) if output.endswith(".jsonl") else output
+
+
 class RunConfig(BaseModel):
     """What `captionflow run` does, validated as one unit."""
 
@@ -73,12 +83,14 @@ class RunConfig(BaseModel):
     limit: int | None = Field(None, ge=1)
     max_side: int = Field(DEFAULT_MAX_SIDE, ge=32)
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
+    max_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1)
     trust_remote_code: bool = False
     model_copies: int | None = Field(None, ge=1, le=64)
     accelerator_hint: str | None = None
     resume: bool = False
     attempts: int = Field(3, ge=1, le=100)
     checkpoint_every: int = Field(100, ge=1)
+    max_failure_rate: float = Field(0.1, ge=0, le=1)
 
     @field_validator("captioner")
     @classmethod
@@ -118,22 +130,28 @@ class RunConfig(BaseModel):
             _check_local_input(value)
         return value
 
-    @model_validator(mode="after")
-    def _output_writable(self) -> RunConfig:
-        if is_remote(self.output_dir):
-            return self
-        existing = self.output_dir
+    @field_validator("output")
+    @classmethod
+    def _output_writable(cls, value: str) -> str:
+        if os.path.basename(value) == ERRORS_FILE:
+            raise ValueError(
+                f"{ERRORS_FILE} is where failed images are listed; name the metadata file "
+                f"otherwise (e.g. {METADATA_FILE}) or give a folder"
+            )
+        output_dir = _output_dir(value)
+        if is_remote(output_dir):
+            return value
+        existing = output_dir
         while not os.path.exists(existing):
             existing = os.path.dirname(existing)
         if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
-            raise ValueError(f"output: cannot write under {existing!r}")
-        return self
+            raise ValueError(f"cannot write under {existing!r}")
+        return value
 
     @property
     def output_dir(self) -> str:
         """`--output` names a folder; a `.jsonl` path (the original tool's form) names the file."""
-        output = absolute(self.output)
-        return dirname(output) if output.endswith(".jsonl") else output
+        return _output_dir(self.output)
 
     @property
     def metadata_filename(self) -> str:

@@ -2,47 +2,127 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import struct
+import warnings
+from typing import BinaryIO
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".jfif"}
+from captionflow.formats import (
+    ALLOWED_FORMATS,
+    IMAGE_EXTENSIONS,
+    UNSUPPORTED_IMAGE_EXTENSIONS,
+    looks_like_image,
+    why_not_decoded,
 )
+
+__all__ = [
+    "ALLOWED_FORMATS",
+    "DEFAULT_MAX_BYTES",
+    "DEFAULT_MAX_PIXELS",
+    "DEFAULT_MAX_SIDE",
+    "IMAGE_EXTENSIONS",
+    "UNSUPPORTED_IMAGE_EXTENSIONS",
+    "ImageTooLargeError",
+    "UnsupportedFormatError",
+    "decode_image",
+    "limit_pillow_pixels",
+    "looks_like_image",
+]
+
 DEFAULT_MAX_SIDE = 768
 DEFAULT_MAX_PIXELS = 100_000_000
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # the largest file read, in bytes
 MAX_ASPECT_RATIO = 8  # beyond this, a resize-shortest-edge processor would allocate huge arrays
+SNIFF_BYTES = 4096  # enough of a file's start to tell an SVG, HEIC or EPS from its content
 
 
 class ImageTooLargeError(ValueError):
     """The header announces more pixels than allowed: refused before any pixel is decoded."""
 
 
-def decode_image(
-    data: bytes, *, max_side: int = DEFAULT_MAX_SIDE, max_pixels: int = DEFAULT_MAX_PIXELS
-) -> Image.Image:
-    """Bytes to an upright RGB image no larger than `max_side` on its longer side.
+class UnsupportedFormatError(UnidentifiedImageError):
+    """A known image format that is not decoded (HEIC, SVG, EPS, raw...): the message says why
+    and what to do, instead of Pillow's "cannot identify image file"."""
 
-    JPEGs are decoded at a reduced scale (draft mode) when they are much larger than needed,
-    which is several times faster than decoding full size and shrinking afterwards.
+
+def limit_pillow_pixels(max_pixels: int) -> None:
+    """Make Pillow's own, process-wide decompression-bomb limit ours.
+
+    Pillow refuses images of more than twice its limit (about 179 MP as it ships, whatever
+    `--max-pixels` says) and warns above it, naming no file. With its limit at ours, every image
+    it warns about is one that `decode_image` refuses with a record naming the file, so the
+    warning says nothing more and is silenced.
     """
-    try:
-        opened = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        kind = "an empty file" if not data else "not an image Pillow can read"
-        raise UnidentifiedImageError(f"{kind} ({len(data)} bytes)") from None
-    with opened:
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+def decode_image(
+    data: bytes | BinaryIO,
+    *,
+    max_side: int = DEFAULT_MAX_SIDE,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    name: str = "",
+) -> Image.Image:
+    """Bytes, or a seekable binary file, to an upright RGB image no larger than `max_side` on its
+    longer side. `name` (the file's path or URI) only helps explain an unsupported format.
+
+    Only `ALLOWED_FORMATS` are tried: an EPS never reaches Pillow's Ghostscript plugin. A file is
+    read as Pillow needs it, so an image refused from its header (too many pixels) costs only
+    the header. JPEGs are decoded at a reduced scale (draft mode) when they are much larger than
+    needed, which is several times faster than decoding full size and shrinking afterwards.
+    """
+    file = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    with _open(file, name) as opened:
         width, height = opened.size
         if width * height > max_pixels:
             raise ImageTooLargeError(
                 f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}"
             )
-        opened.draft("RGB", (max_side, max_side))
-        image = ImageOps.exif_transpose(opened)
-        image = _to_rgb(image)
+        try:
+            opened.draft("RGB", (max_side, max_side))
+            image = ImageOps.exif_transpose(opened)
+            image = _to_rgb(image)
+        except Image.DecompressionBombError as error:  # a frame or tile larger than the image
+            raise ImageTooLargeError(str(error)) from None
     image = _crop_extreme_aspect(image)
     image.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
     return image
+
+
+def _open(file: BinaryIO, name: str) -> ImageFile.ImageFile:
+    """Identify the image from its header; the pixels are read later, and only if needed."""
+    try:
+        return Image.open(file, formats=ALLOWED_FORMATS)
+    except Image.DecompressionBombError:
+        # Pillow's limit (process-wide: maybe set for another run) is below this image's size;
+        # identify it without that limit and let our own check, which names its size, decide.
+        return _open_without_pillow_limit(file)
+    except UnidentifiedImageError:
+        file.seek(0)
+        if why := why_not_decoded(file.read(SNIFF_BYTES), name):
+            raise UnsupportedFormatError(why) from None
+        size = file.seek(0, io.SEEK_END)
+        kind = "an empty file" if not size else "not an image Pillow can read"
+        raise UnidentifiedImageError(f"{kind} ({size} bytes)") from None
+
+
+def _open_without_pillow_limit(file: BinaryIO) -> ImageFile.ImageFile:
+    """What `Image.open` does with our formats, in their order, minus its pixel check."""
+    file.seek(0)
+    prefix = file.read(16)
+    for name in ALLOWED_FORMATS:
+        factory, accept = Image.OPEN[name]
+        accepted = accept(prefix) if accept else True
+        if accepted and not isinstance(accepted, str):  # a string: "accepted, but no codec"
+            file.seek(0)
+            with contextlib.suppress(SyntaxError, IndexError, TypeError, struct.error):
+                return factory(file, "")
+    raise UnidentifiedImageError("Pillow refused the image for its size, then could not open it")
 
 
 def _crop_extreme_aspect(image: Image.Image) -> Image.Image:
@@ -59,9 +139,9 @@ def _crop_extreme_aspect(image: Image.Image) -> Image.Image:
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """Any mode to RGB: transparency flattened on white, 16-bit scaled rather than clipped."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        image = image.convert("I").point(lambda v: v / 256).convert("L")
+    """Any mode to RGB: transparency flattened on white, deep greys scaled rather than clipped."""
+    if image.mode.startswith("I") or image.mode == "F":
+        image = _to_8_bits(image)
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -69,3 +149,30 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def _to_8_bits(image: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit or float grey image as 8-bit grey, its tones kept (Pillow's own convert
+    clips them: a float or 32-bit TIFF would come out solid black or white).
+
+    16-bit modes, and 32-bit data within 0..65535, are divided by 257 (65535 -> 255); 32-bit data
+    within 0..255 is kept as is; floats within 0..1 are multiplied by 255; anything else is
+    stretched from its lowest to its highest finite value. NaN becomes black, infinities the ends.
+    """
+    values = np.asarray(image).astype(np.float32)
+    finite = values[np.isfinite(values)]
+    if not finite.size:
+        raise ValueError(f"every pixel is NaN or infinite (mode {image.mode}): nothing to show")
+    low, high = float(finite.min()), float(finite.max())
+    if image.mode.startswith("I;16"):
+        values /= 257
+    elif image.mode == "F" and low >= 0 and high <= 1:
+        values *= 255
+    elif image.mode != "F" and low >= 0 and high <= 255:
+        pass
+    elif image.mode != "F" and low >= 0 and high <= 65535:
+        values /= 257
+    else:
+        values = (values - low) * (255 / (high - low) if high > low else 0)
+    values = np.nan_to_num(values, nan=0, posinf=255, neginf=0)
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))

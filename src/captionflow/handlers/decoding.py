@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-SAMPLING_ONLY = frozenset({"top_p", "temperature"})
-BEAM_ONLY = frozenset({"num_beams"})
+# Settings that only one strategy uses: given with the other, they are a mistake.
+STRATEGY_OF = {"top_p": "sample", "temperature": "sample", "num_beams": "beam"}
 
 
 class DecodingOptions(BaseModel):
@@ -29,19 +29,23 @@ class DecodingOptions(BaseModel):
     max_new_tokens: int = Field(30, ge=1)
     prompt: str = "a picture of "
 
-    @model_validator(mode="after")
-    def _check_consistent(self) -> DecodingOptions:
-        if self.min_new_tokens > self.max_new_tokens:
-            raise ValueError(
-                f"min_new_tokens ({self.min_new_tokens}) exceeds "
-                f"max_new_tokens ({self.max_new_tokens})"
-            )
-        unused = SAMPLING_ONLY if self.strategy == "beam" else BEAM_ONLY
-        if conflicting := sorted(unused & self.model_fields_set):
-            raise ValueError(
-                f"{', '.join(conflicting)} cannot be used with {self.strategy} decoding"
-            )
-        return self
+    # Cross-field checks are field validators (reading the fields declared before them), not a
+    # model validator, so that one bad value never hides another: all are reported at once.
+    @field_validator(*STRATEGY_OF)
+    @classmethod
+    def _for_its_strategy(cls, value: float, info: ValidationInfo) -> float:
+        strategy = info.data.get("strategy")
+        if strategy is not None and strategy != STRATEGY_OF[info.field_name]:
+            raise ValueError(f"cannot be used with {strategy} decoding")
+        return value
+
+    @field_validator("max_new_tokens")
+    @classmethod
+    def _at_least_min(cls, value: int, info: ValidationInfo) -> int:
+        minimum = info.data.get("min_new_tokens", 0)
+        if minimum > value:
+            raise ValueError(f"must be at least min_new_tokens ({minimum})")
+        return value
 
     def generate_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `model.generate` that yield `num_captions` sequences per image."""

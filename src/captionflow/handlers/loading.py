@@ -14,7 +14,12 @@ import transformers
 from apache_beam.io.filesystems import FileSystems
 from packaging.version import Version
 
-from captionflow.handlers.torch_setup import resolve_device, resolve_dtype
+from captionflow.fatal import FatalError
+from captionflow.handlers.torch_setup import (
+    DeviceUnavailableError,
+    resolve_device,
+    resolve_dtype,
+)
 from captionflow.paths import is_remote
 
 logger = logging.getLogger(__name__)
@@ -47,14 +52,18 @@ def localize(path: str) -> str:
     return target
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(FatalError):
     """A model that cannot be loaded: the job stops at once rather than failing every image."""
 
 
 def load_error(flag: str, kind: str, path: str, error: Exception) -> ModelLoadError:
     """A loading failure that says what to do about it."""
     reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-    if is_remote(path) or os.path.isdir(path.removeprefix("file://")):
+    if isinstance(error, WrongModelKindError):
+        hint = f"--{flag} takes a {kind} model"
+    elif isinstance(error, DeviceUnavailableError):
+        hint = "choose another --device (auto picks a GPU when there is one)"
+    elif is_remote(path) or os.path.isdir(path.removeprefix("file://")):
         hint = (
             "the folder must hold a model saved with save_pretrained (config, weights, processor)"
         )
@@ -64,6 +73,19 @@ def load_error(flag: str, kind: str, path: str, error: Exception) -> ModelLoadEr
             f"(`hf download {path} --local-dir DIR`) and pass --{flag} {kind}:DIR"
         )
     return ModelLoadError(f"could not load the {kind} model {path!r} ({reason}); {hint}")
+
+
+class WrongModelKindError(ValueError):
+    """The folder or hub id holds another kind of model (a CLIP given as the captioner)."""
+
+
+def _check_kind(local: str, model_class: Any, *, trust_remote_code: bool) -> None:
+    expected = model_class.config_class.model_type
+    found = transformers.AutoConfig.from_pretrained(
+        local, trust_remote_code=trust_remote_code
+    ).model_type
+    if found != expected:
+        raise WrongModelKindError(f"it holds a {found!r} model, not a {expected!r} one")
 
 
 def load_pretrained(
@@ -79,15 +101,16 @@ def load_pretrained(
 ) -> tuple[Any, Any]:
     """`(model, processor)` from a hub id, a local folder or a remote folder, on the resolved
     device and dtype; any failure becomes a `ModelLoadError` that says what to do."""
-    torch_device = resolve_device(device, model_id=path)
-    torch_dtype = resolve_dtype(dtype, torch_device)
     try:
+        torch_device = resolve_device(device, model_id=path)
+        torch_dtype = resolve_dtype(dtype, torch_device)
         local = localize(path)
+        _check_kind(local, model_class, trust_remote_code=trust_remote_code)
         processor = processor_class.from_pretrained(local, trust_remote_code=trust_remote_code)
         model = model_class.from_pretrained(
             local, **{DTYPE_ARGUMENT: torch_dtype}, trust_remote_code=trust_remote_code
         ).to(torch_device)
-    except (OSError, ValueError) as error:
+    except Exception as error:  # whatever the cause, retrying the load would fail the same way
         raise load_error(flag, kind, path, error) from error
     logger.info("%s %s %s on %s (%s)", flag, kind, path, torch_device, torch_dtype)
     return model, processor

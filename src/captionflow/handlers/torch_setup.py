@@ -23,10 +23,31 @@ def resolve_device(name: str, *, model_id: str = "") -> torch.device:
             return torch.device("cpu")
         count = torch.cuda.device_count()
         return torch.device("cuda", next_copy_index(model_id) % count if count > 1 else 0)
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} was asked for but this worker has no CUDA GPU")
-    return device
+    check_device(name)
+    return torch.device(name)
+
+
+class DeviceUnavailableError(RuntimeError):
+    """The device asked for is not on this machine."""
+
+
+def check_device(name: str) -> None:
+    """Raise `DeviceUnavailableError` unless `name` (`auto`, `cpu`, `cuda[:N]`, `mps`) exists
+    here: checked on the launcher for local runners, and again where the model loads."""
+    device = torch.device("cpu" if name == "auto" else name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise DeviceUnavailableError(
+                f"{name} was asked for, but this machine has no usable CUDA GPU "
+                f"(torch {torch.__version__}, {build})"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceUnavailableError(
+                f"{name} was asked for, but this machine has {torch.cuda.device_count()} GPU(s)"
+            )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceUnavailableError(f"{name} was asked for, but MPS is not available here")
 
 
 def next_copy_index(model_id: str) -> int:

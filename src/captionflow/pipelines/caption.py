@@ -10,7 +10,7 @@ from captionflow.config import RunConfig
 from captionflow.handlers.registry import captioner_handler, ranker_handler
 from captionflow.paths import join
 from captionflow.transforms import CaptionImages, LogProgress, ReadImagePaths, WriteErrors
-from captionflow.transforms.resume import ReadDone, SkipDone
+from captionflow.transforms.resume import ReadDone, SkipDone, metadata_key
 from captionflow.transforms.summary import CAPTIONED, KEPT, WriteSummary, outcome_of_error
 from captionflow.transforms.write import ToImageFolderRows, WriteJsonLines
 
@@ -39,29 +39,41 @@ def build_caption_pipeline(
 
     read = ReadImagePaths(config.input, limit=config.limit).with_errors()
     uris, read_errors = pipeline | "ReadImagePaths" >> read
-    done = pipeline | "ReadDone" >> (ReadDone(metadata_path) if config.resume else beam.Create([]))
+    kept = pipeline | "NoneKept" >> beam.Create([])
     if config.resume:
-        uris = (uris, done) | "SkipDone" >> SkipDone()
+        done = pipeline | "ReadDone" >> ReadDone(metadata_path, config.output_dir)
+        uris, kept = (uris, done) | "SkipDone" >> SkipDone()
 
     caption_images = CaptionImages(
-        captioner, ranker, max_side=config.max_side, max_pixels=config.max_pixels
+        captioner,
+        ranker,
+        max_side=config.max_side,
+        max_pixels=config.max_pixels,
+        max_bytes=config.max_bytes,
     )
     if config.accelerator_hint:  # decoding stays fused with inference: images never shuffle
         caption_images = caption_images.with_resource_hints(accelerator=config.accelerator_hint)
     captions, caption_errors = uris | "CaptionImages" >> caption_images
     errors = (read_errors, caption_errors) | "AllErrors" >> beam.Flatten()
-    rows = captions | "Progress" >> LogProgress() | "ToRows" >> ToImageFolderRows(config.output_dir)
+    # Nothing between the ranker and the part files but element-wise steps: a Flatten or a
+    # shuffle there would make local runners hold every record until captioning ends.
     metadata_written = (
-        (rows, done)
-        | "KeepDone" >> beam.Flatten()
+        captions
+        | "Progress" >> LogProgress()
+        | "ToRows" >> ToImageFolderRows(config.output_dir)
         | "WriteMetadata"
-        >> WriteJsonLines(metadata_path, key="image_uri", lines_per_part=config.checkpoint_every)
+        >> WriteJsonLines(
+            metadata_path,
+            key=metadata_key(config.output_dir),
+            lines_per_part=config.checkpoint_every,
+            resume=config.resume,
+        )
     )
     errors_written = errors | "WriteErrors" >> WriteErrors(config.output_dir)
 
     outcomes = (
         captions | "Captioned" >> beam.Map(lambda _: CAPTIONED),
-        done | "Kept" >> beam.Map(lambda _: KEPT),
+        kept | "Kept" >> beam.Map(lambda _: KEPT),
         errors | "Failed" >> beam.Map(outcome_of_error),
     ) | "Outcomes" >> beam.Flatten()
     outcomes | "WriteSummary" >> WriteSummary(

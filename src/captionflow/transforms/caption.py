@@ -9,7 +9,7 @@ from apache_beam.pvalue import PCollection
 
 from captionflow.handlers.base import CaptionModelHandler, RankModelHandler
 from captionflow.handlers.registry import captioner_handler, ranker_handler
-from captionflow.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
+from captionflow.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
 from captionflow.records import CaptionRecord, ErrorRecord
 from captionflow.transforms.errors import ERRORS
 from captionflow.transforms.inference import CANDIDATES, CAPTIONS, GenerateCaptions, RankCaptions
@@ -39,15 +39,19 @@ class CaptionImages(beam.PTransform):
         *,
         max_side: int = DEFAULT_MAX_SIDE,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         super().__init__()
         self.captioner = captioner or captioner_handler()
         self.ranker = ranker or ranker_handler()
         self.max_side = max_side
         self.max_pixels = max_pixels
+        self.max_bytes = max_bytes
 
     def expand(self, uris: PCollection[str]) -> CaptionOutputs:
-        loaded = uris | "Load" >> LoadImages(max_side=self.max_side, max_pixels=self.max_pixels)
+        loaded = uris | "Load" >> LoadImages(
+            max_side=self.max_side, max_pixels=self.max_pixels, max_bytes=self.max_bytes
+        )
         captioned = loaded[IMAGES] | "Generate" >> GenerateCaptions(self.captioner)
         ranked = captioned[CANDIDATES] | "Rank" >> RankCaptions(self.ranker)
         errors = (loaded[ERRORS], captioned[ERRORS], ranked[ERRORS]) | "Errors" >> beam.Flatten()

@@ -5,12 +5,18 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.pvalue import PCollection
 from PIL import Image
 
-from captionflow.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, decode_image
+from captionflow.files import ReadError, open_image_file
+from captionflow.images import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_SIDE,
+    decode_image,
+    limit_pillow_pixels,
+)
 from captionflow.records import ErrorRecord
 from captionflow.transforms.errors import ERRORS, NAMESPACE, error_output
 
@@ -18,23 +24,32 @@ IMAGES = "images"
 
 
 class _LoadImage(beam.DoFn):
-    def __init__(self, max_side: int, max_pixels: int) -> None:
+    def __init__(self, max_side: int, max_pixels: int, max_bytes: int) -> None:
         self.max_side = max_side
         self.max_pixels = max_pixels
+        self.max_bytes = max_bytes
         self.decoded = Metrics.counter(NAMESPACE, "images_decoded")
+
+    def setup(self) -> None:
+        limit_pillow_pixels(self.max_pixels)
 
     def process(self, uri: str) -> Iterator[tuple[str, Image.Image] | beam.pvalue.TaggedOutput]:
         try:
-            with FileSystems.open(uri, compression_type="uncompressed") as file:
-                data = file.read()
+            file = open_image_file(uri, self.max_bytes)
         except Exception as error:
             yield error_output(ErrorRecord.from_exception(uri, "read", error))
             return
-        try:
-            image = decode_image(data, max_side=self.max_side, max_pixels=self.max_pixels)
-        except Exception as error:
-            yield error_output(ErrorRecord.from_exception(uri, "decode", error))
-            return
+        # The file is streamed into the decoder: reading can still fail (or grow past the cap)
+        # while decoding, and is then reported as the read error that it is.
+        with file:
+            try:
+                image = decode_image(
+                    file, max_side=self.max_side, max_pixels=self.max_pixels, name=uri
+                )
+            except Exception as error:
+                stage = "read" if isinstance(error, ReadError) else "decode"
+                yield error_output(ErrorRecord.from_exception(uri, stage, error))
+                return
         self.decoded.inc()
         yield uri, image
 
@@ -43,17 +58,23 @@ class LoadImages(beam.PTransform):
     """Image URIs to `(uri, RGB image)` on the `images` output; failures on `errors`.
 
     Images are shrunk to `max_side` as they are decoded and are never shuffled: they flow
-    straight into the captioner on the same worker.
+    straight into the captioner on the same worker. Only regular files of at most `max_bytes`
+    are read; images announcing more than `max_pixels` are refused from their header.
     """
 
     def __init__(
-        self, *, max_side: int = DEFAULT_MAX_SIDE, max_pixels: int = DEFAULT_MAX_PIXELS
+        self,
+        *,
+        max_side: int = DEFAULT_MAX_SIDE,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         super().__init__()
         self.max_side = max_side
         self.max_pixels = max_pixels
+        self.max_bytes = max_bytes
 
     def expand(self, uris: PCollection[str]) -> beam.pvalue.DoOutputsTuple:
         return uris | "Decode" >> beam.ParDo(
-            _LoadImage(self.max_side, self.max_pixels)
+            _LoadImage(self.max_side, self.max_pixels, self.max_bytes)
         ).with_outputs(ERRORS, main=IMAGES)

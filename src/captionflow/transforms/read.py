@@ -19,7 +19,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.pvalue import PBegin, PCollection, TaggedOutput
 
-from captionflow.images import IMAGE_EXTENSIONS
+from captionflow.images import looks_like_image
 from captionflow.listfile import ListLine, list_lines
 from captionflow.listing import link_problem, list_local, pattern_variants, walk_files
 from captionflow.paths import absolute, dirname, is_remote, join, normalise
@@ -35,11 +35,6 @@ UNDECODABLE = "UndecodablePath"
 # Stripped from both ends of a list line: ASCII spaces and a stray BOM (lists joined with
 # `cat`), never the Unicode spaces and separators that may end a file name.
 LINE_SPACE = " \t\r\v\f\ufeff"
-# Image-like extensions that `images.IMAGE_EXTENSIONS` lacks: listed so that such files get a
-# record (the decode step says why it cannot read them) instead of vanishing.
-OTHER_IMAGE_EXTENSIONS = frozenset(
-    {".avif", ".heic", ".heif", ".svg", ".jxl", ".jpe", ".jp2", ".ico"}
-)
 
 
 class InputKind(str, Enum):
@@ -68,12 +63,6 @@ def input_kind(source: str) -> InputKind:
 
 def is_list_file(path: str) -> bool:
     return path.lower().endswith(LIST_EXTENSIONS)
-
-
-def looks_like_image(path: str) -> bool:
-    """Whether a file found in a folder is taken as an image; the one place that decides."""
-    extension = os.path.splitext(path)[1].lower()
-    return extension in IMAGE_EXTENSIONS or extension in OTHER_IMAGE_EXTENSIONS
 
 
 def list_entries(file: BinaryIO) -> Iterator[tuple[ListLine, str]]:

@@ -2,52 +2,94 @@
 
 from __future__ import annotations
 
-import json
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import apache_beam as beam
-from apache_beam.io.fileio import EmptyMatchTreatment, MatchAll, ReadableFile, ReadMatches
-from apache_beam.pvalue import PBegin, PCollection
+from apache_beam.io.fileio import EmptyMatchTreatment, MatchAll
+from apache_beam.pvalue import PBegin, PCollection, TaggedOutput
 
-from captionflow.paths import join
+from captionflow.fatal import FatalError
+from captionflow.jsonl import MalformedLineError, read_json_lines
+from captionflow.paths import absolute, is_remote, join
 from captionflow.transforms.write import parts_dir
 
+KEPT = "kept"
 
-def _lines(file: ReadableFile) -> list[str]:
-    return [line for line in file.read_utf8().splitlines() if line.strip()]
+
+class ResumeError(FatalError):
+    """An earlier output that cannot be read back: resuming would redo or lose work."""
+
+
+def metadata_key(output_dir: str) -> Callable[[dict[str, Any]], str]:
+    """The image a metadata record is about: its `image_uri`, or, for files trimmed to
+    `{file_name, text}` before training, its `file_name` resolved against `output_dir`."""
+
+    def key(record: dict[str, Any]) -> str:
+        if "image_uri" in record:
+            return record["image_uri"]
+        name = record["file_name"]
+        if is_remote(name) or os.path.isabs(name):
+            return name
+        return absolute(join(output_dir, name))
+
+    return key
+
+
+def _done_images(path: str, key: Callable[[dict[str, Any]], str]) -> Iterator[str]:
+    try:
+        for number, record in read_json_lines(path):
+            if not isinstance(record, dict) or not {"image_uri", "file_name"} & set(record):
+                raise ResumeError(
+                    f"cannot resume from {path}, line {number}: a record needs an image_uri or "
+                    "a file_name; fix or delete that line"
+                )
+            yield key(record)
+    except MalformedLineError as error:
+        raise ResumeError(
+            f"cannot resume from {error} (not a JSON record); fix or delete that line"
+        ) from None
 
 
 class ReadDone(beam.PTransform):
-    """The metadata lines an earlier run left at `metadata_path`: the finished file, and the
-    part files of a run that was killed before it could join them."""
+    """The images an earlier run already captioned into `metadata_path`: those of the finished
+    file, and of the parts a run that was stopped before joining them left."""
 
-    def __init__(self, metadata_path: str) -> None:
+    def __init__(self, metadata_path: str, output_dir: str) -> None:
         super().__init__()
         self.patterns = [metadata_path, join(parts_dir(metadata_path), "part-*.jsonl")]
+        self.key = metadata_key(output_dir)
 
     def expand(self, pbegin: PBegin) -> PCollection[str]:
         return (
             pbegin
             | "Patterns" >> beam.Create(self.patterns)
             | "Match" >> MatchAll(EmptyMatchTreatment.ALLOW)
-            | "Open" >> ReadMatches()
-            | "Lines" >> beam.FlatMap(_lines)
+            | "Images" >> beam.FlatMap(lambda file: _done_images(file.path, self.key))
         )
 
 
-def _still_to_do(grouped: tuple[str, dict[str, list]]) -> list[str]:
+def _still_to_do(grouped: tuple[str, dict[str, list]]) -> Iterator[str | TaggedOutput]:
     uri, found = grouped
-    return [uri] if found["todo"] and not found["done"] else []
+    if found["todo"]:
+        yield TaggedOutput(KEPT, uri) if found["done"] else uri
 
 
 class SkipDone(beam.PTransform):
-    """`(uris, done_lines) | SkipDone()`: the URIs that no done line names as its image."""
+    """`(uris, done_uris) | SkipDone()`: the URIs still to caption (main output), and on `kept`
+    the input URIs an earlier run already captioned. Done images that are not among the
+    inputs are neither: their records stay in the output, but this run does not count them."""
 
-    def expand(self, inputs: tuple[PCollection[str], PCollection[str]]) -> PCollection[str]:
+    def expand(
+        self, inputs: tuple[PCollection[str], PCollection[str]]
+    ) -> beam.pvalue.DoOutputsTuple:
         uris, done = inputs
-        todo = uris | "KeyTodo" >> beam.Map(lambda uri: (uri, None))
-        done_uris = done | "KeyDone" >> beam.Map(lambda line: (json.loads(line)["image_uri"], None))
         return (
-            {"todo": todo, "done": done_uris}
+            {
+                "todo": uris | "KeyTodo" >> beam.Map(lambda uri: (uri, None)),
+                "done": done | "KeyDone" >> beam.Map(lambda uri: (uri, None)),
+            }
             | "Join" >> beam.CoGroupByKey()
-            | "Todo" >> beam.FlatMap(_still_to_do)
+            | "Todo" >> beam.FlatMap(_still_to_do).with_outputs(KEPT, main="todo")
         )

@@ -6,7 +6,6 @@ the destination through a temp file and a rename, so no reader ever sees a parti
 
 from __future__ import annotations
 
-import json
 import os
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -18,6 +17,7 @@ from apache_beam.pvalue import PCollection
 from apache_beam.transforms.window import GlobalWindows
 from apache_beam.utils.windowed_value import WindowedValue
 
+from captionflow.jsonl import dumps, read_json_lines
 from captionflow.paths import absolute, is_remote, join, split
 from captionflow.records import CaptionRecord, ErrorRecord
 
@@ -64,19 +64,33 @@ class _WriteParts(beam.DoFn):
         return part
 
 
-def merge_parts(parts: Iterable[str], destination: str, key: str) -> str:
+Key = Callable[[dict[str, Any]], str]
+
+
+def merge_parts(
+    parts: Iterable[str], destination: str, key: str | Key, *, resume: bool = False
+) -> str:
     """Join part files into `destination` atomically, keeping the first line for each `key`
-    (a retried bundle may have written a part twice)."""
+    (a retried bundle may have written a part twice).
+
+    With `resume`, what an earlier run left is joined first: its finished `destination` and
+    the parts it checkpointed before it was stopped.
+    """
+    key_of = (lambda record: record[key]) if isinstance(key, str) else key
+    sources = sorted(set(parts))
+    if resume:
+        earlier = FileSystems.match([join(parts_dir(destination), "part-*.jsonl")])[0]
+        sources = sorted(set(sources) | {file.path for file in earlier.metadata_list})
+        if FileSystems.exists(destination):
+            sources.insert(0, destination)
     staging = f"{destination}.tmp-{uuid.uuid4().hex}"
     seen: set[str] = set()
     with FileSystems.create(staging) as out:
-        for part in sorted(parts):
-            with FileSystems.open(part, compression_type="uncompressed") as file:
-                for line in file.read().splitlines():
-                    record_key = json.loads(line)[key]
-                    if record_key not in seen:
-                        seen.add(record_key)
-                        out.write(line + b"\n")
+        for source in sources:
+            for _, record in read_json_lines(source):
+                if (record_key := key_of(record)) not in seen:
+                    seen.add(record_key)
+                    out.write(dumps(record).encode("utf-8") + b"\n")
     FileSystems.rename([staging], [destination])
     _remove_parts(parts_dir(destination))
     return destination
@@ -94,14 +108,25 @@ def _remove_parts(directory: str) -> None:
 class WriteJsonLines(beam.PTransform):
     """JSON lines to exactly one file at `destination`, unique by `key`, written atomically.
 
+    Parts appear while the job runs, every `lines_per_part` lines per worker: they are its
+    checkpoints. With `resume`, the lines an earlier run of the same destination wrote (its
+    file and its parts) are kept too. `key` names a field, or computes a line's key.
     Returns a one-element PCollection with the destination path once it is complete.
     """
 
-    def __init__(self, destination: str, *, key: str, lines_per_part: int = 1000) -> None:
+    def __init__(
+        self,
+        destination: str,
+        *,
+        key: str | Key,
+        lines_per_part: int = 1000,
+        resume: bool = False,
+    ) -> None:
         super().__init__()
         self.destination = absolute(destination)
         self.key = key
         self.lines_per_part = lines_per_part
+        self.resume = resume
 
     def expand(self, lines: PCollection[str]) -> PCollection[str]:
         return (
@@ -109,7 +134,7 @@ class WriteJsonLines(beam.PTransform):
             | "WriteParts"
             >> beam.ParDo(_WriteParts(parts_dir(self.destination), self.lines_per_part))
             | "CollectParts" >> beam.combiners.ToList()
-            | "Merge" >> beam.Map(merge_parts, self.destination, self.key)
+            | "Merge" >> beam.Map(merge_parts, self.destination, self.key, resume=self.resume)
         )
 
 
@@ -124,7 +149,7 @@ def imagefolder_row(output_dir: str) -> Callable[[CaptionRecord], str]:
         file_name = uri[len(prefix) :] if uri.startswith(prefix) else uri
         if not is_remote(uri):
             file_name = file_name.replace(os.sep, "/")
-        return json.dumps({"file_name": file_name, **record.to_dict()}, ensure_ascii=False)
+        return dumps({"file_name": file_name, **record.to_dict()})
 
     return row
 
@@ -173,6 +198,6 @@ class WriteErrors(beam.PTransform):
     def expand(self, errors: PCollection[ErrorRecord]) -> PCollection[str]:
         return (
             errors
-            | "ToRow" >> beam.Map(lambda e: json.dumps(e.to_dict(), ensure_ascii=False))
+            | "ToRow" >> beam.Map(lambda e: dumps(e.to_dict()))
             | "Write" >> WriteJsonLines(join(self.output_dir, self.filename), key="image_uri")
         )

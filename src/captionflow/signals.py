@@ -1,0 +1,57 @@
+"""Ctrl-C and SIGTERM stop the job, once and for good: no retry, the checkpoints kept."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+
+
+class Interrupted(Exception):
+    """The run was stopped by a signal; exits with 128 + its number, like a shell."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class StopSignals:
+    """`with StopSignals() as stop:` the first SIGINT or SIGTERM is recorded in
+    `stop.received` and breaks whatever the main thread waits on (Beam wraps the
+    KeyboardInterrupt in its own errors; the record says what happened). A second one acts as
+    it would without us."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        self._restore()
+        if self.received is not None and kind is not None:
+            raise Interrupted(self.received)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signum
+        self._restore()
+        raise KeyboardInterrupt
+
+    def _restore(self) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)  # type: ignore[arg-type]
+        self._previous = {}

@@ -1,0 +1,95 @@
+"""`--resume` on outputs as users leave them: odd characters in paths, metadata trimmed for
+training, a damaged line, and a run narrowed with `--limit`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from captionflow.cli import main
+from tests.conftest import random_image, write_images
+
+
+def models(tiny_models: tuple[str, str]) -> list[str]:
+    return ["--captioner", f"blip:{tiny_models[0]}", "--ranker", f"clip:{tiny_models[1]}"]
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text(encoding="utf-8").split("\n")[:-1]
+
+
+def summary(folder: Path) -> dict:
+    return json.loads((folder / "summary.json").read_text())
+
+
+def caption(folder: Path, tiny_models: tuple[str, str], *flags: str) -> int:
+    argv = ["run", "--input", str(folder), "--output", str(folder), *flags]
+    return main([*argv, *models(tiny_models)])
+
+
+def test_resume_reads_back_paths_with_unicode_line_separators(
+    tmp_path: Path, tiny_models: tuple[str, str]
+) -> None:
+    names = ["cp1252 misread\u0085.jpg", "line\u2028sep.jpg", "para\u2029sep.jpg"]
+    for seed, name in enumerate(names):
+        random_image(seed=seed).save(tmp_path / name)
+    assert caption(tmp_path, tiny_models) == 0
+    before = lines(tmp_path / "metadata.jsonl")
+    assert sorted(json.loads(line)["file_name"] for line in before) == sorted(names)
+
+    assert caption(tmp_path, tiny_models, "--resume") == 0
+    assert sorted(lines(tmp_path / "metadata.jsonl")) == sorted(before)
+    assert summary(tmp_path)["kept_from_earlier_run"] == 3
+
+
+def test_resume_matches_metadata_trimmed_to_file_name_and_text(
+    tmp_path: Path, tiny_models: tuple[str, str]
+) -> None:
+    write_images(tmp_path / "photos", 3)
+    assert caption(tmp_path, tiny_models) == 0
+    trimmed = [
+        json.dumps({"file_name": row["file_name"], "text": row["text"]})
+        for row in map(json.loads, lines(tmp_path / "metadata.jsonl"))
+    ]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(trimmed) + "\n", encoding="utf-8")
+    random_image(seed=7).save(tmp_path / "photos" / "new.jpg")
+
+    assert caption(tmp_path, tiny_models, "--resume") == 0
+    rows = [json.loads(line) for line in lines(tmp_path / "metadata.jsonl")]
+    assert sorted(r["file_name"] for r in rows) == sorted(
+        [*(json.loads(t)["file_name"] for t in trimmed), "photos/new.jpg"]
+    )
+    assert summary(tmp_path)["kept_from_earlier_run"] == 3
+    assert summary(tmp_path)["captioned"] == 1
+
+
+def test_resume_stops_at_a_malformed_line_with_its_number(
+    tmp_path: Path, tiny_models: tuple[str, str], capsys: pytest.CaptureFixture
+) -> None:
+    write_images(tmp_path / "photos", 2)
+    assert caption(tmp_path, tiny_models) == 0
+    good = lines(tmp_path / "metadata.jsonl")
+    (tmp_path / "metadata.jsonl").write_text(f"{good[0]}\n{{not json\n", encoding="utf-8")
+    capsys.readouterr()
+
+    assert caption(tmp_path, tiny_models, "--resume") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("captionflow: error: cannot resume from ")
+    assert "metadata.jsonl, line 2" in err[0] and "fix or delete that line" in err[0]
+
+
+def test_resume_with_limit_counts_only_this_runs_images(
+    tmp_path: Path, tiny_models: tuple[str, str]
+) -> None:
+    write_images(tmp_path / "photos", 4)
+    assert caption(tmp_path, tiny_models) == 0
+    assert caption(tmp_path, tiny_models, "--resume", "--limit", "2") == 0
+    counts = summary(tmp_path)
+    assert counts["images"] == 2 == counts["kept_from_earlier_run"]
+    assert (
+        counts["images"] == counts["captioned"] + counts["kept_from_earlier_run"] + counts["failed"]
+    )
+    assert len(lines(tmp_path / "metadata.jsonl")) == 4  # earlier records outside --limit stay
