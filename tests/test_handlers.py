@@ -134,7 +134,7 @@ def test_registry_resolves_names_and_model_references() -> None:
 def test_decoding_options_reject_bad_values() -> None:
     with pytest.raises(ValueError, match="greater than or equal to 1"):
         DecodingOptions(num_captions=0)
-    with pytest.raises(ValueError, match="exceeds"):
+    with pytest.raises(ValueError, match="must be at least min_new_tokens"):
         DecodingOptions(min_new_tokens=10, max_new_tokens=5)
     beam = DecodingOptions(strategy="beam", num_captions=5, num_beams=3).generate_kwargs()
     assert beam["num_beams"] == 5 and beam["num_return_sequences"] == 5 and not beam["do_sample"]
