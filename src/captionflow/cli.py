@@ -18,7 +18,7 @@ from apache_beam.options.pipeline_options import (
     StandardOptions,
     TestOptions,
 )
-from apache_beam.runners.runner import create_runner
+from apache_beam.runners.runner import PipelineResult, create_runner
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
@@ -315,14 +315,19 @@ def caption(config: RunConfig, options: PipelineOptions, stop: StopSignals) -> N
     started = time.time()
     for attempt in range(1, config.attempts + 1):
         resume = config.resume or attempt > 1
+        pipeline = beam.Pipeline(options=options)
+        build_caption_pipeline(
+            pipeline, config.model_copy(update={"resume": resume}), started=started
+        )
+        result = None
         try:
-            with beam.Pipeline(options=options) as pipeline:
-                build_caption_pipeline(
-                    pipeline, config.model_copy(update={"resume": resume}), started=started
-                )
+            result = pipeline.run()  # local runners work here; remote ones submit and return
+            result.wait_until_finish()
             return
         except BaseException as error:
             if stop.received:
+                if result is not None:  # a remote job would run on without its launcher
+                    cancel(result)
                 raise Interrupted(stop.received) from None
             if message := fatal_message(error):
                 raise UsageError(message) from None
@@ -335,6 +340,14 @@ def caption(config: RunConfig, options: PipelineOptions, stop: StopSignals) -> N
                 type(error).__name__,
                 str(error).splitlines()[0] if str(error) else "",
             )
+
+
+def cancel(result: PipelineResult) -> None:
+    try:
+        result.cancel()
+        logger.warning("cancelled the job (%s)", getattr(result, "job_id", lambda: "")())
+    except Exception as error:  # nothing more can be done from here: say so
+        logger.error("could not cancel the job: %s; cancel it by hand", error)
 
 
 def outcome(config: RunConfig) -> int:
