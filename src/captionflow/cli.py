@@ -343,9 +343,10 @@ def caption(config: RunConfig, options: PipelineOptions, stop: StopSignals) -> N
 
 
 def cancel(result: PipelineResult) -> None:
+    """Cancel a job that its runner runs apart from this process (Dataflow, a job service)."""
     try:
         result.cancel()
-        logger.warning("cancelled the job (%s)", getattr(result, "job_id", lambda: "")())
+        logger.warning("cancelled the job, so that it does not run on without its launcher")
     except Exception as error:  # nothing more can be done from here: say so
         logger.error("could not cancel the job: %s; cancel it by hand", error)
 
