@@ -105,7 +105,7 @@ def make_view(image: Image.Image, spec: ViewSpec) -> np.ndarray:
     """The view of an RGB image: a read-only (height, width, 3) uint8 array.
 
     Height x width x channel is Pillow's own layout, so the view costs no transpose on the CPU;
-    `normalize` moves the channels first on the device, in the same pass as the dtype cast.
+    `normalize` moves the channels first, per batch, on the device.
     """
     if image.mode != "RGB":
         raise ValueError(f"views are made from RGB images, not {image.mode}")
@@ -134,12 +134,13 @@ def normalize(
     """Stacked views, (N, H, W, 3) uint8, to the model's `pixel_values`: (N, 3, H, W) in `dtype`,
     contiguous, on the batch's own device.
 
-    The arithmetic is the processor's, in float32 (rescale, subtract the mean, divide by the
-    std), then one cast to `dtype`. The rescale divides by `1 / rescale_factor` held in a
-    tensor: for 1/255 that is bit-identical to NumPy's float64 multiply then float32 cast,
-    where a float32 multiply is off by one unit in the last place for half of the 256 levels.
-    A tensor rather than a Python number, because CUDA turns division by a host scalar into a
-    multiply by its reciprocal.
+    Channels move first while the pixels are still uint8 (a quarter of the bytes of float32;
+    3x faster on a CPU than permuting the float result). Then the processor's arithmetic, in
+    float32 (rescale, subtract the mean, divide by the std), and one cast to `dtype`. The rescale
+    divides by `1 / rescale_factor`: for 1/255 that is bit-identical to NumPy's float64 multiply
+    then float32 cast, where a float32 multiply is one unit in the last place off for half of
+    the 256 levels. The divisor is a tensor, not a Python number, because CUDA turns division by
+    a host scalar into a multiply by its reciprocal.
     """
     if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
         raise ValueError(
@@ -149,10 +150,14 @@ def normalize(
     if tuple(batch.shape[1:3]) != spec.size:
         raise ValueError(f"views of size {tuple(batch.shape[1:3])} do not match {spec.size}")
     divisor, mean, std = _constants(spec, batch.device)
-    pixels = batch.to(torch.float32) if divisor is None else torch.div(batch, divisor)
+    channels_first = batch.permute(0, 3, 1, 2).contiguous()
+    if divisor is None:
+        pixels = channels_first.to(torch.float32)
+    else:
+        pixels = torch.div(channels_first, divisor)
     if mean is not None and std is not None:
         pixels = pixels.sub_(mean).div_(std)
-    return pixels.permute(0, 3, 1, 2).to(dtype, memory_format=torch.contiguous_format)
+    return pixels.to(dtype)
 
 
 @functools.lru_cache(maxsize=64)
@@ -162,7 +167,9 @@ def _constants(
     """The float32 constants of `normalize`, made once per spec and device (no copy per batch)."""
 
     def tensor(values: float | Sequence[float] | None) -> torch.Tensor | None:
-        return None if values is None else torch.tensor(values, dtype=torch.float32, device=device)
+        if values is None:
+            return None
+        return torch.tensor(values, dtype=torch.float32, device=device).reshape(-1, 1, 1)
 
     divisor = None if spec.rescale_factor is None else 1 / spec.rescale_factor
     return tensor(divisor), tensor(spec.mean), tensor(spec.std)
