@@ -1,0 +1,286 @@
+"""Model-ready image views: each model's fixed-size input, made once from the decoded image.
+
+A Hugging Face image processor resizes, crops, rescales and normalises every image inside the
+model call, in float32 NumPy, on the CPU that should be feeding the GPU. Here the same work is
+split where it is cheapest:
+
+- `make_view` (CPU, where the image is decoded): the resize and crop, in uint8 with Pillow, as
+  the processor's PIL backend does them. A view is a few hundred kB of uint8 that can be stacked
+  and shipped to the device as is.
+- `normalize` (on the device, per batch): rescale and normalise to the model's dtype.
+
+`view_spec_from_processor` reads a processor's own settings, so any checkpoint's sizes, crop and
+filter apply. The result equals the processor's `pixel_values` (the views are pixel-identical;
+see `tests/test_views.py` for the bound that is asserted).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = ["ViewSpec", "make_view", "normalize", "view_spec_from_processor"]
+
+Resize = Literal["squash", "shortest_edge", "none"]
+
+# Where the methods of a stock processor pipeline live: a processor class that overrides one of
+# them elsewhere (patching, tiling, custom resizing) does something a ViewSpec cannot describe.
+_PIPELINE_METHODS = (
+    "preprocess",
+    "_preprocess_image_like_inputs",
+    "_prepare_image_like_inputs",
+    "process_image",
+    "_preprocess",
+    "resize",
+    "center_crop",
+    "rescale",
+    "normalize",
+)
+_STOCK_MODULES = ("transformers.image_processing_utils", "transformers.image_processing_backends")
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """One fixed-size model input: how to cut it from an RGB image, and how to normalise it.
+
+    `resize` is the rule before any crop: `"squash"` to `squash_size` (height, width) whatever
+    the aspect (BLIP), `"shortest_edge"` to make the short side `shortest_edge` long, the long
+    side in proportion and truncated to an int (CLIP), or `"none"`. With `center_crop` the
+    resized image is then centre-cropped (zero-padded where it is smaller) to `size`, the view's
+    (height, width). `rescale_factor`, `mean` and `std` are applied later, on the device, by
+    `normalize`; `None` skips that step. Frozen and hashable: equal specs can share a view.
+    """
+
+    size: tuple[int, int]
+    resize: Resize
+    resample: Image.Resampling = Image.Resampling.BICUBIC
+    squash_size: tuple[int, int] | None = None
+    shortest_edge: int | None = None
+    center_crop: bool = False
+    rescale_factor: float | None = 1 / 255
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.resize not in ("squash", "shortest_edge", "none"):
+            raise ValueError(f"unknown resize rule {self.resize!r}")
+        if self.resize == "squash" and not self.squash_size:
+            raise ValueError("a squash resize needs squash_size (height, width)")
+        if self.resize == "shortest_edge" and not self.shortest_edge:
+            raise ValueError("a shortest_edge resize needs shortest_edge")
+        if not self.center_crop and self.resize != "squash":
+            raise ValueError(
+                f"resize {self.resize!r} without a centre crop gives images of varying size, "
+                "which cannot be batched"
+            )
+        if not self.center_crop and self.squash_size != self.size:
+            raise ValueError(f"squash_size {self.squash_size} must be the view's size {self.size}")
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("mean and std go together")
+        if self.mean is not None and not (len(self.mean) == len(self.std or ()) == 3):
+            raise ValueError(f"mean and std need 3 values, one per channel: {self.mean} {self.std}")
+
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """(height, width) of a `width` x `height` image after the resize, before the crop,
+        computed as transformers' `get_resize_output_image_size` does (int() truncation)."""
+        if self.resize == "squash":
+            assert self.squash_size is not None
+            return self.squash_size
+        if self.resize == "none":
+            return height, width
+        edge = self.shortest_edge
+        assert edge is not None
+        short, long = (width, height) if width <= height else (height, width)
+        new_long = int(edge * long / short)  # the same float expression, so the same truncation
+        return (new_long, edge) if width <= height else (edge, new_long)
+
+
+def make_view(image: Image.Image, spec: ViewSpec) -> np.ndarray:
+    """The view of an RGB image: a read-only (height, width, 3) uint8 array.
+
+    Height x width x channel is Pillow's own layout, so the view costs no transpose on the CPU;
+    `normalize` moves the channels first, per batch, on the device.
+    """
+    if image.mode != "RGB":
+        raise ValueError(f"views are made from RGB images, not {image.mode}")
+    height, width = spec.resized_size(image.width, image.height)
+    if (width, height) != image.size:
+        image = image.resize((width, height), spec.resample)
+    if spec.center_crop:
+        image = _center_crop(image, spec.size)
+    return np.asarray(image)
+
+
+def _center_crop(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """transformers' `center_crop`: offset `(side - crop) // 2`; where the crop is larger than
+    the image, the outside is zeros (Pillow fills a box beyond the image with black)."""
+    crop_height, crop_width = size
+    if (image.height, image.width) == (crop_height, crop_width):
+        return image
+    top = (image.height - crop_height) // 2
+    left = (image.width - crop_width) // 2
+    return image.crop((left, top, left + crop_width, top + crop_height))
+
+
+def normalize(
+    batch: torch.Tensor, spec: ViewSpec, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Stacked views, (N, H, W, 3) uint8, to the model's `pixel_values`: (N, 3, H, W) in `dtype`,
+    contiguous, on the batch's own device.
+
+    Channels move first while the pixels are still uint8 (a quarter of the bytes of float32;
+    3x faster on a CPU than permuting the float result). Then the processor's arithmetic, in
+    float32 (rescale, subtract the mean, divide by the std), and one cast to `dtype`. The rescale
+    divides by `1 / rescale_factor`: for 1/255 that is bit-identical to NumPy's float64 multiply
+    then float32 cast, where a float32 multiply is one unit in the last place off for half of
+    the 256 levels. The divisor is a tensor, not a Python number, because CUDA turns division by
+    a host scalar into a multiply by its reciprocal.
+    """
+    if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
+        raise ValueError(
+            f"expected stacked uint8 views of shape (N, H, W, 3), got {batch.dtype} "
+            f"{tuple(batch.shape)}"
+        )
+    if tuple(batch.shape[1:3]) != spec.size:
+        raise ValueError(f"views of size {tuple(batch.shape[1:3])} do not match {spec.size}")
+    divisor, mean, std = _constants(spec, batch.device)
+    channels_first = batch.permute(0, 3, 1, 2).contiguous()
+    if divisor is None:
+        pixels = channels_first.to(torch.float32)
+    else:
+        pixels = torch.div(channels_first, divisor)
+    if mean is not None and std is not None:
+        pixels = pixels.sub_(mean).div_(std)
+    return pixels.to(dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _constants(
+    spec: ViewSpec, device: torch.device
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The float32 constants of `normalize`, made once per spec and device (no copy per batch)."""
+
+    def tensor(values: float | Sequence[float] | None) -> torch.Tensor | None:
+        if values is None:
+            return None
+        return torch.tensor(values, dtype=torch.float32, device=device).reshape(-1, 1, 1)
+
+    divisor = None if spec.rescale_factor is None else 1 / spec.rescale_factor
+    return tensor(divisor), tensor(spec.mean), tensor(spec.std)
+
+
+def view_spec_from_processor(processor: Any) -> ViewSpec:
+    """The view a Hugging Face image processor makes, read from its own settings.
+
+    Takes the image processor (`BlipImageProcessorPil`, `CLIPImageProcessorPil`, ...), or a
+    multimodal processor holding one as `image_processor`. Understands `size` as
+    `{height, width}` (squash) or `{shortest_edge}` (then a centre crop to `crop_size`),
+    `do_resize`, `do_center_crop`, `resample`, `do_rescale`, `rescale_factor`, `do_normalize`,
+    `image_mean`, `image_std`, `do_convert_rgb` (views are made from RGB images either way).
+    Raises `ValueError` for anything else that would change the pixels (padding, other size
+    rules, variable output sizes, a class with its own preprocessing steps), rather than
+    quietly making views the model was not trained on.
+    """
+    processor = getattr(processor, "image_processor", processor)
+    _check_stock_pipeline(processor)
+    name = type(processor).__name__
+    if getattr(processor, "do_pad", False):
+        raise ValueError(f"{name}: do_pad is not supported")
+
+    resample = _resample(getattr(processor, "resample", None), name)
+    size = _size_dict(getattr(processor, "size", None))
+    resize: Resize = "none"
+    squash_size = None
+    shortest_edge = None
+    if getattr(processor, "do_resize", False):
+        if set(size) == {"height", "width"}:
+            resize, squash_size = "squash", (int(size["height"]), int(size["width"]))
+        elif set(size) == {"shortest_edge"}:
+            resize, shortest_edge = "shortest_edge", int(size["shortest_edge"])
+        else:
+            raise ValueError(
+                f"{name}: size {size} is not supported (only {{height, width}} or "
+                "{shortest_edge})"
+            )
+
+    center_crop = bool(getattr(processor, "do_center_crop", False))
+    if center_crop:
+        crop = _size_dict(getattr(processor, "crop_size", None))
+        if set(crop) != {"height", "width"}:
+            raise ValueError(f"{name}: crop_size {crop} must give height and width")
+        view_size = (int(crop["height"]), int(crop["width"]))
+    elif resize == "squash":
+        assert squash_size is not None
+        view_size = squash_size
+    else:
+        raise ValueError(
+            f"{name}: without a centre crop, resize {resize!r} gives images of varying size"
+        )
+
+    rescale_factor = None
+    if getattr(processor, "do_rescale", False):
+        rescale_factor = float(processor.rescale_factor)
+        if not rescale_factor > 0:
+            raise ValueError(f"{name}: rescale_factor {rescale_factor} must be positive")
+    mean = std = None
+    if getattr(processor, "do_normalize", False):
+        mean = _per_channel(processor.image_mean, "image_mean", name)
+        std = _per_channel(processor.image_std, "image_std", name)
+        if not all(value > 0 for value in std):
+            raise ValueError(f"{name}: image_std {std} must be positive")
+
+    return ViewSpec(
+        size=view_size,
+        resize=resize,
+        resample=resample,
+        squash_size=squash_size,
+        shortest_edge=shortest_edge,
+        center_crop=center_crop,
+        rescale_factor=rescale_factor,
+        mean=mean,
+        std=std,
+    )
+
+
+def _check_stock_pipeline(processor: Any) -> None:
+    for method in _PIPELINE_METHODS:
+        owner = next((cls for cls in type(processor).__mro__ if method in vars(cls)), None)
+        if owner is None or owner.__module__ not in _STOCK_MODULES:
+            where = "nowhere" if owner is None else f"in {owner.__module__}.{owner.__qualname__}"
+            raise ValueError(
+                f"{type(processor).__name__} is not a standard resize/crop/normalise image "
+                f"processor: its {method} is defined {where}"
+            )
+
+
+def _size_dict(size: Any) -> dict[str, int]:
+    """A `SizeDict` or plain dict as a dict of its set keys only."""
+    if size is None:
+        return {}
+    return {key: value for key, value in dict(size).items() if value is not None}
+
+
+def _resample(value: Any, name: str) -> Image.Resampling:
+    """Pillow's filter; `None` is BILINEAR, as in the PIL backend's `resize`."""
+    if value is None:
+        return Image.Resampling.BILINEAR
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        try:
+            return Image.Resampling(int(value))
+        except ValueError:
+            pass
+    raise ValueError(f"{name}: resample {value!r} is not a Pillow filter")
+
+
+def _per_channel(value: Any, field: str, name: str) -> tuple[float, float, float]:
+    """One float per RGB channel; a single number applies to all three, as in transformers."""
+    values = [float(value)] * 3 if isinstance(value, (int, float)) else [float(v) for v in value]
+    if len(values) != 3:
+        raise ValueError(f"{name}: {field} {value} needs 3 values, one per RGB channel")
+    return values[0], values[1], values[2]

@@ -1,0 +1,342 @@
+"""Model-ready views equal what Hugging Face's own processors feed the models.
+
+The processors are the real PIL-backend classes, built from the real checkpoints' configs, and
+their `pixel_values` are the reference: `normalize(make_view(image))` must match them for every
+size and aspect ratio.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import BlipImageProcessorPil, BlipProcessor, CLIPImageProcessorPil
+
+from captionflow.views import ViewSpec, make_view, normalize, view_spec_from_processor
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# The checkpoints' preprocessor_config.json files as published on the Hugging Face Hub,
+# transcribed (no network here to fetch them). The CLIP ones match copies quoted in public code;
+# they use the old integer form of `size` and `crop_size`, which transformers turns into
+# {shortest_edge} and {height, width}. The two BLIP files differ in form (an integer `size`
+# vs a {height, width} dict and an explicit rescale); both omit `resample`, so the class
+# default (BICUBIC) applies: exactly the defaults and legacy forms that loading must get right.
+HUB_CONFIGS: dict[str, tuple[type, dict[str, Any]]] = {
+    "Salesforce/blip-image-captioning-base": (
+        BlipImageProcessorPil,
+        {
+            "do_normalize": True,
+            "do_resize": True,
+            "image_mean": list(CLIP_MEAN),
+            "image_processor_type": "BlipImageProcessor",
+            "image_std": list(CLIP_STD),
+            "processor_class": "BlipProcessor",
+            "size": 384,
+        },
+    ),
+    "Salesforce/blip-image-captioning-large": (
+        BlipImageProcessorPil,
+        {
+            "do_normalize": True,
+            "do_rescale": True,
+            "do_resize": True,
+            "image_mean": list(CLIP_MEAN),
+            "image_processor_type": "BlipImageProcessor",
+            "image_std": list(CLIP_STD),
+            "processor_class": "BlipProcessor",
+            "rescale_factor": 0.00392156862745098,
+            "size": {"height": 384, "width": 384},
+        },
+    ),
+    "openai/clip-vit-base-patch32": (
+        CLIPImageProcessorPil,
+        {
+            "crop_size": 224,
+            "do_center_crop": True,
+            "do_normalize": True,
+            "do_resize": True,
+            "feature_extractor_type": "CLIPFeatureExtractor",
+            "image_mean": list(CLIP_MEAN),
+            "image_std": list(CLIP_STD),
+            "resample": 3,
+            "size": 224,
+        },
+    ),
+    "openai/clip-vit-large-patch14-336": (
+        CLIPImageProcessorPil,
+        {
+            "crop_size": 336,
+            "do_center_crop": True,
+            "do_normalize": True,
+            "do_resize": True,
+            "feature_extractor_type": "CLIPFeatureExtractor",
+            "image_mean": list(CLIP_MEAN),
+            "image_std": list(CLIP_STD),
+            "resample": 3,
+            "size": 336,
+        },
+    ),
+}
+
+# Settings no shipped BLIP/CLIP uses but that the spec describes: a crop larger than the
+# resized image (zero padding), a squash followed by a crop, a crop alone, and other filters
+# and normalisations.
+OTHER_CONFIGS: dict[str, tuple[type, dict[str, Any]]] = {
+    "shortest-edge-smaller-than-crop": (
+        CLIPImageProcessorPil,
+        {"size": {"shortest_edge": 200}, "crop_size": {"height": 224, "width": 256}},
+    ),
+    "squash-then-crop-bilinear": (
+        BlipImageProcessorPil,
+        {
+            "size": {"height": 300, "width": 400},
+            "do_center_crop": True,
+            "crop_size": {"height": 255, "width": 384},
+            "resample": 2,
+        },
+    ),
+    "crop-only-no-rescale": (
+        CLIPImageProcessorPil,
+        {"do_resize": False, "crop_size": 100, "do_rescale": False, "image_mean": 0.5},
+    ),
+    "lanczos-no-normalize": (
+        BlipImageProcessorPil,
+        {"size": {"height": 97, "width": 64}, "resample": 1, "do_normalize": False},
+    ),
+}
+
+# (width, height): degenerate, odd, even, one off the model size either way, both orientations,
+# extreme strips, and what `decode_image` gives for photos (768 on the long side).
+SIZES = [
+    (1, 1),
+    (2, 3),
+    (7, 5),
+    (5, 7),
+    (100, 100),
+    (224, 224),
+    (225, 223),
+    (299, 201),
+    (336, 336),
+    (337, 500),
+    (383, 384),
+    (384, 383),
+    (384, 384),
+    (385, 385),
+    (480, 640),
+    (640, 480),
+    (768, 576),
+    (768, 768),
+    (1000, 37),
+    (37, 1000),
+    (500, 1),
+    (1, 500),
+]
+OTHER_SIZES = [(1, 1), (7, 5), (90, 120), (255, 256), (640, 480), (37, 1000)]
+
+
+def tolerance(spec: ViewSpec) -> float:
+    """One uint8 level after normalisation, the contract: 1/255/min(std) (0.0150 for CLIP's
+    std), plus float32 rounding. A view one level off somewhere would still pass; a wrong size,
+    offset, filter or constant would not."""
+    level = spec.rescale_factor or 1.0
+    return level / min(spec.std or (1.0,)) + 1e-5
+
+
+def processor(name: str) -> Any:
+    cls, config = {**HUB_CONFIGS, **OTHER_CONFIGS}[name]
+    return cls.from_dict(config)
+
+
+def random_rgb(width: int, height: int, seed: int) -> Image.Image:
+    """Uniform noise: every level 0..255, and the most high-frequency content a filter sees."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def ours(image: Image.Image, spec: ViewSpec, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    view = make_view(image, spec)
+    return normalize(torch.from_numpy(np.stack([view])), spec, dtype)
+
+
+def theirs(image: Image.Image, image_processor: Any) -> torch.Tensor:
+    return torch.from_numpy(image_processor(image, return_tensors="np")["pixel_values"])
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("name", list(HUB_CONFIGS))
+def test_view_equals_the_processor_within_one_level(name: str, size: tuple[int, int]) -> None:
+    image_processor = processor(name)
+    spec = view_spec_from_processor(image_processor)
+    for seed in range(2):
+        image = random_rgb(*size, seed=seed)
+        expected, actual = theirs(image, image_processor), ours(image, spec)
+        assert actual.shape == expected.shape == (1, 3, *spec.size)
+        assert actual.dtype == torch.float32 and actual.is_contiguous()
+        assert (actual - expected).abs().max().item() <= tolerance(spec)
+
+
+@pytest.mark.parametrize("name", list(HUB_CONFIGS))
+def test_view_is_bit_identical_to_the_processor_today(name: str) -> None:
+    """Stricter than the contract, and true with transformers 5 and Pillow 12: the same Pillow
+    resize on the same uint8 pixels, and float32 arithmetic that rounds as NumPy's does, so
+    float32 and any cast of it (bfloat16 here) are bit-identical. If a new transformers changes
+    its arithmetic, this test fails first; the one-level test above is what the models need."""
+    image_processor = processor(name)
+    spec = view_spec_from_processor(image_processor)
+    for seed, size in enumerate(SIZES):
+        image = random_rgb(*size, seed=100 + seed)
+        expected = theirs(image, image_processor)
+        assert torch.equal(ours(image, spec), expected), size
+        assert torch.equal(ours(image, spec, torch.bfloat16), expected.to(torch.bfloat16)), size
+
+
+@pytest.mark.parametrize("size", OTHER_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("name", list(OTHER_CONFIGS))
+def test_other_supported_settings_equal_the_processor(name: str, size: tuple[int, int]) -> None:
+    image_processor = processor(name)
+    spec = view_spec_from_processor(image_processor)
+    image = random_rgb(*size, seed=7)
+    expected, actual = theirs(image, image_processor), ours(image, spec)
+    assert actual.shape == expected.shape
+    assert torch.equal(actual, expected.float())
+
+
+def test_a_batch_is_normalised_at_once_in_the_models_dtype() -> None:
+    image_processor = processor("openai/clip-vit-base-patch32")
+    spec = view_spec_from_processor(image_processor)
+    images = [random_rgb(w, h, seed=i) for i, (w, h) in enumerate([(640, 480), (37, 1000), (9, 9)])]
+    batch = torch.from_numpy(np.stack([make_view(image, spec) for image in images]))
+    expected = torch.from_numpy(image_processor(images, return_tensors="np")["pixel_values"])
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        pixels = normalize(batch, spec, dtype)
+        assert pixels.dtype == dtype and pixels.shape == (3, 3, 224, 224)
+        assert torch.equal(pixels, expected.to(dtype))
+
+
+EXPECTED_SPECS = {
+    "Salesforce/blip-image-captioning-base": ViewSpec(
+        size=(384, 384),
+        resize="squash",
+        squash_size=(384, 384),
+        resample=Image.Resampling.BICUBIC,
+        rescale_factor=1 / 255,
+        mean=CLIP_MEAN,
+        std=CLIP_STD,
+    ),
+    "openai/clip-vit-base-patch32": ViewSpec(
+        size=(224, 224),
+        resize="shortest_edge",
+        shortest_edge=224,
+        center_crop=True,
+        resample=Image.Resampling.BICUBIC,
+        rescale_factor=1 / 255,
+        mean=CLIP_MEAN,
+        std=CLIP_STD,
+    ),
+    "openai/clip-vit-large-patch14-336": ViewSpec(
+        size=(336, 336),
+        resize="shortest_edge",
+        shortest_edge=336,
+        center_crop=True,
+        resample=Image.Resampling.BICUBIC,
+        rescale_factor=1 / 255,
+        mean=CLIP_MEAN,
+        std=CLIP_STD,
+    ),
+}
+EXPECTED_SPECS["Salesforce/blip-image-captioning-large"] = EXPECTED_SPECS[
+    "Salesforce/blip-image-captioning-base"
+]
+
+
+@pytest.mark.parametrize("name", list(HUB_CONFIGS))
+def test_spec_read_from_each_checkpoint_config(name: str) -> None:
+    spec = view_spec_from_processor(processor(name))
+    assert spec == EXPECTED_SPECS[name]
+    assert hash(spec) == hash(EXPECTED_SPECS[name])  # equal specs can key one shared view
+
+
+def test_spec_of_a_saved_checkpoint_through_its_multimodal_processor(tiny_blip: str) -> None:
+    spec = view_spec_from_processor(BlipProcessor.from_pretrained(tiny_blip))
+    assert (spec.size, spec.resize, spec.squash_size) == ((32, 32), "squash", (32, 32))
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "expected"),
+    [
+        (640, 480, (224, 298)),  # 224 * 640 / 480 = 298.67: truncated, not rounded
+        (480, 640, (298, 224)),
+        (1000, 37, (224, 6054)),  # 6054.05
+        (1, 1, (224, 224)),
+        (225, 224, (224, 225)),
+    ],
+)
+def test_shortest_edge_truncates_the_long_side_as_transformers_does(
+    width: int, height: int, expected: tuple[int, int]
+) -> None:
+    spec = EXPECTED_SPECS["openai/clip-vit-base-patch32"]
+    assert spec.resized_size(width, height) == expected
+
+
+class PatchingProcessor(BlipImageProcessorPil):
+    """A processor with steps of its own, as patch- and tile-based models have."""
+
+    def _preprocess(self, images: list[np.ndarray], **kwargs: Any) -> Any:
+        return super()._preprocess(images, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("image_processor", "message"),
+    [
+        (BlipImageProcessorPil(do_pad=True), "do_pad"),
+        (BlipImageProcessorPil(size={"longest_edge": 384}), "size"),
+        (BlipImageProcessorPil(size={"shortest_edge": 384, "longest_edge": 500}), "size"),
+        (CLIPImageProcessorPil(do_center_crop=False), "varying size"),
+        (CLIPImageProcessorPil(do_resize=False, do_center_crop=False), "varying size"),
+        (BlipImageProcessorPil(resample="bicubic"), "resample"),
+        (BlipImageProcessorPil(image_mean=[0.5, 0.5]), "image_mean"),
+        (BlipImageProcessorPil(image_std=[0.5, 0.0, 0.5]), "image_std"),
+        (PatchingProcessor(), "_preprocess"),
+    ],
+    ids=lambda value: value if isinstance(value, str) else type(value).__name__,
+)
+def test_unsupported_settings_are_refused_clearly(image_processor: Any, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        view_spec_from_processor(image_processor)
+
+
+def test_make_view_wants_rgb_and_normalize_wants_stacked_uint8_views() -> None:
+    spec = EXPECTED_SPECS["openai/clip-vit-base-patch32"]
+    with pytest.raises(ValueError, match="RGB"):
+        make_view(Image.new("RGBA", (10, 10)), spec)
+    view = make_view(random_rgb(50, 40, seed=0), spec)
+    assert view.dtype == np.uint8 and view.shape == (224, 224, 3)
+    with pytest.raises(ValueError, match=r"\(N, H, W, 3\)"):
+        normalize(torch.from_numpy(np.stack([view])).float(), spec)
+    with pytest.raises(ValueError, match=r"\(N, H, W, 3\)"):
+        normalize(torch.from_numpy(view.copy()), spec)
+    with pytest.raises(ValueError, match="do not match"):
+        normalize(torch.zeros((1, 384, 384, 3), dtype=torch.uint8), spec)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"resize": "fit"}, "unknown resize"),
+        ({"resize": "squash"}, "squash_size"),
+        ({"resize": "shortest_edge", "center_crop": True}, "shortest_edge"),
+        ({"resize": "shortest_edge", "shortest_edge": 224}, "varying size"),
+        ({"resize": "squash", "squash_size": (384, 300)}, "view's size"),
+        ({"resize": "squash", "squash_size": (224, 224), "mean": CLIP_MEAN}, "together"),
+    ],
+)
+def test_a_spec_that_cannot_make_fixed_size_views_is_refused(
+    fields: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        ViewSpec(size=(224, 224), **fields)
