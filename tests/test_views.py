@@ -218,40 +218,35 @@ def test_a_batch_is_normalised_at_once_in_the_models_dtype() -> None:
         assert torch.equal(pixels, expected.to(dtype))
 
 
+def clip_spec(edge: int) -> ViewSpec:
+    """CLIP's view: shortest edge to `edge`, then a centre crop to `edge` x `edge`."""
+    return ViewSpec(
+        size=(edge, edge),
+        resize="shortest_edge",
+        shortest_edge=edge,
+        center_crop=True,
+        resample=Image.Resampling.BICUBIC,
+        rescale_factor=1 / 255,
+        mean=CLIP_MEAN,
+        std=CLIP_STD,
+    )
+
+
+BLIP_SPEC = ViewSpec(
+    size=(384, 384),
+    resize="squash",
+    squash_size=(384, 384),
+    resample=Image.Resampling.BICUBIC,
+    rescale_factor=1 / 255,
+    mean=CLIP_MEAN,
+    std=CLIP_STD,
+)
 EXPECTED_SPECS = {
-    "Salesforce/blip-image-captioning-base": ViewSpec(
-        size=(384, 384),
-        resize="squash",
-        squash_size=(384, 384),
-        resample=Image.Resampling.BICUBIC,
-        rescale_factor=1 / 255,
-        mean=CLIP_MEAN,
-        std=CLIP_STD,
-    ),
-    "openai/clip-vit-base-patch32": ViewSpec(
-        size=(224, 224),
-        resize="shortest_edge",
-        shortest_edge=224,
-        center_crop=True,
-        resample=Image.Resampling.BICUBIC,
-        rescale_factor=1 / 255,
-        mean=CLIP_MEAN,
-        std=CLIP_STD,
-    ),
-    "openai/clip-vit-large-patch14-336": ViewSpec(
-        size=(336, 336),
-        resize="shortest_edge",
-        shortest_edge=336,
-        center_crop=True,
-        resample=Image.Resampling.BICUBIC,
-        rescale_factor=1 / 255,
-        mean=CLIP_MEAN,
-        std=CLIP_STD,
-    ),
+    "Salesforce/blip-image-captioning-base": BLIP_SPEC,
+    "Salesforce/blip-image-captioning-large": BLIP_SPEC,
+    "openai/clip-vit-base-patch32": clip_spec(224),
+    "openai/clip-vit-large-patch14-336": clip_spec(336),
 }
-EXPECTED_SPECS["Salesforce/blip-image-captioning-large"] = EXPECTED_SPECS[
-    "Salesforce/blip-image-captioning-base"
-]
 
 
 @pytest.mark.parametrize("name", list(HUB_CONFIGS))
