@@ -19,6 +19,7 @@ from pathlib import Path
 import apache_beam as beam
 import numpy as np
 import pytest
+import torch
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
@@ -26,6 +27,7 @@ from PIL import Image
 from captionflow import CaptionImages, LoadImages
 from captionflow.cli import main
 from captionflow.handlers import BlipCaptioner, BlipCaptionHandler, ClipRankHandler
+from captionflow.handlers.base import DeviceFailedError
 from tests.conftest import random_image, write_images
 from tests.killer import (
     MARKER_ENV,
@@ -644,3 +646,46 @@ def test_checkpoints_of_an_interrupted_run_are_not_dropped_without_resume(
         "holds 1 checkpoint file(s) of an interrupted run: pass --resume" in capsys.readouterr().err
     )
     assert (parts / "part-1.jsonl").exists()
+
+
+class FailsAboveTwo(BlipCaptionHandler):
+    """A BLIP whose device refuses batches of more than two images with `error`, and which
+    notes the size of every batch it is given."""
+
+    def __init__(self, *args: object, error: Exception, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.error = error
+        self.sizes: list[int] = []
+
+    def predict(self, model: BlipCaptioner, batch: Sequence[Image.Image]) -> list[list[str]]:
+        self.sizes.append(len(batch))
+        if len(batch) > 2:
+            raise self.error
+        return super().predict(model, batch)
+
+
+def test_out_of_device_memory_splits_the_batch_in_halves(tiny_blip: str) -> None:
+    handler = FailsAboveTwo(tiny_blip, error=torch.OutOfMemoryError("CUDA out of memory."))
+    images = [random_image(32, 32, seed=i) for i in range(8)]
+    results = list(handler.run_inference(images, handler.load_model()))
+    assert handler.sizes == [8, 4, 2, 2, 4, 2, 2]  # halves, never eight single-image calls
+    assert [r.example for r in results] == images
+    assert all(isinstance(r.inference, list) and r.inference for r in results)
+
+
+def test_a_sticky_device_error_fails_the_bundle_not_every_image(
+    tmp_path: Path, tiny_blip: str, tiny_clip: str
+) -> None:
+    error = torch.AcceleratorError("CUDA error: device-side assert triggered")
+    handler = FailsAboveTwo(tiny_blip, error=error)
+    with pytest.raises(DeviceFailedError, match="device-side assert triggered"):
+        handler.run_inference([random_image(seed=i) for i in range(4)], handler.load_model())
+    assert handler.sizes == [4]  # not retried image by image in a broken process
+
+    paths = [str(p) for p in write_images(tmp_path, 4)]
+    captioner = FailsAboveTwo(tiny_blip, error=error, max_batch_size=4)
+    with (
+        pytest.raises(DeviceFailedError, match="device-side assert triggered"),
+        TestPipeline(runner="FnApiRunner") as p,
+    ):
+        _ = p | beam.Create(paths) | CaptionImages(captioner, ClipRankHandler(tiny_clip))

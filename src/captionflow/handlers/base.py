@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+import torch
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 from PIL import Image
 
@@ -45,6 +46,12 @@ class Ranker(Protocol):
     ) -> list[list[ScoredCaption]]:
         """Each image's candidates scored against it, best first."""
         ...
+
+
+class DeviceFailedError(RuntimeError):
+    """The accelerator is in an error state that no later call in this process recovers from
+    (a device-side assert, an illegal memory access): the bundle fails, so that Beam retries
+    it, instead of every later image of this process becoming an error record."""
 
 
 @dataclass(frozen=True)
@@ -106,29 +113,37 @@ class IsolatingModelHandler(ModelHandler[ExampleT, PredictionT, ModelT]):
         model: ModelT,
         inference_args: dict[str, Any] | None = None,
     ) -> Iterable[PredictionResult]:
-        try:
-            predictions: list[Any] = self.predict(model, batch)
-        except Exception as error:
-            if len(batch) == 1:
-                predictions = [_failure(error)]
-            else:
-                logger.warning(
-                    "%s failed a batch of %d (%s); retrying one by one",
-                    self.name,
-                    len(batch),
-                    error,
-                )
-                predictions = [self._predict_alone(model, example) for example in batch]
+        predictions = self._predict_isolating(model, list(batch))
         return [
             PredictionResult(example, prediction, self.name)
             for example, prediction in zip(batch, predictions, strict=True)
         ]
 
-    def _predict_alone(self, model: ModelT, example: ExampleT) -> PredictionT | InferenceFailure:
+    def _predict_isolating(
+        self, model: ModelT, batch: list[ExampleT]
+    ) -> list[PredictionT | InferenceFailure]:
+        """Predictions for `batch`; when it fails, its halves are tried apart, down to single
+        examples: one bad image costs about 2 log2(n) calls and only its own prediction, and a
+        batch too large for the device's memory is processed in halves."""
         try:
-            return self.predict(model, [example])[0]
+            return list(self.predict(model, batch))
         except Exception as error:
-            return _failure(error)
+            if is_sticky_device_error(error):
+                raise DeviceFailedError(f"{self.name}: {error}") from error
+            if len(batch) == 1:
+                return [_failure(error)]
+            logger.warning(
+                "%s failed a batch of %d (%s: %s); trying its halves apart",
+                self.name,
+                len(batch),
+                type(error).__name__,
+                error,
+            )
+            if isinstance(error, torch.OutOfMemoryError) and torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            half = len(batch) // 2
+            first = self._predict_isolating(model, batch[:half])
+            return first + self._predict_isolating(model, batch[half:])
 
     def get_num_bytes(self, batch: Sequence[ExampleT]) -> int:
         """Pixel bytes, counted rather than pickled (Beam's default pickles every batch)."""
@@ -136,6 +151,24 @@ class IsolatingModelHandler(ModelHandler[ExampleT, PredictionT, ModelT]):
 
     def get_metrics_namespace(self) -> str:
         return f"captionflow_{self.kind}"
+
+
+STICKY_DEVICE_ERRORS = (
+    "device-side assert",
+    "illegal memory access",
+    "unspecified launch failure",
+    "misaligned address",
+    "illegal instruction",
+)
+
+
+def is_sticky_device_error(error: BaseException) -> bool:
+    """A CUDA error after which the process's device context is unusable (torch raises
+    `AcceleratorError` for these since 2.8; older versions a `RuntimeError` saying so)."""
+    accelerator_error = getattr(torch, "AcceleratorError", ())
+    return isinstance(error, accelerator_error) or any(
+        text in str(error) for text in STICKY_DEVICE_ERRORS
+    )
 
 
 def _failure(error: Exception) -> InferenceFailure:
