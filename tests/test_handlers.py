@@ -163,3 +163,36 @@ def test_sharing_cross_attention_projections_changes_no_caption(
     shared = captioner.caption(images)
     share_cross_attention_projections(captioner.model, 1)
     assert captioner.caption(images) == shared
+
+
+@pytest.mark.parametrize("kind", ["blip", "clip"])
+def test_pixel_values_are_the_processors_own(tiny_models: tuple[str, str], kind: str) -> None:
+    """The handlers' views-then-normalise path gives the processor's numbers exactly."""
+    import torch
+    from transformers import BlipProcessor, CLIPProcessor
+
+    from captionflow.handlers.pixels import PixelValues
+
+    path, processor_class = {
+        "blip": (tiny_models[0], BlipProcessor),
+        "clip": (tiny_models[1], CLIPProcessor),
+    }[kind]
+    processor = processor_class.from_pretrained(path)
+    pixel_values = PixelValues(processor.image_processor)
+    assert pixel_values.spec is not None  # the fast path, not the processor
+    images = [random_image(w, h, seed=w) for w, h in [(64, 48), (31, 97), (1, 1), (500, 20)]]
+    images += [Image.new("L", (40, 30), 7), random_image(33, 33).convert("RGBA")]
+    expected = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    assert torch.equal(pixel_values(images, torch.device("cpu"), torch.float32), expected)
+
+
+def test_blip_prompts_are_tokenised_as_its_processor_does(tiny_blip: str) -> None:
+    import torch
+    from transformers import BlipProcessor
+
+    processor = BlipProcessor.from_pretrained(tiny_blip)
+    prompts = [DecodingOptions().prompt] * 2
+    expected = processor(images=[random_image()] * 2, text=prompts, return_tensors="pt")
+    tokens = processor.tokenizer(prompts, return_tensors="pt")
+    assert torch.equal(tokens["input_ids"], expected["input_ids"])
+    assert torch.equal(tokens["attention_mask"], expected["attention_mask"])

@@ -11,6 +11,7 @@ from transformers import BlipForConditionalGeneration, BlipProcessor
 from captionflow.handlers.base import CaptionModelHandler
 from captionflow.handlers.decoding import DecodingOptions
 from captionflow.handlers.loading import load_pretrained
+from captionflow.handlers.pixels import PixelValues
 from captionflow.handlers.registry import register_captioner
 
 
@@ -25,6 +26,7 @@ class BlipCaptioner:
     ) -> None:
         self.model = model.eval()
         self.processor = processor
+        self.pixel_values = PixelValues(processor.image_processor)
         self.decoding = decoding
         tokenizer = processor.tokenizer
         prompt_ids = tokenizer(decoding.prompt, add_special_tokens=False).input_ids
@@ -57,13 +59,14 @@ class BlipCaptioner:
 
     @torch.inference_mode()
     def caption(self, images: Sequence[Image.Image]) -> list[list[str]]:
-        inputs = self.processor(
-            images=list(images), text=[self.decoding.prompt] * len(images), return_tensors="pt"
+        device = self.model.device
+        prompts = self.processor.tokenizer(
+            [self.decoding.prompt] * len(images), return_tensors="pt"
         )
         generated = self.model.generate(
-            pixel_values=inputs["pixel_values"].to(self.model.device, self.model.dtype),
-            input_ids=inputs["input_ids"].to(self.model.device),
-            attention_mask=inputs["attention_mask"].to(self.model.device),
+            pixel_values=self.pixel_values(images, device, self.model.dtype),
+            input_ids=prompts["input_ids"].to(device),
+            attention_mask=prompts["attention_mask"].to(device),
             **self._generate_kwargs,
         )
         texts = self.processor.batch_decode(generated, skip_special_tokens=True)

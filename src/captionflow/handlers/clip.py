@@ -10,6 +10,7 @@ from transformers import CLIPModel, CLIPProcessor
 
 from captionflow.handlers.base import RankModelHandler
 from captionflow.handlers.loading import load_pretrained
+from captionflow.handlers.pixels import PixelValues
 from captionflow.handlers.registry import register_ranker
 from captionflow.records import ScoredCaption
 
@@ -20,6 +21,7 @@ class ClipRanker:
     def __init__(self, model: CLIPModel, processor: CLIPProcessor) -> None:
         self.model = model.eval()
         self.processor = processor
+        self.pixel_values = PixelValues(processor.image_processor)
         self.max_text_tokens = model.config.text_config.max_position_embeddings
 
     @classmethod
@@ -48,7 +50,6 @@ class ClipRanker:
         self, images: Sequence[Image.Image], candidates: Sequence[Sequence[str]]
     ) -> list[list[ScoredCaption]]:
         device, dtype = self.model.device, self.model.dtype
-        pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"]
         texts = [text for group in candidates for text in group]
         tokens = self.processor.tokenizer(
             texts,
@@ -57,7 +58,7 @@ class ClipRanker:
             max_length=self.max_text_tokens,
             return_tensors="pt",
         ).to(device)
-        pixels = pixels.to(device, dtype)
+        pixels = self.pixel_values(images, device, dtype)
         image_embeds = _embedding(self.model.get_image_features(pixel_values=pixels))
         text_embeds = _embedding(self.model.get_text_features(**tokens))
         image_embeds = torch.nn.functional.normalize(image_embeds.float(), dim=-1)
