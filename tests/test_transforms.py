@@ -338,3 +338,65 @@ def test_a_double_star_glob_matches_zero_or_more_folders_like_pythons_glob(tmp_p
     pattern = str(tmp_path / "**" / "*.jpg")
     expected = [str(top), str(nested), str(deep)]
     run_pipeline(lambda p: assert_that(p | ReadImagePaths(pattern), equal_to(expected)))
+
+
+def test_load_images_makes_each_models_view_once_where_it_decodes(
+    image_dir: Path, tiny_blip: str, tiny_clip: str
+) -> None:
+    from captionflow.views import ImageViews
+
+    captioner, ranker = BlipCaptionHandler(tiny_blip), ClipRankHandler(tiny_clip)
+    specs = {captioner.view_spec(), ranker.view_spec()}
+    assert None not in specs and len(specs) == 2  # squash vs shortest edge + crop
+    uris = sorted(str(p) for p in image_dir.iterdir())
+
+    def check(loaded: list[tuple[str, ImageViews]]) -> None:
+        assert sorted(uri for uri, _ in loaded) == uris
+        for _, views in loaded:
+            assert isinstance(views, ImageViews) and set(views.views) == specs
+            assert all(
+                v.shape == (*s.size, 3) and v.dtype == "uint8" for s, v in views.views.items()
+            )
+
+    def build(p: beam.Pipeline) -> None:
+        loaded = p | beam.Create(uris) | LoadImages(views=(captioner.view_spec, ranker.view_spec))
+        assert_that(loaded.images | beam.combiners.ToList(), lambda lists: check(lists[0]))
+
+    run_pipeline(build)
+
+
+def test_views_and_pictures_give_the_same_records(
+    image_dir: Path, tiny_blip: str, tiny_clip: str
+) -> None:
+    """`CaptionImages` ships views made at decode time; the steps composed by hand on decoded
+    pictures (the library route, any handler) must caption and rank identically."""
+    from captionflow import GenerateCaptions, RankCaptions
+
+    uris = sorted(str(p) for p in image_dir.iterdir())
+    decoding = DecodingOptions(strategy="beam", num_captions=3)
+    captioner = BlipCaptionHandler(tiny_blip, decoding=decoding, max_batch_size=2)
+    ranker = ClipRankHandler(tiny_clip, max_batch_size=3)
+
+    def as_tuples(record: CaptionRecord) -> tuple:
+        return (record.image_uri, tuple((c.text, round(c.score, 5)) for c in record.candidates))
+
+    with TestPipeline(runner="FnApiRunner") as p:
+        via_views, _ = p | "Uris" >> beam.Create(uris) | CaptionImages(captioner, ranker)
+        loaded = p | "Again" >> beam.Create(uris) | "Pictures" >> LoadImages()
+        candidates = loaded.images | GenerateCaptions(captioner)
+        via_pictures = candidates.candidates | RankCaptions(ranker)
+        tagged = (
+            via_views | "V" >> beam.Map(lambda r: ("views", as_tuples(r))),
+            via_pictures.captions | "P" >> beam.Map(lambda r: ("pictures", as_tuples(r))),
+        )
+        assert_that(
+            tagged | beam.Flatten() | beam.combiners.ToList(),
+            lambda lists: _same_records(lists[0]),
+        )
+
+
+def _same_records(tagged: list[tuple[str, tuple]]) -> None:
+    routes: dict[str, list] = {"views": [], "pictures": []}
+    for route, record in tagged:
+        routes[route].append(record)
+    assert len(routes["views"]) == 4 and sorted(routes["views"]) == sorted(routes["pictures"])

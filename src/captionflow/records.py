@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
+
+if TYPE_CHECKING:
+    from captionflow.views import ImageViews
 
 STAGES = ("read", "decode", "caption", "rank")
 
@@ -29,7 +32,7 @@ class CaptionCandidates:
     """An image with the captions its captioner proposed, on its way to the ranker."""
 
     image_uri: str
-    image: Image.Image
+    image: Image.Image | ImageViews
     texts: tuple[str, ...]
     captioner: str
 

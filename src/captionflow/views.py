@@ -25,7 +25,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["ViewSpec", "make_view", "normalize", "view_spec_from_processor"]
+__all__ = [
+    "ImageViews",
+    "ViewSpec",
+    "make_view",
+    "make_views",
+    "normalize",
+    "view_spec_from_processor",
+]
 
 Resize = Literal["squash", "shortest_edge", "none"]
 
@@ -115,6 +122,25 @@ def make_view(image: Image.Image, spec: ViewSpec) -> np.ndarray:
     if spec.center_crop:
         image = _center_crop(image, spec.size)
     return np.asarray(image)
+
+
+@dataclass(frozen=True, eq=False)
+class ImageViews:
+    """One decoded image as the views its models take, made once where it was decoded: what
+    travels to the models instead of the picture (a few hundred kB of uint8, not megabytes),
+    shared by the captioner and the ranker."""
+
+    size: tuple[int, int]  # the decoded image's (width, height)
+    views: dict[ViewSpec, np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(view.nbytes for view in self.views.values())
+
+
+def make_views(image: Image.Image, specs: Sequence[ViewSpec]) -> ImageViews:
+    """Every distinct view of `image` that `specs` ask for (two models may share one)."""
+    return ImageViews(image.size, {spec: make_view(image, spec) for spec in dict.fromkeys(specs)})
 
 
 def _center_crop(image: Image.Image, size: tuple[int, int]) -> Image.Image:

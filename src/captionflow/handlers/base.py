@@ -20,6 +20,7 @@ from PIL import Image
 
 from captionflow.handlers.decoding import DecodingOptions
 from captionflow.records import ScoredCaption
+from captionflow.views import ImageViews, ViewSpec
 
 logger = logging.getLogger(__name__)
 
@@ -27,13 +28,16 @@ ExampleT = TypeVar("ExampleT")
 PredictionT = TypeVar("PredictionT")
 ModelT = TypeVar("ModelT")
 
-RankExample = tuple[Image.Image, Sequence[str]]
+# What a model is given for one image: the decoded picture, or the views the decode step made
+# for it (when the handler declares one with `view_spec`).
+ModelImage = Image.Image | ImageViews
+RankExample = tuple[ModelImage, Sequence[str]]
 
 
 class Captioner(Protocol):
     """A loaded captioning model."""
 
-    def caption(self, images: Sequence[Image.Image]) -> list[list[str]]:
+    def caption(self, images: Sequence[ModelImage]) -> list[list[str]]:
         """Distinct candidate captions for each image, in one batched call."""
         ...
 
@@ -42,7 +46,7 @@ class Ranker(Protocol):
     """A loaded image-text scoring model."""
 
     def rank(
-        self, images: Sequence[Image.Image], candidates: Sequence[Sequence[str]]
+        self, images: Sequence[ModelImage], candidates: Sequence[Sequence[str]]
     ) -> list[list[ScoredCaption]]:
         """Each image's candidates scored against it, best first."""
         ...
@@ -145,9 +149,15 @@ class IsolatingModelHandler(ModelHandler[ExampleT, PredictionT, ModelT]):
             first = self._predict_isolating(model, batch[:half])
             return first + self._predict_isolating(model, batch[half:])
 
+    def view_spec(self) -> ViewSpec | None:
+        """The fixed-size view this model's images become, so that the decode step can make it
+        once (`LoadImages(views=...)`); None (the default) when the model takes decoded images.
+        Called on the workers: it may read the model's processor config."""
+        return None
+
     def get_num_bytes(self, batch: Sequence[ExampleT]) -> int:
         """Pixel bytes, counted rather than pickled (Beam's default pickles every batch)."""
-        return sum(image.width * image.height * 3 for image in map(_image_of, batch))
+        return sum(_pixel_bytes(_image_of(example)) for example in batch)
 
     def get_metrics_namespace(self) -> str:
         return f"captionflow_{self.kind}"
@@ -175,11 +185,15 @@ def _failure(error: Exception) -> InferenceFailure:
     return InferenceFailure(type(error).__name__, str(error) or repr(error))
 
 
-def _image_of(example: Any) -> Image.Image:
+def _image_of(example: Any) -> ModelImage:
     return example[0] if isinstance(example, tuple) else example
 
 
-class CaptionModelHandler(IsolatingModelHandler[Image.Image, list[str], Captioner]):
+def _pixel_bytes(image: ModelImage) -> int:
+    return image.nbytes if isinstance(image, ImageViews) else image.width * image.height * 3
+
+
+class CaptionModelHandler(IsolatingModelHandler[ModelImage, list[str], Captioner]):
     """Base for captioners: images in, a list of distinct candidate captions per image out."""
 
     def __init__(
@@ -191,7 +205,7 @@ class CaptionModelHandler(IsolatingModelHandler[Image.Image, list[str], Captione
     @abstractmethod
     def load_model(self) -> Captioner: ...
 
-    def predict(self, model: Captioner, batch: Sequence[Image.Image]) -> list[list[str]]:
+    def predict(self, model: Captioner, batch: Sequence[ModelImage]) -> list[list[str]]:
         return model.caption(list(batch))
 
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from PIL import Image
 from transformers import BlipForConditionalGeneration, BlipProcessor
 
-from captionflow.handlers.base import CaptionModelHandler
+from captionflow.handlers.base import CaptionModelHandler, ModelImage
 from captionflow.handlers.decoding import DecodingOptions
 from captionflow.handlers.loading import load_pretrained
-from captionflow.handlers.pixels import PixelValues
+from captionflow.handlers.pixels import PixelValues, view_spec_of
 from captionflow.handlers.registry import register_captioner
+from captionflow.views import ViewSpec
 
 
 class BlipCaptioner:
@@ -58,7 +58,7 @@ class BlipCaptioner:
         return cls(model, processor, decoding)
 
     @torch.inference_mode()
-    def caption(self, images: Sequence[Image.Image]) -> list[list[str]]:
+    def caption(self, images: Sequence[ModelImage]) -> list[list[str]]:
         device = self.model.device
         prompts = self.processor.tokenizer(
             [self.decoding.prompt] * len(images), return_tensors="pt"
@@ -123,6 +123,9 @@ class BlipCaptionHandler(CaptionModelHandler):
 
     kind = "blip"
     default_model = "Salesforce/blip-image-captioning-base"
+
+    def view_spec(self) -> ViewSpec | None:
+        return view_spec_of(self.model_id, BlipProcessor, trust_remote_code=self.trust_remote_code)
 
     def load_model(self) -> BlipCaptioner:
         return BlipCaptioner.from_pretrained(

@@ -5,14 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from PIL import Image
 from transformers import CLIPModel, CLIPProcessor
 
-from captionflow.handlers.base import RankModelHandler
+from captionflow.handlers.base import ModelImage, RankModelHandler
 from captionflow.handlers.loading import load_pretrained
-from captionflow.handlers.pixels import PixelValues
+from captionflow.handlers.pixels import PixelValues, view_spec_of
 from captionflow.handlers.registry import register_ranker
 from captionflow.records import ScoredCaption
+from captionflow.views import ViewSpec
 
 
 class ClipRanker:
@@ -47,7 +47,7 @@ class ClipRanker:
 
     @torch.inference_mode()
     def rank(
-        self, images: Sequence[Image.Image], candidates: Sequence[Sequence[str]]
+        self, images: Sequence[ModelImage], candidates: Sequence[Sequence[str]]
     ) -> list[list[ScoredCaption]]:
         device, dtype = self.model.device, self.model.dtype
         texts = [text for group in candidates for text in group]
@@ -89,6 +89,9 @@ class ClipRankHandler(RankModelHandler):
 
     kind = "clip"
     default_model = "openai/clip-vit-base-patch32"
+
+    def view_spec(self) -> ViewSpec | None:
+        return view_spec_of(self.model_id, CLIPProcessor, trust_remote_code=self.trust_remote_code)
 
     def load_model(self) -> ClipRanker:
         return ClipRanker.from_pretrained(

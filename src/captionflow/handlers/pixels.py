@@ -16,7 +16,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from captionflow.views import ViewSpec, make_view, normalize, view_spec_from_processor
+from captionflow.handlers.loading import localize
+from captionflow.views import (
+    ImageViews,
+    ViewSpec,
+    make_view,
+    normalize,
+    view_spec_from_processor,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -35,13 +42,43 @@ class PixelValues:
             logger.info("using %s as it is: %s", type(image_processor).__name__, error)
 
     def __call__(
-        self, images: Sequence[Image.Image], device: torch.device, dtype: torch.dtype
+        self, images: Sequence[Image.Image | ImageViews], device: torch.device, dtype: torch.dtype
     ) -> torch.Tensor:
-        rgb = [image if image.mode == "RGB" else image.convert("RGB") for image in images]
+        """Decoded images, or the views the decode step already made (`ImageViews`), as this
+        model's `pixel_values` on `device`."""
         if self.spec is None:
-            pixels = self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
-            return pixels.to(device, dtype)
-        batch = torch.from_numpy(np.stack([make_view(image, self.spec) for image in rgb]))
+            pixels = self.image_processor(images=[_rgb(i) for i in images], return_tensors="pt")
+            return pixels["pixel_values"].to(device, dtype)
+        batch = torch.from_numpy(np.stack([self._view(image) for image in images]))
         if device.type == "cuda":  # page-locked: the copy overlaps with the GPU's work
             batch = batch.pin_memory().to(device, non_blocking=True)
         return normalize(batch.to(device), self.spec, dtype)
+
+    def _view(self, image: Image.Image | ImageViews) -> np.ndarray:
+        assert self.spec is not None
+        if not isinstance(image, ImageViews):
+            return make_view(_rgb(image), self.spec)
+        if self.spec not in image.views:
+            raise ValueError(f"the decode step made no view of {self.spec} for this model")
+        return image.views[self.spec]
+
+
+def _rgb(image: Image.Image | ImageViews) -> Image.Image:
+    if isinstance(image, ImageViews):
+        raise ValueError("views from the decode step, but this model takes decoded images")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def view_spec_of(
+    model: str, processor_class: Any, *, trust_remote_code: bool = False
+) -> ViewSpec | None:
+    """The view a model's images become, read from its processor's config alone (the model is
+    not loaded); None when it cannot be had or described (the model then takes pictures)."""
+    try:
+        processor = processor_class.from_pretrained(
+            localize(model), trust_remote_code=trust_remote_code
+        )
+        return view_spec_from_processor(processor.image_processor)
+    except Exception as error:
+        logger.info("no view for %s (%s); its images travel decoded", model, error)
+        return None

@@ -28,8 +28,9 @@ class CaptionImages(beam.PTransform):
 
         captions, errors = uris | CaptionImages(captioner_handler("blip"), ranker_handler("clip"))
 
-    Each image is read and decoded once, captioned in batches, ranked in batches, and never
-    shuffled. A failing image becomes an `ErrorRecord` with its stage and reason.
+    Each image is read and decoded once into the views its models take (when they say which:
+    `view_spec`), captioned in batches, ranked in batches, and never shuffled. A failing image
+    becomes an `ErrorRecord` with its stage and reason.
     """
 
     def __init__(
@@ -50,7 +51,10 @@ class CaptionImages(beam.PTransform):
 
     def expand(self, uris: PCollection[str]) -> CaptionOutputs:
         loaded = uris | "Load" >> LoadImages(
-            max_side=self.max_side, max_pixels=self.max_pixels, max_bytes=self.max_bytes
+            max_side=self.max_side,
+            max_pixels=self.max_pixels,
+            max_bytes=self.max_bytes,
+            views=(self.captioner.view_spec, self.ranker.view_spec),
         )
         captioned = loaded[IMAGES] | "Generate" >> GenerateCaptions(self.captioner)
         ranked = captioned[CANDIDATES] | "Rank" >> RankCaptions(self.ranker)

@@ -13,9 +13,13 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, PredictionResult, RunInference
 from apache_beam.pvalue import PCollection
-from PIL import Image
 
-from captionflow.handlers.base import CaptionModelHandler, InferenceFailure, RankModelHandler
+from captionflow.handlers.base import (
+    CaptionModelHandler,
+    InferenceFailure,
+    ModelImage,
+    RankModelHandler,
+)
 from captionflow.records import CaptionCandidates, CaptionRecord, ErrorRecord
 from captionflow.transforms.errors import ERRORS, NAMESPACE, error_output
 
@@ -42,13 +46,14 @@ def _to_candidates(
 
 
 class GenerateCaptions(beam.PTransform):
-    """`(uri, image)` to `CaptionCandidates` on `candidates`; failed images on `errors`."""
+    """`(uri, image)` (a picture, or its `ImageViews`) to `CaptionCandidates` on `candidates`;
+    failed images on `errors`."""
 
     def __init__(self, handler: CaptionModelHandler) -> None:
         super().__init__()
         self.handler = handler
 
-    def expand(self, images: PCollection[tuple[str, Image.Image]]) -> beam.pvalue.DoOutputsTuple:
+    def expand(self, images: PCollection[tuple[str, ModelImage]]) -> beam.pvalue.DoOutputsTuple:
         return (
             images
             | "Caption" >> RunInference(KeyedModelHandler(self.handler))
