@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import apache_beam as beam
@@ -26,8 +26,8 @@ from PIL import Image
 
 from captionflow import CaptionImages, LoadImages
 from captionflow.cli import main
-from captionflow.handlers import BlipCaptioner, BlipCaptionHandler, ClipRankHandler
-from captionflow.handlers.base import DeviceFailedError
+from captionflow.handlers import ClipRankHandler
+from captionflow.handlers.base import DeviceFailedError, ModelImages
 from tests.conftest import random_image, write_images
 from tests.killer import (
     MARKER_ENV,
@@ -35,6 +35,8 @@ from tests.killer import (
     STALL_GLOB_ENV,
     STALLED_MARKER_ENV,
     TRIGGER_SIZE,
+    MisbehavingHandler,
+    image_sizes,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -324,13 +326,12 @@ def test_formats_we_do_not_decode_are_decode_errors_that_say_why(tmp_path: Path)
         build(pipeline)
 
 
-class FailOnTinyImages(BlipCaptionHandler):
+class FailOnTinyImages(MisbehavingHandler):
     """A BLIP handler whose model refuses any batch holding a 13x13 image."""
 
-    def predict(self, model: BlipCaptioner, batch: Sequence[Image.Image]) -> list[list[str]]:
-        if any(image.size == (13, 13) for image in batch):
+    def before(self, images: ModelImages) -> None:
+        if (13, 13) in image_sizes(images):
             raise ValueError("refusing 13x13 images")
-        return super().predict(model, batch)
 
 
 def test_a_model_failing_on_one_image_fails_only_that_image(
@@ -648,7 +649,7 @@ def test_checkpoints_of_an_interrupted_run_are_not_dropped_without_resume(
     assert (parts / "part-1.jsonl").exists()
 
 
-class FailsAboveTwo(BlipCaptionHandler):
+class FailsAboveTwo(MisbehavingHandler):
     """A BLIP whose device refuses batches of more than two images with `error`, and which
     notes the size of every batch it is given."""
 
@@ -657,11 +658,10 @@ class FailsAboveTwo(BlipCaptionHandler):
         self.error = error
         self.sizes: list[int] = []
 
-    def predict(self, model: BlipCaptioner, batch: Sequence[Image.Image]) -> list[list[str]]:
-        self.sizes.append(len(batch))
-        if len(batch) > 2:
+    def before(self, images: ModelImages) -> None:
+        self.sizes.append(len(images))
+        if len(images) > 2:
             raise self.error
-        return super().predict(model, batch)
 
 
 def test_out_of_device_memory_splits_the_batch_in_halves(tiny_blip: str) -> None:

@@ -365,11 +365,13 @@ def test_load_images_makes_each_models_view_once_where_it_decodes(
     run_pipeline(build)
 
 
+@pytest.mark.parametrize("engine", ["local", "shared"])
 def test_views_and_pictures_give_the_same_records(
-    image_dir: Path, tiny_blip: str, tiny_clip: str
+    image_dir: Path, tiny_blip: str, tiny_clip: str, engine: str
 ) -> None:
-    """`CaptionImages` ships views made at decode time; the steps composed by hand on decoded
-    pictures (the library route, any handler) must caption and rank identically."""
+    """`CaptionImages` ships views made at decode time to a model engine (in this process, or
+    in one of its own) that captions and ranks in one call; the steps composed by hand on
+    decoded pictures (the library route, any handler) must caption and rank identically."""
     from captionflow import GenerateCaptions, RankCaptions
 
     uris = sorted(str(p) for p in image_dir.iterdir())
@@ -381,7 +383,9 @@ def test_views_and_pictures_give_the_same_records(
         return (record.image_uri, tuple((c.text, round(c.score, 5)) for c in record.candidates))
 
     with TestPipeline(runner="FnApiRunner") as p:
-        via_views, _ = p | "Uris" >> beam.Create(uris) | CaptionImages(captioner, ranker)
+        via_views, _ = (
+            p | "Uris" >> beam.Create(uris) | CaptionImages(captioner, ranker, engine=engine)
+        )
         loaded = p | "Again" >> beam.Create(uris) | "Pictures" >> LoadImages()
         candidates = loaded.images | GenerateCaptions(captioner)
         via_pictures = candidates.candidates | RankCaptions(ranker)

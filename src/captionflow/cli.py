@@ -131,13 +131,37 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="auto (float16 on GPU, float32 on CPU), float32, float16, bfloat16",
     )
-    models.add_argument("--caption-batch-size", type=int, default=8, help="(default: %(default)s)")
-    models.add_argument("--rank-batch-size", type=int, default=32, help="(default: %(default)s)")
+    models.add_argument(
+        "--caption-batch-size",
+        type=int,
+        default=8,
+        help="images each worker thread sends the models at once (default: %(default)s)",
+    )
+    models.add_argument(
+        "--engine-batch-size",
+        type=int,
+        default=256,
+        help="most images per model call, once the requests of all threads and processes "
+        "are merged: the GPU batch (default: %(default)s)",
+    )
+    models.add_argument(
+        "--rank-batch-size",
+        type=int,
+        default=32,
+        help="most images per ranking call (default: %(default)s)",
+    )
+    models.add_argument(
+        "--engine",
+        choices=("auto", "local", "shared"),
+        default="auto",
+        help="where the models run: local (in each worker process), shared (one engine "
+        "process per GPU serving every process of the machine), auto (shared where there is "
+        "a GPU or --model-copies is set) (default: %(default)s)",
+    )
     models.add_argument(
         "--model-copies",
         type=int,
-        help="load N copies of each model per machine, shared by all its processes, one per "
-        "GPU (set it to a worker's GPU count); default: one per process",
+        help="shared engines per machine, spread over its GPUs; default: one per GPU",
     )
     models.add_argument(
         "--accelerator-hint",

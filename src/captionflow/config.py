@@ -78,6 +78,8 @@ class RunConfig(BaseModel):
     decoding: DecodingOptions = DecodingOptions()
     caption_batch_size: int = Field(8, ge=1, le=4096)
     rank_batch_size: int = Field(32, ge=1, le=4096)
+    engine_batch_size: int = Field(256, ge=1, le=65536)
+    engine: Literal["auto", "local", "shared"] = "auto"
     device: str = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     limit: int | None = Field(None, ge=1)

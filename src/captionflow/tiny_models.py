@@ -16,8 +16,9 @@ WORDS = (
 ).split()
 
 
-def build_tiny_blip(directory: str) -> str:
-    """A ~60k-parameter BLIP captioner with a real BERT tokenizer and BLIP processor."""
+def build_tiny_blip(directory: str, image_size: int = 32) -> str:
+    """A ~60k-parameter BLIP captioner with a real BERT tokenizer and BLIP processor; with
+    `image_size` 384, BLIP-base's input size at next to no compute."""
     from transformers import (
         BertTokenizer,
         BlipConfig,
@@ -31,7 +32,7 @@ def build_tiny_blip(directory: str) -> str:
     tokenizer = BertTokenizer(
         vocab=vocab, bos_token="[DEC]", additional_special_tokens=["[ENC]"], model_max_length=64
     )
-    image_processor = BlipImageProcessorPil(size={"height": 32, "width": 32})
+    image_processor = BlipImageProcessorPil(size={"height": image_size, "width": image_size})
     small = {
         "hidden_size": 32,
         "intermediate_size": 64,
@@ -39,7 +40,7 @@ def build_tiny_blip(directory: str) -> str:
         "num_hidden_layers": 2,
     }
     config = BlipConfig(
-        vision_config=small | {"image_size": 32, "patch_size": 8},
+        vision_config=small | {"image_size": image_size, "patch_size": _patch(image_size)},
         text_config=small
         | {
             "vocab_size": len(vocab),
@@ -56,8 +57,9 @@ def build_tiny_blip(directory: str) -> str:
     return directory
 
 
-def build_tiny_clip(directory: str) -> str:
-    """A ~50k-parameter CLIP ranker with a real byte-level BPE tokenizer and CLIP processor."""
+def build_tiny_clip(directory: str, image_size: int = 32) -> str:
+    """A ~50k-parameter CLIP ranker with a real byte-level BPE tokenizer and CLIP processor;
+    `image_size` is its crop (224 for CLIP-B/32's input)."""
     from transformers import (
         CLIPConfig,
         CLIPImageProcessorPil,
@@ -72,7 +74,7 @@ def build_tiny_clip(directory: str) -> str:
     vocab = {token: i for i, token in enumerate(vocab_tokens)}
     tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=32)
     image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
     small = {
         "hidden_size": 32,
@@ -81,7 +83,7 @@ def build_tiny_clip(directory: str) -> str:
         "num_hidden_layers": 2,
     }
     config = CLIPConfig(
-        vision_config=small | {"image_size": 32, "patch_size": 8},
+        vision_config=small | {"image_size": image_size, "patch_size": _patch(image_size)},
         text_config=small
         | {
             "vocab_size": len(vocab),
@@ -105,6 +107,11 @@ def build_tiny_models(directory: str) -> tuple[str, str]:
     blip = build_tiny_blip(os.path.join(directory, "tiny-blip"))
     clip = build_tiny_clip(os.path.join(directory, "tiny-clip"))
     return blip, clip
+
+
+def _patch(image_size: int) -> int:
+    """Patches of 8 pixels at 32 px: 4x4 of them, at any input size (next to no compute)."""
+    return max(8, image_size // 4)
 
 
 def _save(directory: str, model: object, processor: object) -> None:

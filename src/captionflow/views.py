@@ -27,6 +27,7 @@ from PIL import Image
 
 __all__ = [
     "ImageViews",
+    "ViewBatch",
     "ViewSpec",
     "make_view",
     "make_views",
@@ -310,3 +311,61 @@ def _per_channel(value: Any, field: str, name: str) -> tuple[float, float, float
     if len(values) != 3:
         raise ValueError(f"{name}: {field} {value} needs 3 values, one per RGB channel")
     return values[0], values[1], values[2]
+
+
+@dataclass(frozen=True, eq=False)
+class ViewBatch:
+    """The views of several images, stacked per spec: one uint8 (N, H, W, 3) tensor for each
+    model input, and each image's decoded (width, height). What crosses to a model engine
+    (torch shares a tensor's memory with another process instead of pickling its bytes) and to
+    the device, in one piece per input."""
+
+    views: dict[ViewSpec, torch.Tensor]
+    sizes: tuple[tuple[int, int], ...]
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    @classmethod
+    def stack(cls, images: Sequence[ImageViews]) -> ViewBatch:
+        """Stack the views that every image has (the decode step makes the same set for all)."""
+        specs = images[0].views.keys() if images else ()
+        return cls(
+            {spec: torch.from_numpy(np.stack([i.views[spec] for i in images])) for spec in specs},
+            tuple(image.size for image in images),
+        )
+
+    @classmethod
+    def concat(cls, batches: Sequence[ViewBatch]) -> ViewBatch:
+        """Several batches as one (requests of several workers merged into one model call)."""
+        if len(batches) == 1:
+            return batches[0]
+        specs = batches[0].views.keys()
+        return cls(
+            {spec: torch.cat([b.views[spec] for b in batches]) for spec in specs},
+            tuple(size for b in batches for size in b.sizes),
+        )
+
+    def select(self, indexes: Sequence[int]) -> ViewBatch:
+        """The images at `indexes`, in that order."""
+        if list(indexes) == list(range(len(self))):
+            return self
+        index = torch.tensor(list(indexes), dtype=torch.long)
+        return ViewBatch(
+            {spec: view[index.to(view.device)] for spec, view in self.views.items()},
+            tuple(self.sizes[i] for i in indexes),
+        )
+
+    def to(self, device: torch.device) -> ViewBatch:
+        """On `device` (see `to_device`)."""
+        return ViewBatch(
+            {spec: to_device(view, device) for spec, view in self.views.items()}, self.sizes
+        )
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device`; to a GPU through page-locked memory, so that the copy runs
+    asynchronously (on the current stream) while the host goes on."""
+    if tensor.device == device or device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)

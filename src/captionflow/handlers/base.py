@@ -20,7 +20,7 @@ from PIL import Image
 
 from captionflow.handlers.decoding import DecodingOptions
 from captionflow.records import ScoredCaption
-from captionflow.views import ImageViews, ViewSpec
+from captionflow.views import ImageViews, ViewBatch, ViewSpec
 
 logger = logging.getLogger(__name__)
 
@@ -31,13 +31,23 @@ ModelT = TypeVar("ModelT")
 # What a model is given for one image: the decoded picture, or the views the decode step made
 # for it (when the handler declares one with `view_spec`).
 ModelImage = Image.Image | ImageViews
+# What a model call is given for a batch: the images, or their views stacked per model input.
+ModelImages = Sequence[ModelImage] | ViewBatch
 RankExample = tuple[ModelImage, Sequence[str]]
+
+
+def model_batch(images: Sequence[ModelImage]) -> ModelImages:
+    """Views stacked into one tensor per model input (made once, for both models); pictures
+    as they are."""
+    if images and all(isinstance(image, ImageViews) for image in images):
+        return ViewBatch.stack(images)  # type: ignore[arg-type]
+    return list(images)
 
 
 class Captioner(Protocol):
     """A loaded captioning model."""
 
-    def caption(self, images: Sequence[ModelImage]) -> list[list[str]]:
+    def caption(self, images: ModelImages) -> list[list[str]]:
         """Distinct candidate captions for each image, in one batched call."""
         ...
 
@@ -46,7 +56,7 @@ class Ranker(Protocol):
     """A loaded image-text scoring model."""
 
     def rank(
-        self, images: Sequence[ModelImage], candidates: Sequence[Sequence[str]]
+        self, images: ModelImages, candidates: Sequence[Sequence[str]]
     ) -> list[list[ScoredCaption]]:
         """Each image's candidates scored against it, best first."""
         ...
@@ -64,6 +74,7 @@ class InferenceFailure:
 
     error_type: str
     message: str
+    stage: str | None = None  # where a multi-stage model failed (an engine: caption or rank)
 
 
 class IsolatingModelHandler(ModelHandler[ExampleT, PredictionT, ModelT]):
@@ -182,7 +193,9 @@ def is_sticky_device_error(error: BaseException) -> bool:
 
 
 def _failure(error: Exception) -> InferenceFailure:
-    return InferenceFailure(type(error).__name__, str(error) or repr(error))
+    return InferenceFailure(
+        type(error).__name__, str(error) or repr(error), getattr(error, "stage", None)
+    )
 
 
 def _image_of(example: Any) -> ModelImage:
@@ -206,7 +219,7 @@ class CaptionModelHandler(IsolatingModelHandler[ModelImage, list[str], Captioner
     def load_model(self) -> Captioner: ...
 
     def predict(self, model: Captioner, batch: Sequence[ModelImage]) -> list[list[str]]:
-        return model.caption(list(batch))
+        return model.caption(model_batch(batch))
 
 
 class RankModelHandler(IsolatingModelHandler[RankExample, list[ScoredCaption], Ranker]):
@@ -217,4 +230,4 @@ class RankModelHandler(IsolatingModelHandler[RankExample, list[ScoredCaption], R
 
     def predict(self, model: Ranker, batch: Sequence[RankExample]) -> list[list[ScoredCaption]]:
         images, candidates = zip(*batch, strict=True)
-        return model.rank(list(images), [list(texts) for texts in candidates])
+        return model.rank(model_batch(images), [list(texts) for texts in candidates])

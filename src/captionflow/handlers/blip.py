@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from transformers import BlipForConditionalGeneration, BlipProcessor
 
-from captionflow.handlers.base import CaptionModelHandler, ModelImage
+from captionflow.handlers.base import CaptionModelHandler, ModelImages
 from captionflow.handlers.decoding import DecodingOptions
 from captionflow.handlers.loading import load_pretrained
 from captionflow.handlers.pixels import PixelValues, view_spec_of
@@ -58,7 +58,7 @@ class BlipCaptioner:
         return cls(model, processor, decoding)
 
     @torch.inference_mode()
-    def caption(self, images: Sequence[ModelImage]) -> list[list[str]]:
+    def caption(self, images: ModelImages) -> list[list[str]]:
         device = self.model.device
         prompts = self.processor.tokenizer(
             [self.decoding.prompt] * len(images), return_tensors="pt"

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from transformers import CLIPModel, CLIPProcessor
 
-from captionflow.handlers.base import ModelImage, RankModelHandler
+from captionflow.handlers.base import ModelImages, RankModelHandler
 from captionflow.handlers.loading import load_pretrained
 from captionflow.handlers.pixels import PixelValues, view_spec_of
 from captionflow.handlers.registry import register_ranker
@@ -47,7 +47,7 @@ class ClipRanker:
 
     @torch.inference_mode()
     def rank(
-        self, images: Sequence[ModelImage], candidates: Sequence[Sequence[str]]
+        self, images: ModelImages, candidates: Sequence[Sequence[str]]
     ) -> list[list[ScoredCaption]]:
         device, dtype = self.model.device, self.model.dtype
         texts = [text for group in candidates for text in group]

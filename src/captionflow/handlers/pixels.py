@@ -19,9 +19,11 @@ from PIL import Image
 from captionflow.handlers.loading import localize
 from captionflow.views import (
     ImageViews,
+    ViewBatch,
     ViewSpec,
     make_view,
     normalize,
+    to_device,
     view_spec_from_processor,
 )
 
@@ -42,17 +44,24 @@ class PixelValues:
             logger.info("using %s as it is: %s", type(image_processor).__name__, error)
 
     def __call__(
-        self, images: Sequence[Image.Image | ImageViews], device: torch.device, dtype: torch.dtype
+        self,
+        images: Sequence[Image.Image | ImageViews] | ViewBatch,
+        device: torch.device,
+        dtype: torch.dtype,
     ) -> torch.Tensor:
-        """Decoded images, or the views the decode step already made (`ImageViews`), as this
-        model's `pixel_values` on `device`."""
-        if self.spec is None:
+        """Decoded images, the views the decode step made (`ImageViews`), or those views
+        already stacked (`ViewBatch`, possibly on the device), as this model's `pixel_values`
+        on `device`."""
+        if isinstance(images, ViewBatch):
+            if self.spec is None or self.spec not in images.views:
+                raise ValueError(f"the decode step made no view of {self.spec} for this model")
+            batch = images.views[self.spec]
+        elif self.spec is None:
             pixels = self.image_processor(images=[_rgb(i) for i in images], return_tensors="pt")
             return pixels["pixel_values"].to(device, dtype)
-        batch = torch.from_numpy(np.stack([self._view(image) for image in images]))
-        if device.type == "cuda":  # page-locked: the copy overlaps with the GPU's work
-            batch = batch.pin_memory().to(device, non_blocking=True)
-        return normalize(batch.to(device), self.spec, dtype)
+        else:
+            batch = torch.from_numpy(np.stack([self._view(image) for image in images]))
+        return normalize(to_device(batch, device), self.spec, dtype)
 
     def _view(self, image: Image.Image | ImageViews) -> np.ndarray:
         assert self.spec is not None

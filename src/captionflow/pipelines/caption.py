@@ -26,7 +26,6 @@ def build_caption_pipeline(
         "device": config.device,
         "dtype": config.dtype,
         "trust_remote_code": config.trust_remote_code,
-        "model_copies": config.model_copies,
     }
     captioner = captioner_handler(
         config.captioner,
@@ -50,6 +49,9 @@ def build_caption_pipeline(
         max_side=config.max_side,
         max_pixels=config.max_pixels,
         max_bytes=config.max_bytes,
+        engine=config.engine,
+        engine_batch_size=config.engine_batch_size,
+        engines=config.model_copies,
     )
     if config.accelerator_hint:  # decoding stays fused with inference: images never shuffle
         caption_images = caption_images.with_resource_hints(accelerator=config.accelerator_hint)

@@ -7,12 +7,14 @@ from typing import NamedTuple
 import apache_beam as beam
 from apache_beam.pvalue import PCollection
 
+from captionflow.engine import EngineMode
 from captionflow.handlers.base import CaptionModelHandler, RankModelHandler
+from captionflow.handlers.captionrank import CaptionRankHandler
 from captionflow.handlers.registry import captioner_handler, ranker_handler
 from captionflow.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
 from captionflow.records import CaptionRecord, ErrorRecord
 from captionflow.transforms.errors import ERRORS
-from captionflow.transforms.inference import CANDIDATES, CAPTIONS, GenerateCaptions, RankCaptions
+from captionflow.transforms.inference import CAPTIONS, CaptionAndRank
 from captionflow.transforms.load import IMAGES, LoadImages
 
 
@@ -41,10 +43,20 @@ class CaptionImages(beam.PTransform):
         max_side: int = DEFAULT_MAX_SIDE,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         max_bytes: int = DEFAULT_MAX_BYTES,
+        engine: EngineMode = "auto",
+        engine_batch_size: int = 256,
+        engines: int | None = None,
     ) -> None:
         super().__init__()
         self.captioner = captioner or captioner_handler()
         self.ranker = ranker or ranker_handler()
+        self.engine = CaptionRankHandler(
+            self.captioner,
+            self.ranker,
+            engine_batch_size=engine_batch_size,
+            engine=engine,
+            engines=engines,
+        )
         self.max_side = max_side
         self.max_pixels = max_pixels
         self.max_bytes = max_bytes
@@ -56,7 +68,6 @@ class CaptionImages(beam.PTransform):
             max_bytes=self.max_bytes,
             views=(self.captioner.view_spec, self.ranker.view_spec),
         )
-        captioned = loaded[IMAGES] | "Generate" >> GenerateCaptions(self.captioner)
-        ranked = captioned[CANDIDATES] | "Rank" >> RankCaptions(self.ranker)
-        errors = (loaded[ERRORS], captioned[ERRORS], ranked[ERRORS]) | "Errors" >> beam.Flatten()
+        ranked = loaded[IMAGES] | "CaptionAndRank" >> CaptionAndRank(self.engine)
+        errors = (loaded[ERRORS], ranked[ERRORS]) | "Errors" >> beam.Flatten()
         return CaptionOutputs(ranked[CAPTIONS], errors)

@@ -20,6 +20,7 @@ from captionflow.handlers.base import (
     ModelImage,
     RankModelHandler,
 )
+from captionflow.handlers.captionrank import CaptionRankHandler
 from captionflow.records import CaptionCandidates, CaptionRecord, ErrorRecord
 from captionflow.transforms.errors import ERRORS, NAMESPACE, error_output
 
@@ -29,7 +30,7 @@ CAPTIONS = "captions"
 
 def _failed(uri: str, stage: str, inference: Any) -> ErrorRecord | None:
     if isinstance(inference, InferenceFailure):
-        return ErrorRecord(uri, stage, inference.error_type, inference.message)
+        return ErrorRecord(uri, inference.stage or stage, inference.error_type, inference.message)
     if not inference:
         return ErrorRecord(uri, stage, "NoCaption", "the model produced no non-empty caption")
     return None
@@ -63,15 +64,21 @@ class GenerateCaptions(beam.PTransform):
 
 
 class _ToRecord(beam.DoFn):
-    def __init__(self, ranker: str) -> None:
+    """A ranked prediction to its `CaptionRecord`; with `captioner` set, the prediction is an
+    engine's (captioned and ranked in one call), where no candidate is a caption failure."""
+
+    def __init__(self, ranker: str, captioner: str | None = None) -> None:
         self.ranker = ranker
+        self.captioner = captioner
         self.captioned = Metrics.counter(NAMESPACE, "images_captioned")
 
     def process(
-        self, keyed: tuple[tuple[str, str], PredictionResult]
+        self, keyed: tuple[tuple[str, str] | str, PredictionResult]
     ) -> Iterator[CaptionRecord | beam.pvalue.TaggedOutput]:
-        (uri, captioner), result = keyed
-        if failure := _failed(uri, "rank", result.inference):
+        key, result = keyed
+        uri, captioner = (key, self.captioner) if isinstance(key, str) else key
+        stage = "caption" if self.captioner and not result.inference else "rank"
+        if failure := _failed(uri, stage, result.inference):
             yield error_output(failure)
             return
         best = result.inference[0]
@@ -96,4 +103,26 @@ class RankCaptions(beam.PTransform):
             | "Rank" >> RunInference(KeyedModelHandler(self.handler))
             | "Records"
             >> beam.ParDo(_ToRecord(self.handler.name)).with_outputs(ERRORS, main=CAPTIONS)
+        )
+
+
+class CaptionAndRank(beam.PTransform):
+    """`(uri, image)` to `CaptionRecord` on `captions`, captioned and ranked in one call to
+    the machine's model engine (`CaptionRankHandler`); failures on `errors`, with the stage
+    that failed. The same records as `GenerateCaptions` then `RankCaptions`, in one batching
+    pass and one crossing to the engine per batch."""
+
+    def __init__(self, handler: CaptionRankHandler) -> None:
+        super().__init__()
+        self.handler = handler
+
+    def expand(self, images: PCollection[tuple[str, ModelImage]]) -> beam.pvalue.DoOutputsTuple:
+        spec = self.handler.spec
+        return (
+            images
+            | "CaptionAndRank" >> RunInference(KeyedModelHandler(self.handler))
+            | "Records"
+            >> beam.ParDo(_ToRecord(spec.ranker.name, spec.captioner.name)).with_outputs(
+                ERRORS, main=CAPTIONS
+            )
         )

@@ -1,0 +1,192 @@
+"""The model engine: requests of many callers merged into model batches, failures kept to
+their own caller, a device failure failing everything, and one engine process per machine
+serving every process, fed through shared memory."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing.reduction import ForkingPickler
+
+import pytest
+import torch
+from apache_beam.utils.multi_process_shared import AUTH_KEY
+
+from captionflow.engine import Engine, EngineClient, EngineSpec
+from captionflow.handlers import BlipCaptionHandler, ClipRankHandler, DecodingOptions
+from captionflow.handlers.base import DeviceFailedError, ModelImages
+from captionflow.views import ImageViews, ViewBatch, ViewSpec, make_views
+from tests.conftest import random_image
+from tests.killer import Misbehaving, image_sizes
+
+DECODING = DecodingOptions(strategy="beam", num_captions=3)
+
+
+def batch_of(specs: list, sizes: list[tuple[int, int]], seed: int = 0) -> ViewBatch:
+    images: list[ImageViews] = [
+        make_views(random_image(w, h, seed=seed + i), specs) for i, (w, h) in enumerate(sizes)
+    ]
+    return ViewBatch.stack(images)
+
+
+@pytest.fixture(scope="module")
+def spec(tiny_blip: str, tiny_clip: str) -> EngineSpec:
+    return EngineSpec(
+        BlipCaptionHandler(tiny_blip, decoding=DECODING),
+        ClipRankHandler(tiny_clip),
+        max_batch_size=64,
+        rank_batch_size=5,
+        mode="local",
+    )
+
+
+@pytest.fixture(scope="module")
+def specs(spec: EngineSpec) -> list:
+    return [spec.captioner.view_spec(), spec.ranker.view_spec()]
+
+
+def engine_with(spec: EngineSpec, before: Callable[[ModelImages], None]) -> Engine:
+    engine = spec.load()
+    engine.captioner = Misbehaving(engine.captioner, before)
+    return engine
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def call_in_threads(engine: Engine, batches: list[ViewBatch]) -> list[object]:
+    """Each batch sent from a thread of its own; the first is held inside the model until
+    every request has been taken in, so that the others queue behind it."""
+    release = threading.Event()
+    first_size = batches[0].sizes
+
+    def hold_the_first(images: ModelImages) -> None:
+        if tuple(image_sizes(images)) == first_size:
+            release.wait(timeout=60)
+
+    engine.captioner = Misbehaving(engine.captioner, hold_the_first)
+    results: list[object] = [None] * len(batches)
+
+    def call(i: int) -> None:
+        try:
+            results[i] = engine.caption_and_rank(batches[i])
+        except Exception as error:
+            results[i] = error
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(batches))]
+    threads[0].start()
+    wait_for(lambda: engine.stats()["batches"] == 1, "the first batch to start")
+    for thread in threads[1:]:
+        thread.start()
+    wait_for(lambda: engine.stats()["received"] == len(batches), "every request")
+    release.set()
+    for thread in threads:
+        thread.join(timeout=120)
+    return results
+
+
+def test_requests_of_many_callers_are_merged_into_fewer_larger_model_batches(
+    spec: EngineSpec, specs: list
+) -> None:
+    batches = [batch_of(specs, [(40 + i, 30), (30, 40 + i)], seed=10 * i) for i in range(6)]
+    alone = spec.load()
+    expected = [alone.caption_and_rank(batch) for batch in batches]
+    assert alone.stats()["largest_batch"] == 2
+
+    engine = spec.load()
+    results = call_in_threads(engine, batches)
+    stats = engine.stats()
+    assert stats["requests"] == 6
+    assert stats["batches"] <= 3  # the first, then the five queued behind it in one or two
+    assert stats["largest_batch"] >= 6
+    assert results == expected  # each caller gets its own images' results, in order
+    assert all(len(ranked) == 3 and ranked[0].score >= ranked[-1].score for ranked in results[1])
+
+
+def test_a_request_failing_in_a_merged_batch_fails_only_its_caller(
+    spec: EngineSpec, specs: list
+) -> None:
+    def refuse(images: ModelImages) -> None:
+        if (13, 13) in image_sizes(images):
+            raise ValueError("refusing 13x13 images")
+
+    engine = engine_with(spec, refuse)
+    batches = [batch_of(specs, [(40, 30)], seed=i) for i in range(4)]
+    batches[2] = batch_of(specs, [(40, 30), (13, 13)])
+    results = call_in_threads(engine, batches)
+    error = results[2]
+    assert isinstance(error, ValueError) and "13x13" in str(error)
+    assert error.stage == "caption"  # type: ignore[attr-defined]
+    assert all(isinstance(results[i], list) and len(results[i]) == 1 for i in (0, 1, 3))
+
+
+def test_a_sticky_device_error_fails_every_waiting_request_and_every_later_one(
+    spec: EngineSpec, specs: list
+) -> None:
+    calls = []
+
+    def assert_fails(images: ModelImages) -> None:  # from the second model call on
+        calls.append(len(images))
+        if len(calls) > 1:
+            raise torch.AcceleratorError("CUDA error: device-side assert triggered")
+
+    engine = engine_with(spec, assert_fails)
+    batches = [batch_of(specs, [(40, 30)], seed=i) for i in range(4)]
+    results = call_in_threads(engine, batches)
+    assert isinstance(results[0], list)  # the first ran alone, before the error
+    assert all(isinstance(r, DeviceFailedError) for r in results[1:])
+    assert len(calls) == 2  # the requests queued behind the failure never reached the device
+    with pytest.raises(DeviceFailedError, match="device-side assert"):
+        engine.caption_and_rank(batches[0])
+    assert len(calls) == 2  # nor does any later one
+
+
+def test_stacked_views_cross_processes_through_shared_memory_not_pickled() -> None:
+    blip = ViewSpec((384, 384), "squash", squash_size=(384, 384))
+    clip = ViewSpec((224, 224), "shortest_edge", shortest_edge=224, center_crop=True)
+    batch = batch_of([blip, clip], [(640, 480)] * 16)
+    pixels = sum(view.nbytes for view in batch.views.values())
+    assert pixels > 9_000_000
+    # Pickled as Beam's shared-object connection pickles (which sets this process's key for
+    # the server that hands over shared-memory descriptors; a listener started with another
+    # key would refuse the engine later).
+    multiprocessing.current_process().authkey = AUTH_KEY
+    assert len(ForkingPickler.dumps(batch)) < 2_000  # handles to shared memory, not pixels
+
+
+def _call_shared_engine(spec: EngineSpec, batch: ViewBatch, answers: multiprocessing.Queue):
+    client = EngineClient(spec)
+    answers.put((client.caption_and_rank(batch), client.stats()["pid"]))
+
+
+def test_one_shared_engine_process_serves_every_process_of_the_machine(
+    spec: EngineSpec, specs: list
+) -> None:
+    shared = EngineSpec(spec.captioner, spec.ranker, mode="shared", rank_batch_size=5)
+    batch = batch_of(specs, [(50, 40), (40, 50)])
+    expected = spec.load().caption_and_rank(batch)
+
+    client = EngineClient(shared)
+    try:
+        assert client.is_shared
+        here = client.caption_and_rank(batch)
+        engine_pid = client.stats()["pid"]
+        context = multiprocessing.get_context("spawn")
+        answers = context.Queue()
+        other = context.Process(target=_call_shared_engine, args=(shared, batch, answers))
+        other.start()
+        there, pid_seen_there = answers.get(timeout=120)
+        other.join(timeout=60)
+        assert here == there == expected
+        assert pid_seen_there == engine_pid
+        assert engine_pid not in (multiprocessing.current_process().pid, other.pid)
+        assert client.stats()["requests"] == 2  # one engine answered both processes
+    finally:
+        client.close()
