@@ -306,10 +306,13 @@ def _device_of(model: Any) -> torch.device:
 
 
 def _load_shared_engine(spec: EngineSpec, index: int) -> Engine:
-    """In the engine's own process: its models on the `index`-th GPU (round robin)."""
+    """In the engine's own process: its models on the `index`-th GPU (round robin). With the
+    arithmetic on a GPU, this process's CPU work is launching kernels: one thread does it, and
+    idle OpenMP threads spinning beside the workers' decoding would only steal their cores."""
     device = None
-    if torch.cuda.is_available() and spec.captioner.device == "auto":
+    if torch.cuda.is_available() and spec.captioner.device in ("auto", "cuda"):
         device = f"cuda:{index % torch.cuda.device_count()}"
+        torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO)
     logger.info("engine %s-%d loading on %s", spec.key, index, device or "the handlers' device")
     return spec.load(device)
@@ -332,9 +335,12 @@ class EngineClient:
         self.is_shared = spec.shared()
         self._engine: Any = None
         self._shared: MultiProcessShared | None = None
-        self._index = (
-            next_copy_index(f"engine-{spec.key}") % spec.engine_count() if self.is_shared else 0
-        )
+        self._index = 0
+        if self.is_shared:
+            self._index = next_copy_index(f"engine-{spec.key}") % spec.engine_count()
+            # This process only feeds the engine: its torch work (views, stacking) is per image
+            # and small, where intra-op threads cost CPU (spinning) and gain nothing.
+            torch.set_num_threads(1)
         self._connect()
 
     def _connect(self) -> Any:
