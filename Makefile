@@ -28,7 +28,7 @@ RANK_BATCH ?= 64
 DRY_RUN ?=
 
 .PHONY: install test lint format run-local demo clean docker-build docker-build-cpu docker-push run-dataflow \
-	bench bench-quick bench-gpu
+	bench bench-quick bench-gpu gpu-bundle
 
 install: $(VENV)/.installed
 
@@ -65,6 +65,17 @@ bench-quick: install  # reduced depth, few images: under 3 minutes
 
 bench-gpu: install  # full-size models on one GPU, with a caption batch-size sweep
 	$(PY) -m benchmarks.bench --device cuda $(ARGS)
+
+# For a GPU box with no network (benchmarks/README.md): cp312 wheels of what it lacks into .whl/,
+# listed in benchmarks/gpu-requirements.txt (`python3.12 -m benchmarks.bundle lock` rewrites it),
+# and captionflow's own; there, `bash benchmarks/gpu.sh` installs them with --no-index.
+gpu-bundle:
+	rm -rf .whl build
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp $$($(PYTHON) -m benchmarks.bundle platforms) \
+		-r benchmarks/gpu-requirements.txt -d .whl
+	$(PYTHON) -m pip wheel -q --no-deps -w .whl .
+	$(PYTHON) -m benchmarks.bundle size .whl
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache

@@ -184,7 +184,9 @@ def run_child(kind: str, settings: dict, uris: list[str], work: Path, label: str
             argv += [f"--{key.replace('_', '-')}", str(value)]
     for batch in settings.get("sweep") or []:
         argv += ["--sweep", str(batch)]
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    # REPO first, and what the caller set kept (benchmarks/gpu.sh puts its installed wheels there).
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
     done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{label} failed:\n{done.stderr[-4000:]}")
