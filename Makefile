@@ -23,12 +23,19 @@ GPU_TYPE ?= nvidia-l4
 GPU_COUNT ?= 1
 MACHINE_TYPE ?= g2-standard-8
 MAX_WORKERS ?= 4
-CAPTION_BATCH ?= 32
-RANK_BATCH ?= 64
+# One SDK process per vCPU decodes; each of its HARNESS_THREADS threads sends CAPTION_BATCH
+# images at a time to the machine's engines (ENGINES, one per GPU by default), which merge
+# them into GPU batches of up to ENGINE_BATCH. MPS=1 lets several engines share one GPU.
+HARNESS_THREADS ?= 4
+CAPTION_BATCH ?= 64
+ENGINE_BATCH ?= 256
+RANK_BATCH ?= 256
+ENGINES ?= $(GPU_COUNT)
+MPS ?=
 DRY_RUN ?=
 
 .PHONY: install test lint format run-local demo clean docker-build docker-build-cpu docker-push run-dataflow \
-	bench bench-quick bench-gpu gpu-bundle
+	bench bench-quick bench-gpu bench-feed gpu-bundle
 
 install: $(VENV)/.installed
 
@@ -63,8 +70,11 @@ bench: install  # full-size models on the CPU: about 17 minutes here
 bench-quick: install  # reduced depth, few images: under 3 minutes
 	$(PY) -m benchmarks.bench --quick $(ARGS)
 
-bench-gpu: install  # full-size models on one GPU, with a caption batch-size sweep
-	$(PY) -m benchmarks.bench --device cuda $(ARGS)
+bench-gpu: install  # every GPU figure in one run, under 8 minutes (offline box: benchmarks/gpu.sh)
+	$(PY) -m benchmarks.gpu $(ARGS)
+
+bench-feed: install  # CPU per image per phase, and pipeline / engine bare: about 10 minutes
+	$(PY) -m benchmarks.feed $(ARGS)
 
 # For a GPU box with no network (benchmarks/README.md): cp312 wheels of what it lacks into .whl/,
 # listed in benchmarks/gpu-requirements.txt (`python3.12 -m benchmarks.bundle lock` rewrites it),
@@ -93,11 +103,12 @@ docker-push:
 run-dataflow: install
 	@test -n "$(PROJECT)" || { echo "set PROJECT=your-gcp-project (and BUCKET, IMAGE)"; exit 2; }
 	$(PY) -m captionflow run --input $(DATAFLOW_INPUT) --output $(DATAFLOW_OUTPUT) \
-		--model-copies $(GPU_COUNT) --caption-batch-size $(CAPTION_BATCH) \
-		--rank-batch-size $(RANK_BATCH) \
+		--engine shared --model-copies $(ENGINES) --caption-batch-size $(CAPTION_BATCH) \
+		--engine-batch-size $(ENGINE_BATCH) --rank-batch-size $(RANK_BATCH) \
+		--number_of_worker_harness_threads $(HARNESS_THREADS) \
 		--runner DataflowRunner --project $(PROJECT) --region $(REGION) \
 		--temp_location gs://$(BUCKET)/tmp \
 		--sdk_container_image $(IMAGE) --sdk_location container \
-		--dataflow_service_options "worker_accelerator=type:$(GPU_TYPE);count:$(GPU_COUNT);install-nvidia-driver" \
+		--dataflow_service_options "worker_accelerator=type:$(GPU_TYPE);count:$(GPU_COUNT);install-nvidia-driver$(if $(MPS),;use_nvidia_mps)" \
 		--machine_type $(MACHINE_TYPE) --max_num_workers $(MAX_WORKERS) --disk_size_gb 50 \
 		$(if $(DRY_RUN),--dry_run True --no_auth) $(ARGS)

@@ -1,83 +1,168 @@
-"""PLACEHOLDER for `python -m benchmarks.gpu`, which another change is writing (issue 9): replace
-this file with it. It only proves that `benchmarks/gpu.sh` set the box up: it imports Beam,
-pydantic, captionflow, transformers and torch, runs a small Beam pipeline and the caption pipeline
-on tiny random models (on the GPU where there is one), and prints a short table last.
+"""Every GPU measurement in one run (under 8 minutes): BLIP-base K=5 + CLIP-B/32 architectures
+with random weights, 640x480 JPEGs.
+
+    bash benchmarks/gpu.sh                 # on an offline GPU box (installs the .whl bundle)
+    python -m benchmarks.gpu               # where captionflow's environment is installed
+
+1. Engine bare, per batch size up to 512: the models fed ready uint8 batches already in host
+   memory (copy to the GPU included): images/s, CPU ms per image, peak GPU memory.
+2. The pipeline (the CLI, local worker processes decoding, one shared engine on the GPU) at N
+   and 3N images: the marginal images/s (start-up cancels), CPU ms per image of all processes,
+   and the GPU's busy fraction sampled while it runs; pipeline / engine bare.
+
+A short table is printed last; everything goes to benchmarks/results/gpu.json.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import platform
-import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+from benchmarks.feed import REPO, engine_bare, machine, pipeline
+
+DEADLINE_S = 420  # leave gpu.sh's 450 s limit some room
+
+
+class GpuSampler:
+    """The GPU's utilisation (NVML: the share of time a kernel ran), sampled every 50 ms."""
+
+    def __init__(self) -> None:
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> GpuSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        import torch
+
+        while not self._stop.wait(0.05):
+            try:
+                self.samples.append(torch.cuda.utilization() / 100)
+            except Exception:  # no NVML here: no figure rather than a wrong one
+                return
+
+    def busy(self, skip_s: float = 0) -> float | None:
+        kept = self.samples[int(skip_s / 0.05) :]
+        return sum(kept) / len(kept) if kept else None
+
+
+def make_images_parallel(folder: Path, count: int) -> list[str]:
+    from benchmarks.bench import make_images
+
+    chunks = [(folder / f"part{i}", min(256, count - i * 256)) for i in range((count + 255) // 256)]
+    with ProcessPoolExecutor() as pool:
+        parts = pool.map(make_images, *zip(*chunks, strict=True))
+    return [uri for part in parts for uri in part]
 
 
 def main() -> None:
-    import apache_beam as beam
-    import pydantic
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", default="32,64,128,256,512", help="engine batch sweep")
+    parser.add_argument("--images", type=int, default=2048, help="N (pipeline runs N and 3N)")
+    parser.add_argument("--workers", type=int, default=12, help="local worker processes")
+    parser.add_argument("--request", type=int, default=64, help="images per worker request")
+    parser.add_argument("--seconds", type=float, default=6, help="timed seconds per batch size")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "gpu.json"))
+    parser.add_argument("--device", default="cuda", help="cpu: a smoke run of this script")
+    parser.add_argument("--layers", type=int, help="fewer layers per stack (smoke runs)")
+    args = parser.parse_args()
+    cuda = args.device.startswith("cuda")
+    started = time.monotonic()
+
     import torch
-    import transformers
-    from apache_beam.options.pipeline_options import PipelineOptions
-    from apache_beam.testing.util import assert_that, equal_to
 
-    import captionflow
-    from benchmarks.bench import make_images
-    from captionflow.config import RunConfig
-    from captionflow.pipelines import build_caption_pipeline
-    from captionflow.tiny_models import build_tiny_models
+    from benchmarks.models import build_blip_base, build_clip_b32
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    rows = [
-        ("python", platform.python_version(), sys.executable),
-        ("torch", torch.__version__, torch.cuda.get_device_name(0) if device == "cuda" else "cpu"),
-        ("transformers", transformers.__version__, Path(transformers.__file__).parent),
-        ("apache_beam", beam.__version__, Path(beam.__file__).parent),
-        ("pydantic", pydantic.VERSION, Path(pydantic.__file__).parent),
-        ("captionflow", captionflow.__version__, Path(captionflow.__file__).parent),
-    ]
+    work = Path(tempfile.mkdtemp(prefix="captionflow-gpu-"))
+    blip = build_blip_base(str(work / "blip-base"), layers=args.layers)
+    clip = build_clip_b32(str(work / "clip-b32"), layers=args.layers)
+    uris = make_images_parallel(work / "images", 3 * args.images)
+    result: dict = {"machine": machine(args.device), "settings": vars(args), "bare": {}}
+    print(f"set up in {time.monotonic() - started:.0f} s: {result['machine']}", flush=True)
 
-    started = time.perf_counter()
-    options = PipelineOptions(["--runner=FnApiRunner"])
-    with beam.Pipeline(options=options) as pipeline:
-        total = (
-            pipeline
-            | beam.Create(range(1000))
-            | beam.Map(lambda x: x * x)
-            | beam.CombineGlobally(sum)
-        )
-        assert_that(total, equal_to([sum(x * x for x in range(1000))]))
-    rows.append(("beam pipeline", "ok", f"FnApiRunner, {time.perf_counter() - started:.1f} s"))
+    for batch in [int(b) for b in args.batches.split(",")]:
+        if time.monotonic() - started > DEADLINE_S / 3:
+            print(f"batch {batch}: skipped (time)", flush=True)
+            continue
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            point = engine_bare(blip, clip, uris, batch, args.device, seconds=args.seconds)
+        except torch.OutOfMemoryError as error:
+            result["bare"][batch] = {"error": f"out of memory: {str(error)[:120]}"}
+            torch.cuda.empty_cache()
+            continue
+        point["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20 if cuda else 0
+        result["bare"][batch] = point
+        print(f"engine bare, batch {batch}: {point}", flush=True)
+    rates = {b: p["images_per_s"] for b, p in result["bare"].items() if "images_per_s" in p}
+    best = max(rates, key=rates.__getitem__)
+    if cuda:
+        torch.cuda.empty_cache()
 
-    with tempfile.TemporaryDirectory() as work:
-        blip, clip = build_tiny_models(str(Path(work, "models")))
-        uris = make_images(Path(work, "images"), 8)
-        Path(work, "dataset.txt").write_text("\n".join(uris) + "\n")
-        config = RunConfig(
-            input=str(Path(work, "dataset.txt")),
-            output=str(Path(work, "out")),
-            captioner=f"blip:{blip}",
-            ranker=f"clip:{clip}",
-            device=device,
-        )
-        started = time.perf_counter()
-        with beam.Pipeline(options=options) as pipeline:
-            build_caption_pipeline(pipeline, config)
-        lines = Path(work, "out", "metadata.jsonl").read_text().splitlines()
-        first = json.loads(lines[0])["text"] if lines else "-"
-        rows.append(
-            (
-                "caption pipeline",
-                f"{len(lines)}/8 images",
-                f"tiny models on {device}, {time.perf_counter() - started:.1f} s: {first[:30]!r}",
+    settings = argparse.Namespace(
+        request=min(args.request, best), batch=best, workers=args.workers, device=args.device
+    )
+    runs = {}
+    for count in (args.images, 3 * args.images):
+        if time.monotonic() - started > DEADLINE_S - 90:
+            print(f"pipeline at {count}: skipped (time)", flush=True)
+            break
+        listing = work / f"list-{count}.txt"
+        listing.write_text("\n".join(uris[:count]) + "\n")
+        with GpuSampler() as gpu:
+            runs[count] = pipeline(blip, clip, str(listing), str(work / f"out-{count}"), settings)
+        runs[count]["gpu_busy"] = gpu.busy(skip_s=runs[count]["seconds"] / 2)
+        print(f"pipeline, {count} images: {runs[count]}", flush=True)
+    result["pipeline"] = runs
+    if len(runs) == 2:
+        extra = 2 * args.images
+        seconds = runs[3 * args.images]["seconds"] - runs[args.images]["seconds"]
+        cpu = runs[3 * args.images]["cpu_seconds"] - runs[args.images]["cpu_seconds"]
+        result["pipeline_images_per_s"] = extra / seconds
+        result["pipeline_cpu_ms_per_image"] = cpu / extra * 1000
+        result["pipeline_over_bare"] = result["pipeline_images_per_s"] / rates[best]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    report(result, best, time.monotonic() - started)
+
+
+def report(result: dict, best: int, seconds: float) -> None:
+    print(f"\n{result['machine']['device']}, torch {result['machine']['torch']}, {seconds:.0f} s")
+    print("| engine batch | images/s | CPU ms/img | peak GPU MiB |")
+    print("|---|---|---|---|")
+    for batch, point in result["bare"].items():
+        if "error" in point:
+            print(f"| {batch} | {point['error']} | | |")
+        else:
+            print(
+                f"| {batch} | {point['images_per_s']:.0f} | {point['cpu_ms_per_image']:.2f} "
+                f"| {point['peak_gpu_mib']:.0f} |"
             )
+    for count, run in result.get("pipeline", {}).items():
+        busy = run.get("gpu_busy")
+        print(
+            f"pipeline {count} images: {run['seconds']:.1f} s, {run['cpu_seconds']:.0f} CPU s, "
+            f"GPU busy {'n/a' if busy is None else f'{busy:.0%}'} (second half)"
         )
-
-    print("\nbenchmarks.gpu PLACEHOLDER (the real benchmark replaces this file)")
-    print(f"{'what':<18} {'version / result':<22} where")
-    for name, value, where in rows:
-        print(f"{name:<18} {value!s:<22} {where}")
+    if "pipeline_over_bare" in result:
+        print(
+            f"pipeline (marginal) {result['pipeline_images_per_s']:.0f} images/s, "
+            f"{result['pipeline_cpu_ms_per_image']:.2f} CPU ms/img; engine bare at batch {best}: "
+            f"pipeline / engine bare = {result['pipeline_over_bare']:.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -42,3 +42,23 @@ def test_make_run_dataflow_builds_the_job_offline() -> None:
         timeout=180,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_make_run_dataflow_sets_threads_engines_and_mps_for_the_gpu() -> None:
+    def command(*settings: str) -> str:
+        return subprocess.run(
+            ["make", "-n", "run-dataflow", "PROJECT=p", "BUCKET=b", *settings, "PY=python"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+
+    default = command("GPU_COUNT=2")
+    assert "--engine shared --model-copies 2" in default  # one engine per GPU
+    assert "--number_of_worker_harness_threads 4" in default
+    assert "--engine-batch-size 256" in default
+    assert "use_nvidia_mps" not in default
+    shared_gpu = command("GPU_COUNT=1", "ENGINES=2", "MPS=1")
+    assert "--model-copies 2" in shared_gpu
+    assert "count:1;install-nvidia-driver;use_nvidia_mps" in shared_gpu
