@@ -228,8 +228,8 @@ def _resize(pixels: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Ten
 
 
 def _array(image: Image.Image) -> np.ndarray:
-    """An RGB image's (H, W, 3) uint8 pixels, read-only: `tobytes` is what `np.asarray` costs
-    too, without its array-interface detour."""
+    """An RGB image's (H, W, 3) uint8 pixels, read-only: the `tobytes` that `np.asarray` makes
+    underneath, without its array-interface wrapping (as cheap or a little cheaper)."""
     return np.frombuffer(image.tobytes(), np.uint8).reshape(image.height, image.width, 3)
 
 
@@ -243,12 +243,10 @@ def _center_crop(view: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     top, left = (height - crop_height) // 2, (width - crop_width) // 2
     if top >= 0 and left >= 0:
         return view[top : top + crop_height, left : left + crop_width]
+    inside = view[max(top, 0) : top + crop_height, max(left, 0) : left + crop_width]
+    row, column = max(-top, 0), max(-left, 0)
     padded = np.zeros((crop_height, crop_width, 3), np.uint8)
-    rows = slice(max(top, 0), min(top + crop_height, height))
-    columns = slice(max(left, 0), min(left + crop_width, width))
-    padded[rows.start - top : rows.stop - top, columns.start - left : columns.stop - left] = view[
-        rows, columns
-    ]
+    padded[row : row + inside.shape[0], column : column + inside.shape[1]] = inside
     return padded
 
 
