@@ -167,11 +167,13 @@ def test_sharing_cross_attention_projections_changes_no_caption(
 
 @pytest.mark.parametrize("kind", ["blip", "clip"])
 def test_pixel_values_are_the_processors_own(tiny_models: tuple[str, str], kind: str) -> None:
-    """The handlers' views-then-normalise path gives the processor's numbers exactly."""
+    """The handlers' views-then-normalise path gives the processor's numbers, within the views'
+    bound (torch's uint8 resize: a value one level off now and then, two rarely)."""
     import torch
     from transformers import BlipProcessor, CLIPProcessor
 
     from captionflow.handlers.pixels import PixelValues
+    from tests.test_views import assert_close
 
     path, processor_class = {
         "blip": (tiny_models[0], BlipProcessor),
@@ -183,7 +185,9 @@ def test_pixel_values_are_the_processors_own(tiny_models: tuple[str, str], kind:
     images = [random_image(w, h, seed=w) for w, h in [(64, 48), (31, 97), (1, 1), (500, 20)]]
     images += [Image.new("L", (40, 30), 7), random_image(33, 33).convert("RGBA")]
     expected = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
-    assert torch.equal(pixel_values(images, torch.device("cpu"), torch.float32), expected)
+    actual = pixel_values(images, torch.device("cpu"), torch.float32)
+    assert actual.dtype == torch.float32
+    assert_close(actual, expected, pixel_values.spec)
 
 
 def test_blip_prompts_are_tokenised_as_its_processor_does(tiny_blip: str) -> None:

@@ -18,6 +18,10 @@ from captionflow.images import (
     decode_image,
     looks_like_image,
 )
+from captionflow.views import ViewSpec, covering_size, make_view
+
+BLIP_SPEC = ViewSpec((384, 384), "squash", squash_size=(384, 384))
+CLIP_SPEC = ViewSpec((224, 224), "shortest_edge", shortest_edge=224, center_crop=True)
 
 PILLOW_LIMIT = 1024 * 1024 * 1024 // 4 // 3  # Pillow's own MAX_IMAGE_PIXELS, as it ships
 
@@ -33,6 +37,73 @@ def test_large_jpeg_is_shrunk_to_max_side_keeping_aspect() -> None:
     decoded = decode_image(encode(image, "JPEG"), max_side=256)
     assert decoded.mode == "RGB"
     assert decoded.size == (256, 128)
+
+
+def photo(width: int, height: int) -> Image.Image:
+    """Smooth gradients with some grain: what a reduced-scale JPEG decode is meant for."""
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 // width, y * 255 // height, (x + y) * 255 // (width + height)])
+    grain = np.random.default_rng(0).normal(0, 6, base.shape)
+    return Image.fromarray(np.clip(base + grain, 0, 255).astype(np.uint8).transpose(1, 2, 0))
+
+
+@pytest.fixture(scope="module")
+def big_jpeg() -> bytes:
+    return encode(photo(4000, 3000), "JPEG", quality=90)
+
+
+@pytest.mark.parametrize(
+    ("cover", "size"),
+    [
+        ((384, 384), (1000, 750)),  # 1/4: at 1/8, 375 rows would not cover 384
+        ((224, 224), (500, 375)),  # 1/8
+        ((384, 1001), (2000, 1500)),  # 1/2: at 1/4, 1000 columns would not cover 1001
+        ((1600, 1600), (4000, 3000)),  # no smaller scale covers it
+    ],
+)
+def test_a_jpeg_is_drafted_to_the_smallest_scale_that_covers_the_views(
+    big_jpeg: bytes, cover: tuple[int, int], size: tuple[int, int]
+) -> None:
+    """With `cover` nothing is shrunk after the draft: the views resize from these pixels."""
+    assert decode_image(big_jpeg, cover=cover).size == size
+
+
+def test_pictures_are_still_drafted_and_shrunk_to_max_side(big_jpeg: bytes) -> None:
+    assert decode_image(big_jpeg).size == (768, 576)
+
+
+def test_a_photo_no_smaller_scale_covers_is_decoded_whole() -> None:
+    data = encode(photo(640, 480), "JPEG", quality=90)
+    decoded = decode_image(data, cover=(384, 384))
+    assert decoded.size == (640, 480)
+    assert decoded.tobytes() == Image.open(io.BytesIO(data)).convert("RGB").tobytes()
+
+
+def test_views_of_a_drafted_jpeg_stay_close_to_those_of_the_whole_image(big_jpeg: bytes) -> None:
+    """The draft changes pixels (the DCT's own downscale), but not what the views show: a
+    quarter of a level on average here (at most 2)."""
+    specs = [BLIP_SPEC, CLIP_SPEC]
+    whole = Image.open(io.BytesIO(big_jpeg)).convert("RGB")
+    drafted = decode_image(big_jpeg, cover=covering_size(specs))
+    assert drafted.size == (1000, 750)
+    for spec in specs:
+        difference = make_view(drafted, spec).astype(int) - make_view(whole, spec).astype(int)
+        assert np.abs(difference).mean() < 1, spec.size
+
+
+def test_the_cover_is_turned_with_the_exif_orientation() -> None:
+    """Stored 2400x600 and shown turned (600x2400): covering 300 wide by 1200 high as shown is
+    covering 1200 by 300 as stored, which a 1/2 scale does."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    data = encode(photo(2400, 600), "JPEG", exif=exif)
+    assert decode_image(data, cover=(1200, 300)).size == (300, 1200)
+    assert decode_image(data, cover=(1201, 300)).size == (600, 2400)
+
+
+def test_with_a_cover_other_formats_are_not_shrunk() -> None:
+    decoded = decode_image(encode(Image.new("RGB", (2000, 1000)), "PNG"), cover=(384, 384))
+    assert decoded.size == (2000, 1000)
 
 
 def test_small_image_is_not_enlarged() -> None:

@@ -13,12 +13,14 @@ import apache_beam as beam
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
+from PIL import Image
 
 from captionflow import CaptionImages, LoadImages, ReadImagePaths, WriteMetadata
 from captionflow.handlers import BlipCaptionHandler, ClipRankHandler, DecodingOptions
 from captionflow.listfile import list_lines
 from captionflow.records import CaptionRecord, ErrorRecord, ScoredCaption
 from captionflow.transforms.write import WriteJsonLines, merge_parts, parts_dir
+from captionflow.views import ViewSpec
 from tests.conftest import image_like_zoo, write_images
 
 
@@ -361,6 +363,32 @@ def test_load_images_makes_each_models_view_once_where_it_decodes(
     def build(p: beam.Pipeline) -> None:
         loaded = p | beam.Create(uris) | LoadImages(views=(captioner.view_spec, ranker.view_spec))
         assert_that(loaded.images | beam.combiners.ToList(), lambda lists: check(lists[0]))
+
+    run_pipeline(build)
+
+
+def blip_view() -> ViewSpec:
+    return ViewSpec((384, 384), "squash", squash_size=(384, 384))
+
+
+def clip_view() -> ViewSpec:
+    return ViewSpec((224, 224), "shortest_edge", shortest_edge=224, center_crop=True)
+
+
+def test_load_images_decodes_a_big_jpeg_no_larger_than_its_views_need(tmp_path: Path) -> None:
+    """4000x3000 at 1/4 covers BLIP's 384x384 (1/8, 500x375, would not); a picture is
+    shrunk to `max_side` as before."""
+    path = tmp_path / "big.jpg"
+    Image.new("RGB", (4000, 3000), (90, 120, 150)).save(path)
+
+    def build(p: beam.Pipeline) -> None:
+        uris = p | beam.Create([str(path)])
+        views = uris | "Views" >> LoadImages(views=(blip_view, clip_view))
+        pictures = uris | "Pictures" >> LoadImages()
+        sizes = views.images | "ViewsSize" >> beam.Map(lambda kv: kv[1].size)
+        assert_that(sizes, equal_to([(1000, 750)]), label="views")
+        sizes = pictures.images | "PicturesSize" >> beam.Map(lambda kv: kv[1].size)
+        assert_that(sizes, equal_to([(768, 576)]), label="pictures")
 
     run_pipeline(build)
 

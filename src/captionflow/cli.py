@@ -189,7 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-side",
         type=int,
         default=RunConfig.model_fields["max_side"].default,
-        help="shrink images to this many pixels on the longer side when decoding",
+        help="shrink images to this many pixels on the longer side when decoding, for models "
+        "that take whole pictures (BLIP's and CLIP's views decode JPEGs at the smallest scale "
+        "that covers them)",
     )
     images.add_argument(
         "--max-pixels",

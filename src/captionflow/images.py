@@ -9,7 +9,7 @@ import warnings
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from captionflow.formats import (
     ALLOWED_FORMATS,
@@ -38,6 +38,8 @@ DEFAULT_MAX_PIXELS = 100_000_000
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # the largest file read, in bytes
 MAX_ASPECT_RATIO = 8  # beyond this, a resize-shortest-edge processor would allocate huge arrays
 SNIFF_BYTES = 4096  # enough of a file's start to tell an SVG, HEIC or EPS from its content
+# EXIF orientations that show the stored image turned a quarter: its width is shown as height.
+_QUARTER_TURNS = {5, 6, 7, 8}
 
 
 class ImageTooLargeError(ValueError):
@@ -66,16 +68,24 @@ def decode_image(
     *,
     max_side: int = DEFAULT_MAX_SIDE,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    cover: tuple[int, int] | None = None,
     name: str = "",
 ) -> Image.Image:
-    """Bytes, or a seekable binary file, to an upright RGB image no larger than `max_side` on its
-    longer side. `name` (the file's path or URI) only helps explain an unsupported format.
+    """Bytes, or a seekable binary file, to an upright RGB image: a picture no larger than
+    `max_side` on its longer side or, given `cover`, pixels for views to be cut from. `name`
+    (the file's path or URI) only helps explain an unsupported format.
 
     Only `ALLOWED_FORMATS` are tried: an EPS never reaches Pillow's Ghostscript plugin. A file is
     read as Pillow needs it, so an image refused from its header (too many pixels) costs only
     the header. JPEGs are decoded at a reduced scale (draft mode) when they are much larger than
     needed, which is several times faster than decoding full size and shrinking afterwards.
+
+    `cover` is the (height, width), as shown, that the image must still cover: the views'
+    `covering_size`. A JPEG is then decoded at the smallest scale (1/2, 1/4 or 1/8) that covers
+    it, and nothing is shrunk after: the views resize from these pixels, once each.
     """
+    if cover is not None and min(cover) < 1:
+        raise ValueError(f"cover must be at least 1x1, not {cover}")
     file = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
     with _open(file, name) as opened:
         width, height = opened.size
@@ -84,14 +94,28 @@ def decode_image(
                 f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}"
             )
         try:
-            opened.draft("RGB", (max_side, max_side))
+            opened.draft("RGB", _draft_size(opened, max_side, cover))
             image = ImageOps.exif_transpose(opened)
             image = _to_rgb(image)
         except Image.DecompressionBombError as error:  # a frame or tile larger than the image
             raise ImageTooLargeError(str(error)) from None
     image = _crop_extreme_aspect(image)
-    image.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+    if cover is None:
+        image.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
     return image
+
+
+def _draft_size(
+    image: Image.Image, max_side: int, cover: tuple[int, int] | None
+) -> tuple[int, int]:
+    """The (width, height) that Pillow's `draft` must keep, as the file stores the image (the
+    EXIF turn comes later): it takes the smallest scale whose result still covers it."""
+    if cover is None:
+        return max_side, max_side
+    height, width = cover
+    if image.getexif().get(ExifTags.Base.Orientation) in _QUARTER_TURNS:
+        height, width = width, height
+    return width, height
 
 
 def _open(file: BinaryIO, name: str) -> ImageFile.ImageFile:

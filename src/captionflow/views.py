@@ -4,14 +4,17 @@ A Hugging Face image processor resizes, crops, rescales and normalises every ima
 model call, in float32 NumPy, on the CPU that should be feeding the GPU. Here the same work is
 split where it is cheapest:
 
-- `make_view` (CPU, where the image is decoded): the resize and crop, in uint8 with Pillow, as
-  the processor's PIL backend does them. A view is a few hundred kB of uint8 that can be stacked
-  and shipped to the device as is.
+- `make_view` (CPU, where the image is decoded): the resize and crop, in uint8. Bilinear and
+  bicubic resizes run on torch's antialiased uint8 kernels, built to match Pillow's and four
+  times cheaper here; Pillow's other filters stay Pillow's. A view is a few hundred kB of uint8
+  that can be stacked and shipped to the device as is.
 - `normalize` (on the device, per batch): rescale and normalise to the model's dtype.
 
 `view_spec_from_processor` reads a processor's own settings, so any checkpoint's sizes, crop and
-filter apply. The result equals the processor's `pixel_values` (the views are pixel-identical;
-see `tests/test_views.py` for the bound that is asserted).
+filter apply. The result matches the processor's `pixel_values`: the arithmetic bit for bit;
+torch's fixed-point weights round a value one uint8 level off now and then, two levels rarely
+(`tests/test_views.py` asserts how rarely). `ViewSpec.min_source_size` says how small a JPEG
+may be decoded (draft mode) and still give the same views.
 """
 
 from __future__ import annotations
@@ -23,12 +26,14 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 __all__ = [
     "ImageViews",
     "ViewBatch",
     "ViewSpec",
+    "covering_size",
     "make_view",
     "make_views",
     "normalize",
@@ -51,6 +56,12 @@ _PIPELINE_METHODS = (
     "normalize",
 )
 _STOCK_MODULES = ("transformers.image_processing_utils", "transformers.image_processing_backends")
+
+# The filters torch resizes in uint8 as Pillow does (`antialias=True`: Pillow's kernels, support
+# widened when shrinking); the others are Pillow's alone.
+_TORCH_FILTERS = {Image.Resampling.BILINEAR: "bilinear", Image.Resampling.BICUBIC: "bicubic"}
+# Pillow resizes an image more than this many times taller than wide vertically first.
+_PILLOW_TALL = 100
 
 
 @dataclass(frozen=True)
@@ -108,21 +119,37 @@ class ViewSpec:
         new_long = int(edge * long / short)  # the same float expression, so the same truncation
         return (new_long, edge) if width <= height else (edge, new_long)
 
+    def min_source_size(self) -> tuple[int, int] | None:
+        """The least (height, width) an image may be reduced to (a JPEG decoded at a smaller
+        scale) and still have the detail this view keeps: a squash's size, or the shortest edge
+        both ways (the crop is cut from the resized image, whatever the source's size). None
+        where no reduction will do: a crop without a resize keeps the image's own pixels."""
+        if self.resize == "squash":
+            assert self.squash_size is not None
+            return self.squash_size
+        if self.resize == "shortest_edge":
+            assert self.shortest_edge is not None
+            return self.shortest_edge, self.shortest_edge
+        return None
+
+
+def covering_size(specs: Sequence[ViewSpec]) -> tuple[int, int] | None:
+    """The smallest (height, width) that still serves every view of `specs`; None when one
+    needs the image's own pixels, or there are none."""
+    sizes = [spec.min_source_size() for spec in specs]
+    known = [size for size in sizes if size is not None]
+    if not known or len(known) < len(sizes):
+        return None
+    return max(height for height, _ in known), max(width for _, width in known)
+
 
 def make_view(image: Image.Image, spec: ViewSpec) -> np.ndarray:
-    """The view of an RGB image: a read-only (height, width, 3) uint8 array.
+    """The view of an RGB image: a read-only, C-contiguous (height, width, 3) uint8 array.
 
     Height x width x channel is Pillow's own layout, so the view costs no transpose on the CPU;
     `normalize` moves the channels first, per batch, on the device.
     """
-    if image.mode != "RGB":
-        raise ValueError(f"views are made from RGB images, not {image.mode}")
-    height, width = spec.resized_size(image.width, image.height)
-    if (width, height) != image.size:
-        image = image.resize((width, height), spec.resample)
-    if spec.center_crop:
-        image = _center_crop(image, spec.size)
-    return np.asarray(image)
+    return _Source(image).view(spec)
 
 
 @dataclass(frozen=True, eq=False)
@@ -140,19 +167,88 @@ class ImageViews:
 
 
 def make_views(image: Image.Image, specs: Sequence[ViewSpec]) -> ImageViews:
-    """Every distinct view of `image` that `specs` ask for (two models may share one)."""
-    return ImageViews(image.size, {spec: make_view(image, spec) for spec in dict.fromkeys(specs)})
+    """Every distinct view of `image` that `specs` ask for (two models may share one), from one
+    copy of its pixels."""
+    source = _Source(image)
+    return ImageViews(image.size, {spec: source.view(spec) for spec in dict.fromkeys(specs)})
 
 
-def _center_crop(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+class _Source:
+    """An RGB image to make views of; its pixels as a tensor are copied out of Pillow once, when
+    the first view resized by torch needs them."""
+
+    def __init__(self, image: Image.Image) -> None:
+        if image.mode != "RGB":
+            raise ValueError(f"views are made from RGB images, not {image.mode}")
+        self.image = image
+
+    @functools.cached_property
+    def pixels(self) -> torch.Tensor:
+        """(1, 3, H, W) uint8 in channels-last memory: the (H, W, 3) array seen channels first.
+        `unsqueeze` gives the batch dimension a stride of its own, without which torch finds
+        the layout ambiguous and returns its result channels first (a transpose more). The
+        bytearray, a cheap copy, spares torch's warning about read-only arrays."""
+        width, height = self.image.size
+        array = np.frombuffer(bytearray(self.image.tobytes()), np.uint8).reshape(height, width, 3)
+        return torch.from_numpy(array).unsqueeze(0).permute(0, 3, 1, 2)
+
+    def view(self, spec: ViewSpec) -> np.ndarray:
+        """`make_view`'s result: resized, cropped, contiguous and read-only (views are shared)."""
+        view = self._resized(spec.resized_size(*self.image.size), spec.resample)
+        if spec.center_crop:
+            view = _center_crop(view, spec.size)
+        view = np.ascontiguousarray(view)
+        view.flags.writeable = False
+        return view
+
+    def _resized(self, size: tuple[int, int], resample: Image.Resampling) -> np.ndarray:
+        """(H, W, 3) uint8 at `size` (height, width): torch's kernels where they are Pillow's."""
+        if resample in _TORCH_FILTERS:
+            resized = _resize(self.pixels, size, _TORCH_FILTERS[resample])
+            return resized[0].permute(1, 2, 0).numpy()  # channels last: no copy
+        height, width = size
+        image = self.image
+        if (width, height) != image.size:
+            image = image.resize((width, height), resample)
+        return _array(image)
+
+
+def _resize(pixels: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """Pillow's two-pass resize on torch's uint8 kernels, one pass (one axis) per call, in
+    Pillow's order: horizontal first, but vertical first for a strip over 100 times taller than
+    wide that shrinks in height (Pillow 12; torch would pick its own order, and the rounding of
+    the pass in between then differs by many levels). In uint8 torch runs an image on one
+    thread, whatever its thread count: intra-op threads cost no CPU here."""
+    height, width = pixels.shape[2:]
+    vertical_first = height > _PILLOW_TALL * width and size[0] < height
+    steps = [(size[0], width), size] if vertical_first else [(height, size[1]), size]
+    for step in steps:
+        if tuple(pixels.shape[2:]) != step:
+            pixels = F.interpolate(pixels, size=step, mode=mode, antialias=True)
+    return pixels
+
+
+def _array(image: Image.Image) -> np.ndarray:
+    """An RGB image's (H, W, 3) uint8 pixels, read-only: the `tobytes` that `np.asarray` makes
+    underneath, without its array-interface wrapping (as cheap or a little cheaper)."""
+    return np.frombuffer(image.tobytes(), np.uint8).reshape(image.height, image.width, 3)
+
+
+def _center_crop(view: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """transformers' `center_crop`: offset `(side - crop) // 2`; where the crop is larger than
-    the image, the outside is zeros (Pillow fills a box beyond the image with black)."""
+    the image, the outside is zeros (as Pillow's crop of a box beyond the image)."""
+    height, width = view.shape[:2]
     crop_height, crop_width = size
-    if (image.height, image.width) == (crop_height, crop_width):
-        return image
-    top = (image.height - crop_height) // 2
-    left = (image.width - crop_width) // 2
-    return image.crop((left, top, left + crop_width, top + crop_height))
+    if (height, width) == size:
+        return view
+    top, left = (height - crop_height) // 2, (width - crop_width) // 2
+    if top >= 0 and left >= 0:
+        return view[top : top + crop_height, left : left + crop_width]
+    inside = view[max(top, 0) : top + crop_height, max(left, 0) : left + crop_width]
+    row, column = max(-top, 0), max(-left, 0)
+    padded = np.zeros((crop_height, crop_width, 3), np.uint8)
+    padded[row : row + inside.shape[0], column : column + inside.shape[1]] = inside
+    return padded
 
 
 def normalize(

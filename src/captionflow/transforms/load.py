@@ -19,7 +19,7 @@ from captionflow.images import (
 )
 from captionflow.records import ErrorRecord
 from captionflow.transforms.errors import ERRORS, NAMESPACE, error_output
-from captionflow.views import ImageViews, ViewSpec, make_views
+from captionflow.views import ImageViews, ViewSpec, covering_size, make_views
 
 IMAGES = "images"
 
@@ -41,6 +41,8 @@ class _LoadImage(beam.DoFn):
         limit_pillow_pixels(self.max_pixels)
         specs = [view() for view in self.views]
         self.specs = specs if specs and None not in specs else None
+        # With views, JPEGs are decoded no larger than the views need; else as pictures.
+        self.cover = covering_size(self.specs) if self.specs else None
 
     def process(
         self, uri: str
@@ -55,7 +57,11 @@ class _LoadImage(beam.DoFn):
         with file:
             try:
                 image = decode_image(
-                    file, max_side=self.max_side, max_pixels=self.max_pixels, name=uri
+                    file,
+                    max_side=self.max_side,
+                    max_pixels=self.max_pixels,
+                    cover=self.cover,
+                    name=uri,
                 )
             except Exception as error:
                 stage = "read" if isinstance(error, ReadError) else "decode"
@@ -68,13 +74,15 @@ class _LoadImage(beam.DoFn):
 class LoadImages(beam.PTransform):
     """Image URIs to `(uri, image)` on the `images` output; failures on `errors`.
 
-    Images are shrunk to `max_side` as they are decoded and are never shuffled: they flow
-    straight into the captioner on the same worker. Only regular files of at most `max_bytes`
-    are read; images announcing more than `max_pixels` are refused from their header.
+    Images are never shuffled: they flow straight into the captioner on the same worker. Only
+    regular files of at most `max_bytes` are read; images announcing more than `max_pixels`
+    are refused from their header.
 
     `views` names, for each model downstream, where to get the view it takes (a handler's
     `view_spec`, asked on the worker). When every model has one, each image leaves as its
-    `ImageViews`, made here once and shared by the models; else as the decoded RGB picture.
+    `ImageViews`, made here once and shared by the models, from a JPEG decoded at the smallest
+    scale that covers them all (`covering_size`); else as the decoded RGB picture, shrunk to
+    `max_side` (as are the pixels for views that crop without resizing).
     """
 
     def __init__(
