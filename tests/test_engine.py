@@ -190,3 +190,19 @@ def test_one_shared_engine_process_serves_every_process_of_the_machine(
         assert client.stats()["requests"] == 2  # one engine answered both processes
     finally:
         client.close()
+
+
+def test_requests_with_other_views_are_not_merged_and_the_engine_goes_on(
+    spec: EngineSpec, specs: list
+) -> None:
+    engine = spec.load()
+    whole = [batch_of(specs, [(40, 30)], seed=i) for i in range(4)]
+    blip_only = batch_of(specs[:1], [(40, 30)])  # views of one model only: not mergeable
+    results = call_in_threads(engine, [*whole[:2], blip_only, *whole[2:]])
+    assert isinstance(results[2], ValueError) and "no view" in str(results[2])
+    assert all(isinstance(results[i], list) for i in (0, 1, 3, 4))
+    later: list[object] = []
+    thread = threading.Thread(target=lambda: later.append(engine.caption_and_rank(whole[0])))
+    thread.start()
+    thread.join(timeout=60)
+    assert later and later[0] == results[0]  # the engine still serves

@@ -143,7 +143,7 @@ class Engine:
                 except queue.Empty:
                     break
                 if (
-                    not isinstance(request.images, ViewBatch)
+                    not _same_views(group[0].images, request.images)
                     or size + len(request.images) > self.max_batch_size
                 ):
                     held = request
@@ -155,6 +155,7 @@ class Engine:
             except Exception as error:
                 for request in group:
                     request.finish(error=error)
+                self._slot.release()  # nothing was made ready
                 continue
             self._ready.put((group, images, copied))
 
@@ -233,6 +234,15 @@ class Engine:
             for i, image_ranked in zip(chunk, scored, strict=True):
                 ranked[i] = image_ranked
         return ranked
+
+
+def _same_views(first: ModelImages, other: ModelImages) -> bool:
+    """Whether `other` can join a batch that starts with `first`: views of the same inputs."""
+    return (
+        isinstance(first, ViewBatch)
+        and isinstance(other, ViewBatch)
+        and first.views.keys() == other.views.keys()
+    )
 
 
 def _in_stage(stage: str, call: Any, *args: Any) -> Any:
