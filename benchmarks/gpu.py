@@ -99,7 +99,9 @@ def main() -> None:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         try:
-            point = engine_bare(blip, clip, uris, batch, args.device, seconds=args.seconds)
+            point = engine_bare(
+                blip, clip, uris, batch, args.device, seconds=args.seconds, threads=1 if cuda else 0
+            )
         except torch.OutOfMemoryError as error:
             result["bare"][batch] = {"error": f"out of memory: {str(error)[:120]}"}
             torch.cuda.empty_cache()
