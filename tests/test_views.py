@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from transformers import BlipImageProcessorPil, BlipProcessor, CLIPImageProcessorPil
 
+from benchmarks.views import pillow_view
 from captionflow.views import (
     ImageViews,
     ViewSpec,
@@ -224,18 +225,6 @@ def test_view_of_a_photo_matches_the_processor(name: str, size: tuple[int, int])
     spec = view_spec_from_processor(image_processor)
     image = photo(*size)
     assert_close(ours(image, spec), theirs(image, image_processor), spec)
-
-
-def pillow_view(image: Image.Image, spec: ViewSpec) -> np.ndarray:
-    """The processors' own uint8 pixels: Pillow's resize, then transformers' centre crop."""
-    height, width = spec.resized_size(*image.size)
-    if (width, height) != image.size:
-        image = image.resize((width, height), spec.resample)
-    if spec.center_crop:
-        crop_height, crop_width = spec.size
-        top, left = (height - crop_height) // 2, (width - crop_width) // 2
-        image = image.crop((left, top, left + crop_width, top + crop_height))
-    return np.asarray(image)
 
 
 @pytest.mark.parametrize("name", list(HUB_CONFIGS))

@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 EngineMode = Literal["auto", "local", "shared"]
 Ranked = list[ScoredCaption]  # one image's candidates, best first; empty: no caption
+LOG_EVERY_S = float(os.environ.get("CAPTIONFLOW_ENGINE_LOG_EVERY_S", 60))
 
 
 @dataclass
@@ -103,7 +104,7 @@ class Engine:
             "busy_s": 0.0,  # time spent in model calls
             "pid": os.getpid(),
         }
-        self._started = time.monotonic()
+        self._started = self._logged = time.monotonic()
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         for target in (self._gather, self._compute):
             threading.Thread(target=target, name=f"engine-{target.__name__}", daemon=True).start()
@@ -188,6 +189,26 @@ class Engine:
             with self._lock:
                 self._stats["requests"] += len(group)
                 self._stats["busy_s"] += time.monotonic() - started
+            self._log_stats()
+
+    def _log_stats(self) -> None:
+        """Every minute, the engine's work so far: how full its batches are, how busy it is."""
+        now = time.monotonic()
+        if now - self._logged < LOG_EVERY_S:
+            return
+        self._logged = now
+        stats = self.stats()
+        logger.info(
+            "engine on %s: %d images in %d batches (mean %.1f, largest %d) from %d requests; "
+            "busy %.0f%% of the time",
+            self.device,
+            stats["images"],
+            stats["batches"],
+            stats["images"] / max(stats["batches"], 1),
+            stats["largest_batch"],
+            stats["requests"],
+            100 * stats["busy_fraction"],
+        )
 
     def _run_group(self, group: list[_Request], images: ModelImages) -> None:
         if self._broken:

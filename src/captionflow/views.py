@@ -277,7 +277,7 @@ def normalize(
     if divisor is None:
         pixels = channels_first.to(torch.float32)
     else:
-        pixels = torch.div(channels_first, divisor)
+        pixels = channels_first.to(torch.float32).div_(divisor)  # as exact, twice as fast
     if mean is not None and std is not None:
         pixels = pixels.sub_(mean).div_(std)
     return pixels.to(dtype)
