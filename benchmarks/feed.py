@@ -203,6 +203,9 @@ def main() -> None:
     parser.add_argument("--compute-images", type=int, default=48, help="N for part 3")
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
+        "--threads", type=int, default=0, help="torch threads for part 3 (0: one per core)"
+    )
+    parser.add_argument(
         "--parts", default="feed,compute", help="feed (parts 1 and 2), compute (part 3)"
     )
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "feed.json"))
@@ -225,13 +228,16 @@ def main() -> None:
         big_blip = build_blip_base(str(work / "blip-base"), layers=args.layers)
         big_clip = build_clip_b32(str(work / "clip-b32"), layers=args.layers)
         batch = args.batch if args.device != "cpu" else 8
-        result["compute_bare"] = engine_bare(big_blip, big_clip, uris, batch, args.device)
+        threads = args.threads
+        result["compute_bare"] = engine_bare(
+            big_blip, big_clip, uris, batch, args.device, threads=threads
+        )
         compute_args = argparse.Namespace(**{**vars(args), "request": 8, "batch": batch})
         result["compute_pipeline"] = marginal(
-            big_blip, big_clip, uris, work, args.compute_images, compute_args
+            big_blip, big_clip, uris, work, args.compute_images, compute_args, threads
         )
         # again after: this shared machine's speed drifts over minutes; the mean is used
-        after = engine_bare(big_blip, big_clip, uris, batch, args.device)
+        after = engine_bare(big_blip, big_clip, uris, batch, args.device, threads=threads)
         result["compute_bare_after"] = after
         result["compute_bare_mean"] = (
             result["compute_bare"]["images_per_s"] + after["images_per_s"]
