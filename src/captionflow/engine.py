@@ -14,6 +14,7 @@ The engine owns models, devices and tensors; it knows nothing of files or of Bea
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
@@ -22,7 +23,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -93,6 +94,12 @@ class Engine:
             queue.SimpleQueue()
         )
         self._slot = threading.Semaphore(1)
+        # Captioned batches wait here for the ranking thread (one at most: no running ahead).
+        self._captioned: queue.Queue[tuple[list[_Request], ModelImages, list[list[str]]]] = (
+            queue.Queue(1)
+        )
+        self._working = 0
+        self._busy_since = 0.0
         self._broken: DeviceFailedError | None = None
         self._lock = threading.Lock()
         self._stats = {
@@ -106,7 +113,7 @@ class Engine:
         }
         self._started = self._logged = time.monotonic()
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        for target in (self._gather, self._compute):
+        for target in (self._gather, self._compute, self._finish):
             threading.Thread(target=target, name=f"engine-{target.__name__}", daemon=True).start()
 
     def caption_and_rank(self, images: ModelImages) -> list[Ranked]:
@@ -174,7 +181,8 @@ class Engine:
             copied.record()
         return moved, copied
 
-    # The computing thread: run the models on each merged batch.
+    # The captioning thread: caption each merged batch, then hand it to the ranking thread, so
+    # that the next batch is captioned while this one's texts are tokenised and ranked.
     def _compute(self) -> None:
         while True:
             group, images, copied = self._ready.get()
@@ -184,12 +192,98 @@ class Engine:
                 stream.wait_event(copied)
                 for view in images.views.values():  # type: ignore[union-attr]
                     view.record_stream(stream)
-            started = time.monotonic()
-            self._run_group(group, images)
-            with self._lock:
-                self._stats["requests"] += len(group)
-                self._stats["busy_s"] += time.monotonic() - started
+            if self._broken:
+                self._answer(group, error=self._broken)
+                continue
+            with self._busy():
+                try:
+                    candidates = self._caption(images)
+                except Exception as error:
+                    self._fail_or_split(group, images, error, self._run_alone)
+                    continue
+            self._captioned.put((group, images, candidates))
+
+    # The ranking thread: score each captioned batch and answer its callers.
+    def _finish(self) -> None:
+        while True:
+            group, images, candidates = self._captioned.get()
+            if self._broken:
+                self._answer(group, error=self._broken)
+                continue
+            with self._busy():
+                try:
+                    ranked = self._rank(images, candidates)
+                except Exception as error:
+                    alone = functools.partial(self._rank_alone, candidates)
+                    self._fail_or_split(group, images, error, alone)
+                    continue
+            self._answer(group, ranked)
             self._log_stats()
+
+    def _answer(
+        self, group: list[_Request], results: list[Ranked] | None = None, error: Any = None
+    ) -> None:
+        start = 0
+        for request in group:
+            end = start + len(request.images)
+            request.finish(None if results is None else results[start:end], error)
+            start = end
+        with self._lock:
+            self._stats["requests"] += len(group)
+
+    def _fail_or_split(
+        self, group: list[_Request], images: ModelImages, error: Exception, alone: Any
+    ) -> None:
+        """After `error`: everything fails if the device is gone; a lone request fails; else
+        each request is run `alone(request, its images, its start)`, so only failing ones fail."""
+        if is_sticky_device_error(error):
+            self._broken = DeviceFailedError(f"the model engine's device failed: {error}")
+            self._answer(group, error=self._broken)
+        elif len(group) == 1:
+            self._answer(group, error=error)
+        else:
+            start = 0
+            for request in group:
+                end = start + len(request.images)
+                alone(request, _part(images, start, end), start)
+                start = end
+
+    def _run_alone(self, request: _Request, images: ModelImages, start: int) -> None:
+        """Both models for one request, answered here."""
+        self._answer_alone(request, images, self._run)
+
+    def _rank_alone(
+        self, candidates: list[list[str]], request: _Request, images: ModelImages, start: int
+    ) -> None:
+        """The ranker for one request of a captioned batch, answered here."""
+        texts = candidates[start : start + len(images)]
+        self._answer_alone(request, images, functools.partial(self._rank, candidates=texts))
+
+    def _answer_alone(self, request: _Request, images: ModelImages, run: Any) -> None:
+        if self._broken:
+            self._answer([request], error=self._broken)
+            return
+        try:
+            results = run(images)
+        except Exception as error:
+            self._fail_or_split([request], images, error, self._run_alone)
+            return
+        self._answer([request], results)
+
+    @contextlib.contextmanager
+    def _busy(self) -> Iterator[None]:
+        """Count the time when either model is working (they overlap)."""
+        with self._lock:
+            self._working += 1
+            if self._working == 1:
+                self._busy_since = time.monotonic()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._working -= 1
+                if self._working == 0:
+                    self._stats["busy_s"] += time.monotonic() - self._busy_since
 
     def _log_stats(self) -> None:
         """Every minute, the engine's work so far: how full its batches are, how busy it is."""
@@ -210,41 +304,18 @@ class Engine:
             100 * stats["busy_fraction"],
         )
 
-    def _run_group(self, group: list[_Request], images: ModelImages) -> None:
-        if self._broken:
-            for request in group:
-                request.finish(error=self._broken)
-            return
-        try:
-            results = self._run(images)
-        except Exception as error:
-            if is_sticky_device_error(error):
-                self._broken = DeviceFailedError(f"the model engine's device failed: {error}")
-                for request in group:
-                    request.finish(error=self._broken)
-                return
-            if len(group) == 1:
-                group[0].finish(error=error)
-                return
-            start = 0  # run each request alone: only the failing ones fail
-            for request in group:
-                end = start + len(request.images)
-                self._run_group([request], _part(images, start, end))
-                start = end
-            return
-        start = 0
-        for request in group:
-            end = start + len(request.images)
-            request.finish(result=results[start:end])
-            start = end
-
     def _run(self, images: ModelImages) -> list[Ranked]:
-        """Caption every image, then rank the candidates of those that have some."""
+        return self._rank(images, self._caption(images))
+
+    def _caption(self, images: ModelImages) -> list[list[str]]:
         with self._lock:
             self._stats["batches"] += 1
             self._stats["images"] += len(images)
             self._stats["largest_batch"] = max(self._stats["largest_batch"], len(images))
-        candidates = _in_stage("caption", self.captioner.caption, images)
+        return _in_stage("caption", self.captioner.caption, images)
+
+    def _rank(self, images: ModelImages, candidates: list[list[str]]) -> list[Ranked]:
+        """The candidates of the images that have some, scored, in rank-sized chunks."""
         ranked: list[Ranked] = [[] for _ in candidates]
         having = [i for i, texts in enumerate(candidates) if texts]
         for start in range(0, len(having), self.rank_batch_size):
