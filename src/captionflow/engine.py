@@ -7,7 +7,7 @@ from every caller: threads of its own process (`local`), or every process of the
 (`shared`: the engine runs in a process of its own, spawned with Beam's `MultiProcessShared`,
 and stacked uint8 views reach it through shared memory, not pickled). Requests waiting when
 the device frees up are merged into one batch of up to `max_batch_size` images; while that
-batch runs, the next is merged and copied to the device.
+batch is captioned, the next is merged and copied to the device, and the one before is ranked.
 
 The engine owns models, devices and tensors; it knows nothing of files or of Beam's IO.
 """
