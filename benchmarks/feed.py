@@ -1,7 +1,7 @@
 """Can the pipeline feed the models? CPU per image outside the models' arithmetic, per phase,
 and the pipeline's rate against the models' own (the engine fed ready batches in memory).
 
-    python -m benchmarks.feed                      # CPU: about 5 minutes here
+    python -m benchmarks.feed                      # CPU: about 13 minutes here
     python -m benchmarks.feed --device cuda        # on a GPU box (see benchmarks/gpu.sh)
 
 1. **CPU per image**: models with real input sizes (BLIP 384 px, CLIP 224 px) but next to no
