@@ -10,17 +10,22 @@ other filters are used as they are, so those views are too.
 
 from __future__ import annotations
 
+import multiprocessing
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from apache_beam.utils.multi_process_shared import AUTH_KEY
 from PIL import Image
 from transformers import BlipImageProcessorPil, BlipProcessor, CLIPImageProcessorPil
 
 from benchmarks.views import pillow_view
 from captionflow.views import (
     ImageViews,
+    StackSpace,
+    ViewBatch,
     ViewSpec,
     covering_size,
     make_view,
@@ -441,3 +446,40 @@ def test_a_spec_that_cannot_make_fixed_size_views_is_refused(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         ViewSpec(size=(224, 224), **fields)
+
+
+def test_batches_stacked_into_a_shared_space_reuse_its_memory_and_cross_without_a_copy() -> None:
+    specs = [BLIP_SPEC, clip_spec(224)]
+    images = [make_views(random_rgb(64 + 8 * i, 48, seed=i), specs) for i in range(7)]
+    space = StackSpace(shared=True)
+    first = ViewBatch.stack(images[:4], space)
+    memory = {spec: first.views[spec].data_ptr() for spec in specs}
+    for spec in specs:
+        assert first.views[spec].is_shared()
+        assert torch.equal(first.views[spec], ViewBatch.stack(images[:4]).views[spec])
+    second = ViewBatch.stack(images[4:], space)  # smaller: the same memory, overwritten
+    for spec in specs:
+        assert second.views[spec].data_ptr() == memory[spec]
+        assert torch.equal(second.views[spec], ViewBatch.stack(images[4:]).views[spec])
+    # Pickled for another process, a shared batch is a handle: its memory stays where it is,
+    # where a batch stacked anywhere else is first moved (copied) into new shared memory.
+    multiprocessing.current_process().authkey = AUTH_KEY
+    ForkingPickler.dumps(second)
+    assert all(second.views[spec].data_ptr() == memory[spec] for spec in specs)
+    plain = ViewBatch.stack(images[4:])
+    before = plain.views[BLIP_SPEC].data_ptr()
+    ForkingPickler.dumps(plain)
+    assert plain.views[BLIP_SPEC].data_ptr() != before
+    larger = ViewBatch.stack(images, space)  # grows
+    assert torch.equal(larger.views[BLIP_SPEC], ViewBatch.stack(images).views[BLIP_SPEC])
+    assert ViewBatch.stack(images[:2], space).views[BLIP_SPEC].data_ptr() == (
+        larger.views[BLIP_SPEC].data_ptr()
+    )
+
+
+def test_a_private_space_is_reused_and_not_shared() -> None:
+    images = [make_views(random_rgb(40, 30, seed=i), [BLIP_SPEC]) for i in range(3)]
+    space = StackSpace()
+    first = ViewBatch.stack(images, space).views[BLIP_SPEC]
+    assert not first.is_shared()
+    assert ViewBatch.stack(images[1:], space).views[BLIP_SPEC].data_ptr() == first.data_ptr()

@@ -34,14 +34,16 @@ from captionflow.handlers.base import (
     Captioner,
     CaptionModelHandler,
     DeviceFailedError,
+    ModelImage,
     ModelImages,
     Ranker,
     RankModelHandler,
     is_sticky_device_error,
+    model_batch,
 )
 from captionflow.handlers.torch_setup import next_copy_index
 from captionflow.records import ScoredCaption
-from captionflow.views import ViewBatch
+from captionflow.views import StackSpace, ViewBatch
 
 logger = logging.getLogger(__name__)
 
@@ -437,6 +439,7 @@ class EngineClient:
         self.is_shared = spec.shared()
         self._engine: Any = None
         self._shared: MultiProcessShared | None = None
+        self._spaces = threading.local()
         self._index = 0
         if self.is_shared:
             self._index = next_copy_index(f"engine-{spec.key}") % spec.engine_count()
@@ -456,6 +459,15 @@ class EngineClient:
         )
         self._engine = self._shared.acquire()
         return self._engine
+
+    def stack(self, images: Sequence[ModelImage]) -> ModelImages:
+        """The images as one request: their views stacked into this thread's `StackSpace`
+        (shared memory when the engine is another process's), reused request after request,
+        since each is answered before its thread sends the next."""
+        space = getattr(self._spaces, "space", None)
+        if space is None:
+            space = self._spaces.space = StackSpace(shared=self.is_shared)
+        return model_batch(images, space)
 
     def caption_and_rank(self, images: ModelImages) -> list[Ranked]:
         engine = self._engine or self._connect()

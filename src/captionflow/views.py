@@ -31,6 +31,7 @@ from PIL import Image
 
 __all__ = [
     "ImageViews",
+    "StackSpace",
     "ViewBatch",
     "ViewSpec",
     "covering_size",
@@ -423,13 +424,19 @@ class ViewBatch:
         return len(self.sizes)
 
     @classmethod
-    def stack(cls, images: Sequence[ImageViews]) -> ViewBatch:
-        """Stack the views that every image has (the decode step makes the same set for all)."""
+    def stack(cls, images: Sequence[ImageViews], space: StackSpace | None = None) -> ViewBatch:
+        """Stack the views that every image has (the decode step makes the same set for all):
+        into `space`'s memory when given, else into new memory."""
         specs = images[0].views.keys() if images else ()
-        return cls(
-            {spec: torch.from_numpy(np.stack([i.views[spec] for i in images])) for spec in specs},
-            tuple(image.size for image in images),
-        )
+        views = {}
+        for spec in specs:
+            arrays = [image.views[spec] for image in images]
+            if space is None:
+                views[spec] = torch.from_numpy(np.stack(arrays))
+            else:
+                views[spec] = space.take(spec, len(arrays))
+                np.stack(arrays, out=views[spec].numpy())
+        return cls(views, tuple(image.size for image in images))
 
     @classmethod
     def concat(cls, batches: Sequence[ViewBatch]) -> ViewBatch:
@@ -457,6 +464,30 @@ class ViewBatch:
         return ViewBatch(
             {spec: to_device(view, device) for spec, view in self.views.items()}, self.sizes
         )
+
+
+class StackSpace:
+    """Memory that batches of views are stacked into, reused from one batch to the next: a
+    tensor per spec, replaced by a larger one when a batch needs it. Shared (`shared=True`), a
+    batch stacked here crosses to another process as a handle, and neither process faults in
+    fresh pages for it, batch after batch; private, it spares the allocator those pages.
+
+    A batch stacked here lasts until the next one is: one space per thread, whose calls
+    return only once their batch is used."""
+
+    def __init__(self, shared: bool = False) -> None:
+        self.shared = shared
+        self._tensors: dict[ViewSpec, torch.Tensor] = {}
+
+    def take(self, spec: ViewSpec, count: int) -> torch.Tensor:
+        """(count, height, width, 3) uint8 of this space's memory for views of `spec`."""
+        tensor = self._tensors.get(spec)
+        if tensor is None or len(tensor) < count:
+            tensor = torch.empty((count, *spec.size, 3), dtype=torch.uint8)
+            if self.shared:
+                tensor.share_memory_()
+            self._tensors[spec] = tensor
+        return tensor[:count]
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -20,7 +20,7 @@ from PIL import Image
 
 from captionflow.handlers.decoding import DecodingOptions
 from captionflow.records import ScoredCaption
-from captionflow.views import ImageViews, ViewBatch, ViewSpec
+from captionflow.views import ImageViews, StackSpace, ViewBatch, ViewSpec
 
 logger = logging.getLogger(__name__)
 
@@ -36,11 +36,11 @@ ModelImages = Sequence[ModelImage] | ViewBatch
 RankExample = tuple[ModelImage, Sequence[str]]
 
 
-def model_batch(images: Sequence[ModelImage]) -> ModelImages:
-    """Views stacked into one tensor per model input (made once, for both models); pictures
-    as they are."""
+def model_batch(images: Sequence[ModelImage], space: StackSpace | None = None) -> ModelImages:
+    """Views stacked into one tensor per model input (made once, for both models), in
+    `space` when given; pictures as they are."""
     if images and all(isinstance(image, ImageViews) for image in images):
-        return ViewBatch.stack(images)  # type: ignore[arg-type]
+        return ViewBatch.stack(images, space)  # type: ignore[arg-type]
     return list(images)
 
 

@@ -16,7 +16,6 @@ from captionflow.handlers.base import (
     IsolatingModelHandler,
     ModelImage,
     RankModelHandler,
-    model_batch,
 )
 
 
@@ -61,4 +60,4 @@ class CaptionRankHandler(IsolatingModelHandler[ModelImage, Ranked, EngineClient]
         return EngineClient(self.spec)
 
     def predict(self, model: EngineClient, batch: Sequence[ModelImage]) -> list[Ranked]:
-        return model.caption_and_rank(model_batch(batch))
+        return model.caption_and_rank(model.stack(batch))
