@@ -95,8 +95,8 @@ def decode_image(
             )
         try:
             opened.draft("RGB", _draft_size(opened, max_side, cover))
-            image = ImageOps.exif_transpose(opened)
-            image = _to_rgb(image)
+            ImageOps.exif_transpose(opened, in_place=True)  # loads; turns only if it must
+            image = _to_rgb(opened)
         except Image.DecompressionBombError as error:  # a frame or tile larger than the image
             raise ImageTooLargeError(str(error)) from None
     image = _crop_extreme_aspect(image)
@@ -163,7 +163,10 @@ def _crop_extreme_aspect(image: Image.Image) -> Image.Image:
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """Any mode to RGB: transparency flattened on white, deep greys scaled rather than clipped."""
+    """Any mode to RGB: transparency flattened on white, deep greys scaled rather than clipped.
+    An RGB image is returned as it is, not copied."""
+    if image.mode == "RGB":
+        return image
     if image.mode.startswith("I") or image.mode == "F":
         image = _to_8_bits(image)
     if image.mode == "P" and "transparency" in image.info:
