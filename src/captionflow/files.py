@@ -16,6 +16,7 @@ from apache_beam.io.filesystems import FileSystems
 from captionflow.paths import is_remote
 
 CHUNK = 1 << 20
+BUFFER = 1 << 16  # what a decoder reads ahead of what it asked for
 _KINDS = (
     (stat.S_ISDIR, "a directory"),
     (stat.S_ISFIFO, "a FIFO"),
@@ -81,7 +82,8 @@ def cap_file(file: BinaryIO, max_bytes: int) -> BinaryIO:
             if size > max_bytes:
                 raise _too_large(size, max_bytes)
             file.seek(0)
-            return CappedReader(file, max_bytes)
+            # Buffered: Pillow reads a header in many small reads, each a Python call here.
+            return io.BufferedReader(CappedReader(file, max_bytes), BUFFER)
         with file:
             return io.BytesIO(_read_at_most(file, max_bytes))
     except BaseException:
@@ -127,13 +129,20 @@ class CappedReader(io.RawIOBase):
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
         wanted = max(0, min(len(buffer), self._max_bytes + 1 - self._position))
         try:
-            data = self._file.read(wanted)
+            read = self._read_into(memoryview(buffer)[:wanted])
         except OSError as error:
             raise ReadError(f"reading failed after {self._position} bytes: {error}") from error
-        if self._position + len(data) > self._max_bytes:
+        if self._position + read > self._max_bytes:
             raise _too_large(None, self._max_bytes)
+        self._position += read
+        return read
+
+    def _read_into(self, buffer: memoryview) -> int:
+        """Straight into `buffer` where the stream can, else through a copy."""
+        if hasattr(self._file, "readinto"):
+            return self._file.readinto(buffer) or 0
+        data = self._file.read(len(buffer))
         buffer[: len(data)] = data
-        self._position += len(data)
         return len(data)
 
     def close(self) -> None:
