@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 
@@ -61,7 +62,7 @@ def phases(blip: str, clip: str, uris: list[str], batch: int, device: str) -> di
     from captionflow.images import DEFAULT_MAX_BYTES, decode_image
     from captionflow.records import CaptionRecord
     from captionflow.transforms.write import imagefolder_row
-    from captionflow.views import ViewBatch, make_views
+    from captionflow.views import StackSpace, ViewBatch, make_views
 
     torch.set_num_threads(1)
     captioner = BlipCaptionHandler(
@@ -86,8 +87,10 @@ def phases(blip: str, clip: str, uris: list[str], batch: int, device: str) -> di
     views = [make_views(picture, specs) for picture in pictures]
     batches = [views[i : i + batch] for i in range(0, len(views) - batch + 1, batch)]
 
+    space = StackSpace(shared=True)  # as the engine client stacks a thread's requests
+
     def cross(group: list) -> None:  # stack, and the pickling of both ends of the crossing
-        pickle.loads(ForkingPickler.dumps(ViewBatch.stack(group)))
+        pickle.loads(ForkingPickler.dumps(ViewBatch.stack(group, space)))
 
     engine = EngineSpec(captioner, ranker, max_batch_size=batch, rank_batch_size=batch).load()
     stacked = [ViewBatch.stack(group) for group in batches]
@@ -115,7 +118,9 @@ def engine_bare(
 ) -> dict:
     """The models' own rate: the engine fed ready uint8 batches already in memory (on a GPU,
     its copy there included), timed for at least `seconds` after a warm-up batch, with torch
-    at `threads` threads (0: as many as the pipeline's engine gets, one per core)."""
+    at `threads` threads (0: as many as the pipeline's engine gets, one per core). Two callers
+    keep a batch waiting while one computes, as the pipeline's workers do: the engine captions
+    the next batch while it ranks this one."""
     import io
 
     import torch
@@ -139,10 +144,17 @@ def engine_bare(
     stacked = ViewBatch.stack(views)
     engine = EngineSpec(captioner, ranker, max_batch_size=batch, rank_batch_size=batch).load()
     engine.caption_and_rank(stacked)  # warm-up
-    rounds, started, cpu = 0, time.perf_counter(), time.process_time()
-    while rounds < 2 or time.perf_counter() - started < seconds:
-        engine.caption_and_rank(stacked)
-        rounds += 1
+    started, cpu = time.perf_counter(), time.process_time()
+
+    def call() -> int:
+        rounds = 0
+        while rounds < 2 or time.perf_counter() - started < seconds:
+            engine.caption_and_rank(stacked)
+            rounds += 1
+        return rounds
+
+    with ThreadPoolExecutor(2) as callers:
+        rounds = sum(callers.map(lambda _: call(), range(2)))
     elapsed = time.perf_counter() - started
     return {
         "images_per_s": rounds * batch / elapsed,
@@ -150,29 +162,115 @@ def engine_bare(
     }
 
 
+def cli_argv(
+    blip: str, clip: str, list_file: str, out: str, args: argparse.Namespace, every: int = 1000
+) -> list[str]:
+    """The CLI run that the pipeline measurements time: `every` lines per part file."""
+    return [
+        sys.executable, "-m", "captionflow", "run", "--input", list_file, "--output", out,
+        "--captioner", f"blip:{blip}", "--ranker", f"clip:{clip}",
+        "--caption-batch-size", str(args.request), "--engine-batch-size", str(args.batch),
+        "--rank-batch-size", str(args.batch), "--engine", "shared", "--device", args.device,
+        "--checkpoint-every", str(every), "--attempts", "1",
+        "--min-new-tokens", str(TOKENS), "--max-new-tokens", str(TOKENS),
+        "--direct_num_workers", str(args.workers), "--direct_running_mode", "multi_processing",
+    ]  # fmt: skip
+
+
+def cli_env(threads: int = 0, **extra: str) -> dict[str, str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src"), **extra}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
 def pipeline(
     blip: str, clip: str, list_file: str, out: str, args: argparse.Namespace, threads: int = 0
 ) -> dict:
     """The CLI in a fresh process: wall seconds and CPU seconds of it and all its children.
     `threads`: torch's threads in every process (0: torch's default)."""
-    argv = [
-        sys.executable, "-m", "captionflow", "run", "--input", list_file, "--output", out,
-        "--captioner", f"blip:{blip}", "--ranker", f"clip:{clip}",
-        "--caption-batch-size", str(args.request), "--engine-batch-size", str(args.batch),
-        "--rank-batch-size", str(args.batch), "--engine", "shared", "--device", args.device,
-        "--checkpoint-every", "1000", "--attempts", "1",
-        "--min-new-tokens", str(TOKENS), "--max-new-tokens", str(TOKENS),
-        "--direct_num_workers", str(args.workers), "--direct_running_mode", "multi_processing",
-    ]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src")}
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
+    argv = cli_argv(blip, clip, list_file, out, args)
     cpu, started = children_cpu(), time.perf_counter()
-    done = subprocess.run(argv, env=env, capture_output=True, text=True)
+    done = subprocess.run(argv, env=cli_env(threads), capture_output=True, text=True)
     wall, cpu = time.perf_counter() - started, children_cpu() - cpu
     if done.returncode != 0:
         raise SystemExit(f"pipeline failed:\n{done.stderr[-3000:]}")
     return {"seconds": wall, "cpu_seconds": cpu}
+
+
+PART_LINES = 50  # lines per part file in the steady-state run: its progress marks
+WINDOW = (0.25, 0.85)  # the share of images done between which the steady state is timed
+
+
+def steady_pipeline(
+    blip: str, clip: str, uris: list[str], work: Path, args: argparse.Namespace, threads: int = 1
+) -> dict:
+    """One CLI run on `uris`, timed in its steady state: between 25% and 85% of the images
+    written (part files of `PART_LINES` lines mark the progress), the images/s and the CPU
+    seconds of every process of the run (read from /proc: the launcher, each worker, the
+    engine, whoever their parent) per image, by kind of process. Start-up and the last
+    bundles fall outside the window, so one run is enough."""
+    listing = work / f"steady-{len(uris)}.txt"
+    listing.write_text("\n".join(uris) + "\n")
+    out = work / f"steady-out-{len(uris)}"
+    argv = cli_argv(blip, clip, str(listing), str(out), args, every=PART_LINES)
+    # The engine's batch sizes, logged often enough to read them at the end.
+    env = cli_env(threads, CAPTIONFLOW_ENGINE_LOG_EVERY_S="2")
+    log = work / "steady.log"
+    with open(log, "w") as stderr:
+        run = subprocess.Popen(argv, env=env, stderr=stderr, start_new_session=True)
+        marks: dict[float, tuple[int, float, dict[int, float]]] = {}
+        while run.poll() is None:
+            done = PART_LINES * len(list((out / ".metadata.jsonl.parts").glob("part-*.jsonl")))
+            for share in WINDOW:
+                if share not in marks and done >= share * len(uris):
+                    marks[share] = (done, time.perf_counter(), _session_cpu(run.pid))
+            time.sleep(0.05)
+    if run.returncode != 0 or len(marks) < 2:
+        raise SystemExit(f"pipeline failed:\n{log.read_text()[-3000:]}")
+    (done0, wall0, cpu0), (done1, wall1, cpu1) = marks[WINDOW[0]], marks[WINDOW[1]]
+    images = done1 - done0
+    by_kind: dict[str, float] = {}
+    for pid, seconds in cpu1.items():
+        kind = _KINDS.get(pid, "other")
+        by_kind[kind] = by_kind.get(kind, 0) + (seconds - cpu0.get(pid, 0)) / images * 1000
+    engine_log = [line for line in log.read_text().splitlines() if "engine on" in line]
+    return {
+        "images": images,
+        "images_per_s": images / (wall1 - wall0),
+        "cpu_ms_per_image": sum(by_kind.values()),
+        "cpu_ms_per_image_by_process": by_kind,
+        "engine_log": engine_log[-1].split("engine on", 1)[1] if engine_log else None,
+    }
+
+
+_KINDS: dict[int, str] = {}  # pid to the kind of process, named when first seen
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _session_cpu(session: int) -> dict[int, float]:
+    """CPU seconds (user + system) of every process of `session`, by pid."""
+    seconds = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[3]) != session:
+                continue
+            pid = int(entry.name)
+            if pid not in _KINDS:
+                command = (entry / "cmdline").read_bytes()
+                _KINDS[pid] = (
+                    "engine" if b"spawn_main" in command
+                    else "workers" if b"sdk_worker_main" in command
+                    else "launcher" if b"captionflow" in command
+                    else "other"
+                )  # fmt: skip
+            seconds[pid] = (int(fields[11]) + int(fields[12])) / _TICK
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+    return seconds
 
 
 def marginal(
@@ -197,8 +295,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1000, help="N (runs at N and 2N)")
     parser.add_argument("--workers", type=int, default=2, help="local worker processes")
-    parser.add_argument("--request", type=int, default=32, help="images per worker request")
+    parser.add_argument(
+        "--request",
+        type=int,
+        default=128,
+        help="images per worker request (as many as the engine batch: two workers, each with "
+        "one request in flight, would never fill it with smaller ones)",
+    )
     parser.add_argument("--batch", type=int, default=128, help="engine batch (merged)")
+    parser.add_argument(
+        "--repeat", type=int, default=2, help="engine bare and pipeline runs of part 1, each"
+    )
     parser.add_argument("--layers", type=int, default=1, help="depth of the real-compute models")
     parser.add_argument("--compute-images", type=int, default=48, help="N for part 3")
     parser.add_argument("--device", default="cpu")
@@ -249,12 +356,30 @@ def main() -> None:
 
 def feed(blip: str, clip: str, uris: list[str], work: Path, args, result: dict) -> None:
     result["phases_ms"] = phases(blip, clip, uris[:256], args.batch, args.device)
-    result["negligible_bare"] = engine_bare(blip, clip, uris, args.batch, args.device, threads=1)
     # With next to no arithmetic, the engine's CPU work is what it is on a GPU (launching the
     # models' steps): single-threaded, as a GPU engine runs; idle OpenMP threads spinning on
-    # these tiny tensors would only add CPU that no GPU deployment pays.
-    result["negligible_pipeline"] = marginal(blip, clip, uris, work, args.images, args, 1)
+    # these tiny tensors would only add CPU that no GPU deployment pays. Bare and pipeline
+    # alternate, `--repeat` times each, and their means are compared: this shared machine's
+    # speed drifts over minutes.
+    bare, piped = [], []
+    for _ in range(args.repeat):
+        bare.append(engine_bare(blip, clip, uris, args.batch, args.device, threads=1))
+        piped.append(steady_pipeline(blip, clip, uris[: 2 * args.images], work, args))
+    result["negligible_bare_runs"], result["negligible_pipeline_runs"] = bare, piped
+    result["negligible_bare"] = _mean(bare)
+    result["negligible_pipeline"] = _mean(piped)
     report(result)
+
+
+def _mean(runs: list[dict]) -> dict:
+    """The runs' numbers averaged (nested per-process figures too); the last run's others."""
+    mean = dict(runs[-1])
+    for key, value in runs[-1].items():
+        if isinstance(value, (int, float)):
+            mean[key] = sum(run[key] for run in runs) / len(runs)
+        elif isinstance(value, dict):
+            mean[key] = {k: sum(run[key].get(k, 0) for run in runs) / len(runs) for k in value}
+    return mean
 
 
 def machine(device: str) -> dict:
@@ -290,11 +415,22 @@ def report_feed(result: dict) -> None:
         print(f"  {name:<14} {value:7.2f}")
     print(f"  {'sum':<14} {sum(phases_ms.values()):7.2f}")
     bare, piped = result["negligible_bare"], result["negligible_pipeline"]
+    by_process = ", ".join(
+        f"{kind} {ms:.2f}" for kind, ms in sorted(piped["cpu_ms_per_image_by_process"].items())
+    )
+    runs = ", ".join(
+        f"{run['cpu_ms_per_image']:.2f}" for run in result.get("negligible_pipeline_runs", [])
+    )
     print(
-        f"whole pipeline ({result['settings']['workers']} workers + shared engine): "
-        f"{piped['cpu_ms_per_image']:.2f} CPU ms per image, all processes "
-        f"({piped['images_per_s']:.1f} images/s; bare engine {bare['images_per_s']:.0f} "
-        f"images/s at {bare['cpu_ms_per_image']:.2f} CPU ms per image)"
+        f"whole pipeline ({result['settings']['workers']} workers + shared engine), steady "
+        f"state ({piped['images']} images): {piped['cpu_ms_per_image']:.2f} CPU ms per image, "
+        f"all processes ({by_process}; runs: {runs}); {piped['images_per_s']:.1f} images/s\n"
+        f"engine bare: {bare['cpu_ms_per_image']:.2f} CPU ms per image, "
+        f"{bare['images_per_s']:.1f} images/s\n"
+        f"outside the model call: {piped['cpu_ms_per_image'] - bare['cpu_ms_per_image']:.2f} "
+        f"CPU ms per image; pipeline / engine bare = "
+        f"{piped['images_per_s'] / bare['images_per_s']:.2f}\n"
+        f"engine's own count: {piped['engine_log']}"
     )
 
 
