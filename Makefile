@@ -73,7 +73,7 @@ bench-quick: install  # reduced depth, few images: under 3 minutes
 bench-gpu: install  # every GPU figure in one run, under 8 minutes (offline box: benchmarks/gpu.sh)
 	$(PY) -m benchmarks.gpu $(ARGS)
 
-bench-feed: install  # CPU per image per phase, and pipeline / engine bare: about 7 minutes here
+bench-feed: install  # CPU per image per phase, and pipeline / engine bare: about 9 minutes here
 	$(PY) -m benchmarks.feed $(ARGS)
 
 # For a GPU box with no network (benchmarks/README.md): cp312 wheels of what it lacks into .whl/,

@@ -1,14 +1,15 @@
 """Can the pipeline feed the models? CPU per image outside the models' arithmetic, per phase,
 and the pipeline's rate against the models' own (the engine fed ready batches in memory).
 
-    python -m benchmarks.feed                      # CPU: about 13 minutes here
+    python -m benchmarks.feed                      # CPU: about 9 minutes here
     python -m benchmarks.feed --device cuda        # on a GPU box (see benchmarks/gpu.sh)
 
 1. **CPU per image**: models with real input sizes (BLIP 384 px, CLIP 224 px) but next to no
    arithmetic, on 640x480 JPEGs. Each phase is priced alone, single-threaded (read, decode,
    views, stack and cross to the engine, model call, write); then the whole pipeline, in worker
    processes with a shared engine, as the CPU seconds of every process (the CLI, its workers,
-   the engine) per image, between N and 2N images so that start-up cancels out.
+   the engine) per image in its steady state; and the same pipeline with zero-cost stand-ins
+   for the models (`benchmarks.nomodels`): the pipeline alone.
 2. **Engine bare**: the models fed ready uint8 batches already in memory: their own rate.
 3. **Pipeline / engine bare** with several worker processes, on models with real compute
    (BLIP-base and CLIP-B/32 architectures, random weights, `--layers` deep): is the engine kept
@@ -23,6 +24,7 @@ import os
 import pickle
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,6 +32,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
+
+from benchmarks import nomodels
 
 REPO = Path(__file__).resolve().parent.parent
 # Every caption exactly this many tokens: random weights sample end-of-text at random, and a
@@ -163,12 +167,21 @@ def engine_bare(
 
 
 def cli_argv(
-    blip: str, clip: str, list_file: str, out: str, args: argparse.Namespace, every: int = 1000
+    blip: str,
+    clip: str,
+    list_file: str,
+    out: str,
+    args: argparse.Namespace,
+    every: int = 1000,
+    models: bool = True,
 ) -> list[str]:
-    """The CLI run that the pipeline measurements time: `every` lines per part file."""
+    """The CLI run that the pipeline measurements time: `every` lines per part file; without
+    `models`, BLIP's and CLIP's zero-cost stand-ins (`benchmarks.nomodels`)."""
+    launcher = ["-m", "captionflow"] if models else ["-c", nomodels.LAUNCHER]
+    captioner, ranker = ("blip", "clip") if models else ("no-captioner", "no-ranker")
     return [
-        sys.executable, "-m", "captionflow", "run", "--input", list_file, "--output", out,
-        "--captioner", f"blip:{blip}", "--ranker", f"clip:{clip}",
+        sys.executable, *launcher, "run", "--input", list_file, "--output", out,
+        "--captioner", f"{captioner}:{blip}", "--ranker", f"{ranker}:{clip}",
         "--caption-batch-size", str(args.request), "--engine-batch-size", str(args.batch),
         "--rank-batch-size", str(args.batch), "--engine", "shared", "--device", args.device,
         "--checkpoint-every", str(every), "--attempts", "1",
@@ -178,7 +191,8 @@ def cli_argv(
 
 
 def cli_env(threads: int = 0, **extra: str) -> dict[str, str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src"), **extra}
+    path = os.pathsep.join([str(REPO / "src"), str(REPO)])  # the repository: benchmarks.nomodels
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path, **extra}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     return env
@@ -203,17 +217,25 @@ WINDOW = (0.25, 0.85)  # the share of images done between which the steady state
 
 
 def steady_pipeline(
-    blip: str, clip: str, uris: list[str], work: Path, args: argparse.Namespace, threads: int = 1
+    blip: str,
+    clip: str,
+    uris: list[str],
+    work: Path,
+    args: argparse.Namespace,
+    threads: int = 1,
+    models: bool = True,
 ) -> dict:
     """One CLI run on `uris`, timed in its steady state: between 25% and 85% of the images
     written (part files of `PART_LINES` lines mark the progress), the images/s and the CPU
     seconds of every process of the run (read from /proc: the launcher, each worker, the
     engine, whoever their parent) per image, by kind of process. Start-up and the last
-    bundles fall outside the window, so one run is enough."""
+    bundles fall outside the window, so one run is enough. Without `models`, zero-cost
+    stand-ins take BLIP's and CLIP's place: what is left is the pipeline alone."""
     listing = work / f"steady-{len(uris)}.txt"
     listing.write_text("\n".join(uris) + "\n")
     out = work / f"steady-out-{len(uris)}"
-    argv = cli_argv(blip, clip, str(listing), str(out), args, every=PART_LINES)
+    shutil.rmtree(out, ignore_errors=True)
+    argv = cli_argv(blip, clip, str(listing), str(out), args, every=PART_LINES, models=models)
     # The engine's batch sizes, logged often enough to read them at the end.
     env = cli_env(threads, CAPTIONFLOW_ENGINE_LOG_EVERY_S="2")
     log = work / "steady.log"
@@ -361,14 +383,33 @@ def feed(blip: str, clip: str, uris: list[str], work: Path, args, result: dict) 
     # these tiny tensors would only add CPU that no GPU deployment pays. Bare and pipeline
     # alternate, `--repeat` times each, and their means are compared: this shared machine's
     # speed drifts over minutes.
-    bare, piped = [], []
+    # Without models the pipeline runs several times faster: three times the images (the same
+    # files under other names) keep its window as long.
+    many = linked_copies(uris, work / "links", 3)
+    bare, piped, alone = [], [], []
     for _ in range(args.repeat):
         bare.append(engine_bare(blip, clip, uris, args.batch, args.device, threads=1))
         piped.append(steady_pipeline(blip, clip, uris[: 2 * args.images], work, args))
+        alone.append(steady_pipeline(blip, clip, many, work, args, models=False))
     result["negligible_bare_runs"], result["negligible_pipeline_runs"] = bare, piped
     result["negligible_bare"] = _mean(bare)
     result["negligible_pipeline"] = _mean(piped)
+    result["no_models_pipeline_runs"] = alone
+    result["no_models_pipeline"] = _mean(alone)
     report(result)
+
+
+def linked_copies(uris: list[str], folder: Path, times: int) -> list[str]:
+    """`uris` under `times` names each (hard links: the same bytes, distinct paths)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    copies = []
+    for copy in range(times):
+        for uri in uris:
+            link = folder / f"{copy}-{Path(uri).name}"
+            if not link.exists():
+                os.link(uri, link)
+            copies.append(str(link))
+    return copies
 
 
 def _mean(runs: list[dict]) -> dict:
@@ -432,6 +473,16 @@ def report_feed(result: dict) -> None:
         f"{piped['images_per_s'] / bare['images_per_s']:.2f}\n"
         f"engine's own count: {piped['engine_log']}"
     )
+    if "no_models_pipeline" in result:
+        alone = result["no_models_pipeline"]
+        runs = ", ".join(
+            f"{run['cpu_ms_per_image']:.2f}" for run in result["no_models_pipeline_runs"]
+        )
+        print(
+            f"no models (zero-cost stand-ins), steady state ({alone['images']} images): "
+            f"{alone['cpu_ms_per_image']:.2f} CPU ms per image, all processes (runs: {runs}); "
+            f"{alone['images_per_s']:.1f} images/s"
+        )
 
 
 if __name__ == "__main__":
