@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from captionflow.cli import main
+from captionflow.cli import main, prepare
+from captionflow.pipelines.caption import model_handlers
 from tests.conftest import image_like_zoo, write_images
 
 
@@ -151,6 +153,7 @@ def test_every_file_that_looks_like_an_image_gets_a_record(
         (["--runner", "NoSuchRunner"], "--runner: unknown runner 'NoSuchRunner': use one of"),
         (["--runner", "no.such.Runner"], "--runner: cannot load runner 'no.such.Runner': No mod"),
         (["--max-bytes", "0"], "--max-bytes: Input should be greater than or equal to 1"),
+        (["--rank-dtype", "int8"], "--rank-dtype: Input should be 'auto', 'float32', 'float16'"),
     ],
 )
 def test_bad_options_stop_before_any_work_with_one_clear_line(
@@ -292,3 +295,19 @@ def test_models_shared_across_processes_through_beams_proxy(
     argv = ["run", "--input", str(tmp_path / "pics"), "--output", str(tmp_path / "out")]
     assert main([*argv, "--model-copies", "1", *models(*tiny_models)]) == 0
     assert len(read_jsonl(tmp_path / "out" / "metadata.jsonl")) == 3
+
+
+def test_each_model_runs_in_its_own_dtype_else_in_dtype(
+    image_dir: Path, tmp_path: Path, tiny_models: tuple[str, str]
+) -> None:
+    blip, clip = tiny_models
+    argv = ["run", "--input", str(image_dir), "--output", str(tmp_path / "out"), "--device", "cpu"]
+    argv += ["--captioner", f"blip:{blip}", "--ranker", f"clip:{clip}"]
+    config, _ = prepare([*argv, "--dtype", "float16", "--caption-dtype", "bfloat16"])
+    captioner, ranker = model_handlers(config)
+    assert (captioner.dtype, ranker.dtype) == ("bfloat16", "float16")
+    captioner, ranker = model_handlers(prepare([*argv, "--rank-dtype", "float32"])[0])
+    assert (captioner.dtype, ranker.dtype) == ("auto", "float32")
+    captioner, ranker = model_handlers(prepare([*argv, "--caption-dtype", "bfloat16"])[0])
+    assert captioner.load_model().model.dtype == torch.bfloat16
+    assert ranker.load_model().model.dtype == torch.float32  # auto, on a CPU

@@ -129,7 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument(
         "--dtype",
         default="auto",
-        help="auto (float16 on GPU, float32 on CPU), float32, float16, bfloat16",
+        help="both models' dtype: auto (float16 on GPU, float32 on CPU), float32, float16, "
+        "bfloat16",
+    )
+    models.add_argument(
+        "--caption-dtype", help="the captioner's dtype, if not --dtype's (e.g. bfloat16)"
+    )
+    models.add_argument(
+        "--rank-dtype", help="the ranker's dtype, if not --dtype's (e.g. float32 scores)"
     )
     models.add_argument(
         "--caption-batch-size",
@@ -413,7 +420,7 @@ def run(argv: Sequence[str]) -> int:
     runner = options.view_as(StandardOptions).runner
     logger.info(
         "captioning %s -> %s with captioner %s, ranker %s, %d candidates (%s), device %s, "
-        "dtype %s, runner %s",
+        "dtype %s (captioner %s, ranker %s), runner %s",
         config.input,
         config.output_dir,
         config.captioner,
@@ -422,6 +429,8 @@ def run(argv: Sequence[str]) -> int:
         config.decoding.strategy,
         config.device,
         config.dtype,
+        config.caption_dtype or config.dtype,
+        config.rank_dtype or config.dtype,
         runner,
     )
     if options.view_as(TestOptions).dry_run:  # builds the job, touches no output

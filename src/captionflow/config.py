@@ -66,6 +66,9 @@ def _output_dir(output: str) -> str:
     return dirname(output) if output.endswith(".jsonl") else output
 
 
+Dtype = Literal["auto", "float32", "float16", "bfloat16"]
+
+
 class RunConfig(BaseModel):
     """What `captionflow run` does, validated as one unit."""
 
@@ -81,7 +84,9 @@ class RunConfig(BaseModel):
     engine_batch_size: int = Field(256, ge=1, le=65536)
     engine: Literal["auto", "local", "shared"] = "auto"
     device: str = "auto"
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    dtype: Dtype = "auto"
+    caption_dtype: Dtype | None = None  # the captioner's, when not `dtype`
+    rank_dtype: Dtype | None = None  # the ranker's, when not `dtype`
     limit: int | None = Field(None, ge=1)
     max_side: int = Field(DEFAULT_MAX_SIDE, ge=32)
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)

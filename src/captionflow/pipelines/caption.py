@@ -7,6 +7,7 @@ import time
 import apache_beam as beam
 
 from captionflow.config import RunConfig
+from captionflow.handlers.base import CaptionModelHandler, RankModelHandler
 from captionflow.handlers.registry import captioner_handler, ranker_handler
 from captionflow.paths import join
 from captionflow.transforms import CaptionImages, LogProgress, ReadImagePaths, WriteErrors
@@ -17,23 +18,32 @@ from captionflow.transforms.write import ToImageFolderRows, WriteJsonLines
 SUMMARY_FILE = "summary.json"
 
 
+def model_handlers(config: RunConfig) -> tuple[CaptionModelHandler, RankModelHandler]:
+    """The job's captioner and ranker, each in its own dtype (`--caption-dtype`,
+    `--rank-dtype`) or else in `--dtype`."""
+    options = {"device": config.device, "trust_remote_code": config.trust_remote_code}
+    captioner = captioner_handler(
+        config.captioner,
+        decoding=config.decoding,
+        max_batch_size=config.caption_batch_size,
+        dtype=config.caption_dtype or config.dtype,
+        **options,
+    )
+    ranker = ranker_handler(
+        config.ranker,
+        max_batch_size=config.rank_batch_size,
+        dtype=config.rank_dtype or config.dtype,
+        **options,
+    )
+    return captioner, ranker
+
+
 def build_caption_pipeline(
     pipeline: beam.Pipeline, config: RunConfig, *, started: float | None = None
 ) -> None:
     """Add the whole job to `pipeline`. With `config.resume`, images already in the output
     (finished file or parts of a killed run) are kept and not captioned again."""
-    model_options = {
-        "device": config.device,
-        "dtype": config.dtype,
-        "trust_remote_code": config.trust_remote_code,
-    }
-    captioner = captioner_handler(
-        config.captioner,
-        decoding=config.decoding,
-        max_batch_size=config.caption_batch_size,
-        **model_options,
-    )
-    ranker = ranker_handler(config.ranker, max_batch_size=config.rank_batch_size, **model_options)
+    captioner, ranker = model_handlers(config)
     metadata_path = join(config.output_dir, config.metadata_filename)
 
     read = ReadImagePaths(config.input, limit=config.limit).with_errors()
