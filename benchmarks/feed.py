@@ -242,19 +242,22 @@ def steady_pipeline(
     with open(log, "w") as stderr:
         run = subprocess.Popen(argv, env=env, stderr=stderr, start_new_session=True)
         marks: dict[float, tuple[int, float, dict[int, float]]] = {}
+        kinds: dict[int, str] = {}  # this run's pids (a later run may reuse them)
         while run.poll() is None:
             done = PART_LINES * len(list((out / ".metadata.jsonl.parts").glob("part-*.jsonl")))
             for share in WINDOW:
                 if share not in marks and done >= share * len(uris):
-                    marks[share] = (done, time.perf_counter(), _session_cpu(run.pid))
+                    marks[share] = (done, time.perf_counter(), _session_cpu(run.pid, kinds))
             time.sleep(0.05)
     if run.returncode != 0 or len(marks) < 2:
         raise SystemExit(f"pipeline failed:\n{log.read_text()[-3000:]}")
     (done0, wall0, cpu0), (done1, wall1, cpu1) = marks[WINDOW[0]], marks[WINDOW[1]]
     images = done1 - done0
+    if images < 4 * args.request * args.workers:  # records arrive a request at a time
+        print(f"warning: a window of {images} images is too short for stable figures")
     by_kind: dict[str, float] = {}
     for pid, seconds in cpu1.items():
-        kind = _KINDS.get(pid, "other")
+        kind = kinds.get(pid, "other")
         by_kind[kind] = by_kind.get(kind, 0) + (seconds - cpu0.get(pid, 0)) / images * 1000
     engine_log = [line for line in log.read_text().splitlines() if "engine on" in line]
     return {
@@ -266,12 +269,12 @@ def steady_pipeline(
     }
 
 
-_KINDS: dict[int, str] = {}  # pid to the kind of process, named when first seen
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def _session_cpu(session: int) -> dict[int, float]:
-    """CPU seconds (user + system) of every process of `session`, by pid."""
+def _session_cpu(session: int, kinds: dict[int, str]) -> dict[int, float]:
+    """CPU seconds (user + system) of every process of `session`, by pid; each new pid's
+    kind of process goes into `kinds`."""
     seconds = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -281,9 +284,9 @@ def _session_cpu(session: int) -> dict[int, float]:
             if int(fields[3]) != session:
                 continue
             pid = int(entry.name)
-            if pid not in _KINDS:
+            if pid not in kinds:
                 command = (entry / "cmdline").read_bytes()
-                _KINDS[pid] = (
+                kinds[pid] = (
                     "engine" if b"spawn_main" in command
                     else "workers" if b"sdk_worker_main" in command
                     else "launcher" if b"captionflow" in command
