@@ -14,7 +14,6 @@ from apache_beam.io.filesystems import FileSystems
 from PIL import Image
 
 from captionflow.handlers import BlipCaptioner, ClipRanker, DecodingOptions
-from captionflow.handlers.blip import share_cross_attention_projections
 from captionflow.images import decode_image
 
 
@@ -31,7 +30,6 @@ class CaptionOneImageAtATime(beam.DoFn):
         self.blip = BlipCaptioner.from_pretrained(
             self.model, decoding=self.decoding, device=self.device
         )
-        share_cross_attention_projections(self.blip.model, 1)  # the original had no such thing
 
     def process(self, element: tuple[str, Image.Image]) -> Iterator[tuple[str, list[str]]]:
         uri, image = element

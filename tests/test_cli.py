@@ -311,3 +311,17 @@ def test_each_model_runs_in_its_own_dtype_else_in_dtype(
     captioner, ranker = model_handlers(prepare([*argv, "--caption-dtype", "bfloat16"])[0])
     assert captioner.load_model().model.dtype == torch.bfloat16
     assert ranker.load_model().model.dtype == torch.float32  # auto, on a CPU
+
+
+def test_decoder_chooses_blips_decode_loop(
+    image_dir: Path, tmp_path: Path, tiny_models: tuple[str, str], capsys: pytest.CaptureFixture
+) -> None:
+    blip, clip = tiny_models
+    argv = ["run", "--input", str(image_dir), "--output", str(tmp_path / "out"), "--device", "cpu"]
+    argv += ["--captioner", f"blip:{blip}", "--ranker", f"clip:{clip}"]
+    captioner, _ = model_handlers(prepare(argv)[0])
+    assert captioner.load_model().fast is not None  # the default
+    captioner, _ = model_handlers(prepare([*argv, "--decoder", "reference"])[0])
+    assert captioner.load_model().fast is None
+    assert main([*argv, "--decoder", "slow"]) == 2
+    assert "--decoder" in capsys.readouterr().err

@@ -1,0 +1,169 @@
+"""BLIP's forward pass rebuilt for decoding many candidates per image.
+
+`generate` keeps K copies of each image's cross-attention keys and values (one per beam or
+sample) and copies them again on every beam reorder. Here each image's keys and values are
+projected once per layer, and its K rows attend to them as one group: their queries are
+stacked along the query axis of one scaled-dot-product attention call per image. Self-attention
+keys and values live in a cache allocated once for the whole caption length. The model's own
+modules (and weights) are used as they are; the model is not changed, so every other use of
+it is unaffected.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import BlipForConditionalGeneration
+
+
+class FastBlip:
+    """The vision tower with SDPA attention, and `Steps` over the text decoder."""
+
+    def __init__(self, model: BlipForConditionalGeneration) -> None:
+        self.model = model
+        text = model.text_decoder
+        self.embeddings = text.bert.embeddings
+        self.layers = list(text.bert.encoder.layer)
+        self.head = text.cls
+        self.heads = text.config.num_attention_heads
+        self.max_positions = text.config.max_position_embeddings
+
+    @torch.inference_mode()
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Image embeddings, as `model.vision_model(...)[0]`, with SDPA attention."""
+        vision = self.model.vision_model
+        hidden = vision.embeddings(pixel_values)
+        for layer in vision.encoder.layers:
+            hidden = hidden + _vision_attention(layer.self_attn, layer.layer_norm1(hidden))
+            hidden = hidden + layer.mlp(layer.layer_norm2(hidden))
+        return vision.post_layernorm(hidden)
+
+    @torch.inference_mode()
+    def steps(self, image_embeds: torch.Tensor, rows_per_image: int, max_length: int) -> Steps:
+        return Steps(self, image_embeds, rows_per_image, max_length)
+
+
+class Steps:
+    """One batch of images being decoded, `rows_per_image` rows each (a `search.Stepper`)."""
+
+    def __init__(
+        self, blip: FastBlip, image_embeds: torch.Tensor, rows_per_image: int, max_length: int
+    ) -> None:
+        if max_length > blip.max_positions:
+            raise ValueError(
+                f"captions of {max_length} tokens exceed the model's {blip.max_positions} positions"
+            )
+        self.blip = blip
+        self.per_image = rows_per_image
+        self.length = 0
+        images = image_embeds.shape[0]
+        self.cross = [
+            (
+                _heads(layer.crossattention.self.key(image_embeds), blip.heads),
+                _heads(layer.crossattention.self.value(image_embeds), blip.heads),
+            )
+            for layer in blip.layers
+        ]
+        head_dim = self.cross[0][0].shape[-1]
+        shape = (images * rows_per_image, blip.heads, max_length, head_dim)
+        like = self.cross[0][0]
+        self.cache = [
+            (like.new_empty(shape), like.new_empty(shape)) for _ in range(len(blip.layers))
+        ]
+
+    @torch.inference_mode()
+    def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
+        """The prompt is run once per image and its state given to each of the image's rows."""
+        images = self.cross[0][0].shape[0]
+        tokens = prompt.expand(images, -1)
+        logits = self._forward(tokens, per_image=1, fill=self.per_image)
+        return logits.repeat_interleave(self.per_image, dim=0)
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._forward(tokens[:, None], per_image=self.per_image, fill=1)
+
+    def keep_images(self, images: torch.Tensor) -> None:
+        rows = (
+            images[:, None] * self.per_image + torch.arange(self.per_image, device=images.device)
+        ).flatten()
+        self.cross = [(k[images], v[images]) for k, v in self.cross]
+        self.cache = [(k[rows], v[rows]) for k, v in self.cache]
+
+    def reorder_rows(self, rows: torch.Tensor) -> None:
+        for keys, values in self.cache:
+            keys[:, :, : self.length] = keys[rows, :, : self.length]
+            values[:, :, : self.length] = values[rows, :, : self.length]
+
+    def _forward(self, tokens: torch.Tensor, *, per_image: int, fill: int) -> torch.Tensor:
+        """Next-token logits of the last position; `tokens` [rows, new] extend every row
+        (each repeated `fill` times into the cache)."""
+        blip = self.blip
+        start, new = self.length, tokens.shape[1]
+        positions = torch.arange(start, start + new, device=tokens.device)[None, :]
+        hidden = blip.embeddings(input_ids=tokens, position_ids=positions)
+        for layer, (keys, values), (image_keys, image_values) in zip(
+            blip.layers, self.cache, self.cross, strict=True
+        ):
+            attention = layer.attention.self
+            new_keys = _heads(attention.key(hidden), blip.heads)
+            new_values = _heads(attention.value(hidden), blip.heads)
+            if fill > 1:
+                new_keys = new_keys.repeat_interleave(fill, dim=0)
+                new_values = new_values.repeat_interleave(fill, dim=0)
+            keys[:, :, start : start + new] = new_keys
+            values[:, :, start : start + new] = new_values
+            query = _heads(attention.query(hidden), blip.heads)
+            if fill > 1:  # the prompt: every row of an image holds the same, computed once
+                keys_so_far = keys[::fill, :, : start + new]
+                values_so_far = values[::fill, :, : start + new]
+            else:
+                keys_so_far = keys[:, :, : start + new]
+                values_so_far = values[:, :, : start + new]
+            context = F.scaled_dot_product_attention(
+                query, keys_so_far, values_so_far, is_causal=new > 1
+            )
+            hidden = layer.attention.output(_merge_heads(context), hidden)
+            query = _heads(layer.crossattention.self.query(hidden), blip.heads)
+            context = _grouped_attention(query, image_keys, image_values, per_image)
+            hidden = layer.crossattention.output(_merge_heads(context), hidden)
+            hidden = layer.output(layer.intermediate(hidden), hidden)
+        self.length = start + new
+        return blip.head(hidden[:, -1]).float()
+
+
+def _grouped_attention(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, per_image: int
+) -> torch.Tensor:
+    """Rows [images * per_image, heads, new, dim] attend to their image's keys and values
+    [images, heads, tokens, dim]: the rows of an image become one longer query."""
+    rows, heads, new, dim = query.shape
+    images = rows // per_image
+    grouped = query.view(images, per_image, heads, new, dim).transpose(1, 2)
+    context = F.scaled_dot_product_attention(
+        grouped.reshape(images, heads, per_image * new, dim), keys, values
+    )
+    return (
+        context.view(images, heads, per_image, new, dim)
+        .transpose(1, 2)
+        .reshape(rows, heads, new, dim)
+    )
+
+
+def _vision_attention(attention: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    batch, tokens, width = hidden.shape
+    heads = attention.num_heads
+    qkv = attention.qkv(hidden).view(batch, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+    context = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+    return attention.projection(_merge_heads(context))
+
+
+def _heads(states: torch.Tensor, heads: int) -> torch.Tensor:
+    """[batch, tokens, width] -> [batch, heads, tokens, width / heads]."""
+    batch, tokens, width = states.shape
+    return states.view(batch, tokens, heads, width // heads).transpose(1, 2)
+
+
+def _merge_heads(context: torch.Tensor) -> torch.Tensor:
+    batch, heads, tokens, dim = context.shape
+    return context.transpose(1, 2).reshape(batch, tokens, heads * dim)

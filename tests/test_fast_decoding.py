@@ -1,0 +1,120 @@
+"""BLIP's fast decode loop gives `generate`'s token ids, with less work (tiny random BLIP)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from captionflow.handlers import BlipCaptioner, DecodingOptions
+from captionflow.handlers.blip_fast import Steps
+from tests.conftest import random_image
+
+IMAGES = 6
+
+STRATEGIES = {
+    "sample": DecodingOptions(num_captions=5, temperature=0.7, min_new_tokens=3),
+    "sample-no-penalty": DecodingOptions(num_captions=3, top_p=0.5, repetition_penalty=1.0),
+    "greedy": DecodingOptions(num_captions=1, strategy="beam", num_beams=1),
+    "beam": DecodingOptions(num_captions=5, strategy="beam", num_beams=5, min_new_tokens=2),
+    "beam-3-return-2": DecodingOptions(
+        num_captions=2, strategy="beam", num_beams=3, min_new_tokens=0, max_new_tokens=12
+    ),
+}
+
+
+def captioners(path: str, decoding: DecodingOptions) -> tuple[BlipCaptioner, BlipCaptioner]:
+    """The fast and the reference decoder on one model whose captions end at varied lengths
+    (random weights never end one: a bias on the end token makes them)."""
+    fast = BlipCaptioner.from_pretrained(path, decoding=decoding, device="cpu")
+    text = fast.model.config.text_config
+    with torch.no_grad():
+        fast.model.text_decoder.cls.predictions.decoder.bias[text.sep_token_id] += 2.0
+    reference_options = decoding.model_copy(update={"decoder": "reference"})
+    reference = BlipCaptioner(fast.model, fast.processor, reference_options)
+    assert fast.fast is not None and reference.fast is None
+    return fast, reference
+
+
+def pixels(seed: int) -> torch.Tensor:
+    return torch.randn(IMAGES, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_fast_loop_gives_generates_token_ids(tiny_blip: str, strategy: str, seed: int) -> None:
+    fast, reference = captioners(tiny_blip, STRATEGIES[strategy])
+    torch.manual_seed(seed)
+    expected = reference.token_ids(pixels(seed))
+    torch.manual_seed(seed)
+    actual = fast.token_ids(pixels(seed))
+    assert actual.shape == expected.shape
+    assert torch.equal(actual, expected)
+    ended = (expected == fast.model.config.text_config.sep_token_id).any(dim=1)
+    assert ended.any()  # the end-of-caption paths ran
+
+
+def test_without_a_top_k_cut_the_whole_vocabulary_is_sorted_as_generate_does(
+    tiny_blip: str,
+) -> None:
+    fast, reference = captioners(tiny_blip, DecodingOptions(num_captions=4, top_p=0.8))
+    fast.model.text_decoder.generation_config.top_k = 0
+    fast = BlipCaptioner(fast.model, fast.processor, fast.decoding)
+    assert fast._search.top_k == 0
+    torch.manual_seed(5)
+    expected = reference.token_ids(pixels(5))
+    torch.manual_seed(5)
+    assert torch.equal(fast.token_ids(pixels(5)), expected)
+
+
+def test_finished_images_leave_the_models_batch(tiny_blip: str, monkeypatch) -> None:
+    rows_stepped: list[int] = []
+    step = Steps.step
+
+    def counting_step(self: Steps, tokens: torch.Tensor) -> torch.Tensor:
+        rows_stepped.append(len(tokens))
+        return step(self, tokens)
+
+    monkeypatch.setattr(Steps, "step", counting_step)
+    fast, reference = captioners(tiny_blip, STRATEGIES["sample"])
+    torch.manual_seed(1)
+    expected = reference.token_ids(pixels(1))
+    torch.manual_seed(1)
+    assert torch.equal(fast.token_ids(pixels(1)), expected)
+    assert rows_stepped[0] == IMAGES * 5
+    assert rows_stepped[-1] < IMAGES * 5  # the last steps ran on fewer rows than the first
+
+
+def test_each_images_cross_attention_keys_are_held_once(tiny_blip: str) -> None:
+    fast, _ = captioners(tiny_blip, STRATEGIES["beam"])
+    assert fast.fast is not None
+    steps = fast.fast.steps(fast.fast.encode(pixels(0)), rows_per_image=5, max_length=20)
+    keys, values = steps.cross[0]
+    assert keys.shape[0] == IMAGES and values.shape[0] == IMAGES  # not IMAGES * 5
+    assert steps.cache[0][0].shape[0] == IMAGES * 5
+
+
+def test_the_model_itself_is_left_unchanged(tiny_blip: str) -> None:
+    """`generate` on the same model object gives what it gave before the fast loop ran."""
+    fast, reference = captioners(tiny_blip, STRATEGIES["beam"])
+    before = reference.token_ids(pixels(3))
+    fast.token_ids(pixels(3))
+    assert torch.equal(reference.token_ids(pixels(3)), before)
+    cross = fast.model.text_decoder.bert.encoder.layer[0].crossattention.self
+    assert type(cross.key) is torch.nn.Linear and type(cross.value) is torch.nn.Linear
+
+
+def test_the_vision_tower_with_sdpa_gives_the_models_embeddings(tiny_blip: str) -> None:
+    fast, _ = captioners(tiny_blip, STRATEGIES["sample"])
+    assert fast.fast is not None
+    with torch.inference_mode():
+        expected = fast.model.vision_model(pixel_values=pixels(4))[0]
+        torch.testing.assert_close(fast.fast.encode(pixels(4)), expected)
+
+
+def test_settings_only_generate_implements_fall_back_to_it(tiny_blip: str, caplog) -> None:
+    fast, _ = captioners(tiny_blip, STRATEGIES["sample"])
+    fast.model.text_decoder.generation_config.no_repeat_ngram_size = 2
+    fallback = BlipCaptioner(fast.model, fast.processor, STRATEGIES["sample"])
+    assert fallback.fast is None
+    assert "no_repeat_ngram_size" in caplog.text
+    assert len(fallback.caption([random_image(), random_image(seed=1)])) == 2
