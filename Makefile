@@ -35,7 +35,7 @@ MPS ?=
 DRY_RUN ?=
 
 .PHONY: install test lint format run-local demo clean docker-build docker-build-cpu docker-push run-dataflow \
-	bench bench-quick bench-gpu bench-feed gpu-bundle
+	bench bench-quick bench-gpu bench-feed bench-decode gpu-bundle
 
 install: $(VENV)/.installed
 
@@ -72,6 +72,9 @@ bench-quick: install  # reduced depth, few images: under 3 minutes
 
 bench-gpu: install  # every GPU figure in one run, under 8 minutes (offline box: benchmarks/gpu.sh)
 	$(PY) -m benchmarks.gpu $(ARGS)
+
+bench-decode: install  # full-size BLIP: fast loop vs generate (token ids, rates): about 8 minutes
+	$(PY) -m benchmarks.decoding $(ARGS)
 
 bench-feed: install  # CPU per image per phase, and pipeline / engine bare: about 9 minutes here
 	$(PY) -m benchmarks.feed $(ARGS)

@@ -253,6 +253,8 @@ def steady_pipeline(
         raise SystemExit(f"pipeline failed:\n{log.read_text()[-3000:]}")
     (done0, wall0, cpu0), (done1, wall1, cpu1) = marks[WINDOW[0]], marks[WINDOW[1]]
     images = done1 - done0
+    if images == 0:  # both marks passed in one poll: a run too small to time
+        raise SystemExit(f"a steady-state window of 0 images: use more than {len(uris)}")
     if images < 4 * args.request * args.workers:  # records arrive a request at a time
         print(f"warning: a window of {images} images is too short for stable figures")
     by_kind: dict[str, float] = {}

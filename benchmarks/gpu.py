@@ -4,6 +4,8 @@ with random weights, 640x480 JPEGs.
     bash benchmarks/gpu.sh                 # on an offline GPU box (installs the .whl bundle)
     python -m benchmarks.gpu               # where captionflow's environment is installed
 
+0. BLIP decoding: the fast loop's token ids against `generate`'s in float16 (equal or near-equal),
+   and milliseconds per decode step at 160, 1,280 and 2,560 rows, fast vs `generate`'s forward.
 1. Engine bare, per batch size up to 512: the models fed ready uint8 batches already in host
    memory (copy to the GPU included): images/s, CPU ms per image, peak GPU memory.
 2. The pipeline (the CLI, local worker processes decoding, one shared engine on the GPU) at N
@@ -69,6 +71,18 @@ def make_images_parallel(folder: Path, count: int) -> list[str]:
     return [uri for part in parts for uri in part]
 
 
+def decoding(blip: str, device: str, rows: list[int]) -> dict:
+    """Token ids of both decoders (float16 on a GPU), then milliseconds per decode step."""
+    from benchmarks.decoding import check, step_times
+
+    dtype = "float16" if device.startswith("cuda") else "float32"
+    print(f"same token ids as generate, {dtype}:", flush=True)
+    result = {"check": check(blip, device, dtype, images=4), "dtype": dtype}
+    print("milliseconds per decode step:", flush=True)
+    result["steps"] = step_times(blip, device, dtype, rows)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default="32,64,128,256,512", help="engine batch sweep")
@@ -93,6 +107,7 @@ def main() -> None:
     uris = make_images_parallel(work / "images", 3 * args.images)
     result: dict = {"machine": machine(args.device), "settings": vars(args), "bare": {}}
     print(f"set up in {time.monotonic() - started:.0f} s: {result['machine']}", flush=True)
+    result["decoding"] = decoding(blip, args.device, rows=[160, 1280, 2560] if cuda else [10, 20])
 
     for batch in [int(b) for b in args.batches.split(",")]:
         if time.monotonic() - started > DEADLINE_S / 3:
@@ -154,6 +169,14 @@ def main() -> None:
 
 def report(result: dict, best: int, seconds: float) -> None:
     print(f"\n{result['machine']['device']}, torch {result['machine']['torch']}, {seconds:.0f} s")
+    print("| decode rows | fast ms/step | generate ms/step |")
+    print("|---|---|---|")
+    for rows, point in result["decoding"]["steps"].items():
+        reference = point["reference_ms"]
+        shown = "out of memory" if reference is None else f"{reference:.2f}"
+        print(f"| {rows} | {point['fast_ms']:.2f} | {shown} |")
+    for name, same in result["decoding"]["check"].items():
+        print(f"token ids, {name}: {same['identical_rows']}/{same['rows']} rows identical")
     print("| engine batch | images/s | CPU ms/img | peak GPU MiB |")
     print("|---|---|---|---|")
     for batch, point in result["bare"].items():

@@ -188,3 +188,20 @@ def test_blip_prompts_are_tokenised_as_its_processor_does(tiny_blip: str) -> Non
     tokens = processor.tokenizer(prompts, return_tensors="pt")
     assert torch.equal(tokens["input_ids"], expected["input_ids"])
     assert torch.equal(tokens["attention_mask"], expected["attention_mask"])
+
+
+def test_float32_on_a_gpu_uses_tf32_and_nothing_else_does() -> None:
+    import torch
+
+    from captionflow.handlers.torch_setup import allow_tf32
+
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert not allow_tf32(torch.device("cpu"), torch.float32)
+        assert not allow_tf32(torch.device("cuda"), torch.float16)
+        assert not torch.backends.cuda.matmul.allow_tf32
+        assert allow_tf32(torch.device("cuda"), torch.float32)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before

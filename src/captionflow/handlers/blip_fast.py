@@ -57,10 +57,11 @@ class Steps:
         self.per_image = rows_per_image
         self.length = 0
         images = image_embeds.shape[0]
+        # Contiguous: every step reads them whole (SDPA would copy a strided view each time).
         self.cross = [
             (
-                _heads(layer.crossattention.self.key(image_embeds), blip.heads),
-                _heads(layer.crossattention.self.value(image_embeds), blip.heads),
+                _heads(layer.crossattention.self.key(image_embeds), blip.heads).contiguous(),
+                _heads(layer.crossattention.self.value(image_embeds), blip.heads).contiguous(),
             )
             for layer in blip.layers
         ]

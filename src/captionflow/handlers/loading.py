@@ -17,6 +17,7 @@ from packaging.version import Version
 from captionflow.fatal import FatalError
 from captionflow.handlers.torch_setup import (
     DeviceUnavailableError,
+    allow_tf32,
     resolve_device,
     resolve_dtype,
 )
@@ -104,6 +105,7 @@ def load_pretrained(
     try:
         torch_device = resolve_device(device, model_id=path)
         torch_dtype = resolve_dtype(dtype, torch_device)
+        allow_tf32(torch_device, torch_dtype)
         local = localize(path)
         _check_kind(local, model_class, trust_remote_code=trust_remote_code)
         processor = processor_class.from_pretrained(local, trust_remote_code=trust_remote_code)
