@@ -64,8 +64,9 @@ run-local: install
 demo: install
 	$(PY) -m captionflow.demo $(INPUT) out/demo $(ARGS)
 
-bench: install  # full-size models on the CPU: about 17 minutes here
+bench: install  # full-size models on the CPU: about 25 minutes here (bench-decode included)
 	$(PY) -m benchmarks.bench $(ARGS)
+	$(PY) -m benchmarks.decoding
 
 bench-quick: install  # reduced depth, few images: under 3 minutes
 	$(PY) -m benchmarks.bench --quick $(ARGS)

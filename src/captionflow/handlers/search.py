@@ -78,7 +78,7 @@ class SearchSettings:
         config: the model's own values where the options leave them open, else transformers'
         defaults (a top-k cut of 50 before the nucleus, among them)."""
         kwargs = decoding.generate_kwargs()
-        defaults = GenerationConfig._get_default_generation_params()
+        defaults = generate_defaults()
 
         def model_or_default(name: str) -> object:
             value = getattr(model_config, name, None)
@@ -103,9 +103,16 @@ class SearchSettings:
         )
 
 
+def generate_defaults() -> dict[str, object]:
+    """What `generate` uses for a setting neither the call nor the model sets (transformers 5
+    keeps them in one private place; these are its values where it does not)."""
+    defaults = getattr(GenerationConfig, "_get_default_generation_params", None)
+    return defaults() if defaults else {"top_k": 50, "length_penalty": 1.0, "early_stopping": False}
+
+
 def not_implemented(model_config: GenerationConfig) -> list[str]:
     """The settings of a model's generation config that only `generate` implements."""
-    defaults = GenerationConfig._get_default_generation_params()
+    defaults = generate_defaults()
     return [
         name
         for name in NOT_IMPLEMENTED
