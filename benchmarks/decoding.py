@@ -49,9 +49,12 @@ def captioners(path: str, device: str, dtype: str, **options: object):
     return fast, reference
 
 
-def pixel_batch(images: int, device: str, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+def pixel_batch(images: int, model: torch.nn.Module, seed: int = 0) -> torch.Tensor:
+    """Random pixel values of the model's input size, device and dtype."""
+    size = model.config.vision_config.image_size
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn(images, 3, 384, 384, generator=generator).to(device, dtype)
+    pixels = torch.randn(images, 3, size, size, generator=generator)
+    return pixels.to(model.device, model.dtype)
 
 
 def sync() -> None:
@@ -64,7 +67,7 @@ def check(path: str, device: str, dtype: str, images: int) -> dict:
     results = {}
     for name, options in CHECKS.items():
         fast, reference = captioners(path, device, dtype, **options)
-        pixels = pixel_batch(images, device, fast.model.dtype, seed=len(name))
+        pixels = pixel_batch(images, fast.model, seed=len(name))
         torch.manual_seed(7)
         expected = reference.token_ids(pixels)
         torch.manual_seed(7)
@@ -93,7 +96,7 @@ def captioner_rates(path: str, device: str, dtype: str, images: int, repeat: int
     results = {}
     for k in (5, 10):
         fast, reference = captioners(path, device, dtype, num_captions=k)
-        pixels = pixel_batch(images, device, fast.model.dtype)
+        pixels = pixel_batch(images, fast.model)
         vision = timed(lambda f=fast, p=pixels: f.fast.encode(p), repeat)
         stock_vision = timed(lambda f=fast, p=pixels: f.model.vision_model(pixel_values=p), repeat)
         seconds = {
@@ -130,11 +133,12 @@ def step_times(path: str, device: str, dtype: str, rows: list[int], k: int = 5) 
     results = {}
     for count in rows:
         images = count // k
-        embeds = blip.encode(pixel_batch(images, device, model.dtype))
+        embeds = blip.encode(pixel_batch(images, model))
         prompt = torch.tensor(fast._prompt_ids, device=device)
         steps = blip.steps(embeds, k, max_length=len(prompt) + 30)
         steps.prefill(prompt)
-        tokens = torch.full((images * k,), 1000, device=device)
+        word = min(1000, model.config.text_config.vocab_size - 1)
+        tokens = torch.full((images * k,), word, device=device)
         for _ in range(10):
             steps.step(tokens)
         start_length = steps.length
@@ -167,7 +171,7 @@ def reference_step_seconds(model, embeds, k, prompt, tokens) -> float:
     config = text.config
     expanded = embeds.repeat_interleave(k, dim=0)
     mask = torch.ones(expanded.shape[:2], dtype=torch.long, device=expanded.device)
-    ids = torch.cat([prompt, torch.full((10,), 1000, device=prompt.device)]).expand(len(tokens), -1)
+    ids = torch.cat([prompt, tokens[:1].repeat(10)]).expand(len(tokens), -1)
     with torch.inference_mode():
         cache = EncoderDecoderCache(DynamicCache(config=config), DynamicCache(config=config))
         text(
@@ -262,29 +266,14 @@ def child_plain(args: argparse.Namespace) -> dict:
 
 
 def child_pipeline(args: argparse.Namespace) -> dict:
-    import apache_beam as beam
-    from apache_beam.options.pipeline_options import PipelineOptions
-
+    """The captionflow pipeline on the same files (`benchmarks.bench`'s run of it)."""
+    from benchmarks.bench import child_ours
     from captionflow.config import RunConfig
-    from captionflow.handlers import DecodingOptions
-    from captionflow.pipelines import build_caption_pipeline
 
-    config = RunConfig(
-        input=args.list_file,
-        output=args.output,
-        captioner=f"blip:{args.blip}",
-        ranker=f"clip:{args.clip}",
-        decoding=DecodingOptions(num_captions=args.k),
-        caption_batch_size=args.batch,
-        device=args.device,
-        attempts=1,
-    )
-    started = time.perf_counter()
-    with beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner"])) as pipeline:
-        build_caption_pipeline(pipeline, config)
-    seconds = time.perf_counter() - started
-    rows = Path(args.output, "metadata.jsonl").read_text().count("\n")
-    return {"images": rows, "seconds": seconds, "images_per_second": rows / seconds}
+    rank_batch = RunConfig.model_fields["rank_batch_size"].default
+    settings = vars(args) | {"caption_batch": args.batch, "rank_batch": rank_batch}
+    result = child_ours(argparse.Namespace(**settings))
+    return result | {"images_per_second": result["images"] / result["seconds"]}
 
 
 def main() -> None:

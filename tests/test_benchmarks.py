@@ -28,3 +28,14 @@ def test_stand_ins_take_the_real_models_views_and_answer_every_image(
     for candidates in ranked:
         assert len(candidates) == DecodingOptions().num_captions
         assert [c.score for c in candidates] == sorted((c.score for c in candidates), reverse=True)
+
+
+def test_decoding_benchmark_checks_and_times_steps_on_a_tiny_blip(tiny_blip: str) -> None:
+    """bench-gpu's decoding part (run first on a GPU box): token ids of both decoders, and
+    milliseconds per step of each, through transformers' own cache API for `generate`'s."""
+    from benchmarks.decoding import check, step_times
+
+    checked = check(tiny_blip, "cpu", "float32", images=2)
+    assert all(row["identical_rows"] == row["rows"] > 0 for row in checked.values())
+    steps = step_times(tiny_blip, "cpu", "float32", rows=[10])
+    assert steps[10]["fast_ms"] > 0 and steps[10]["reference_ms"] > 0
