@@ -93,21 +93,29 @@ def timed(function, repeat: int) -> float:
 
 
 def captioner_rates(path: str, device: str, dtype: str, images: int, repeat: int) -> dict:
+    from captionflow.handlers import BlipCaptioner, DecodingOptions
+
     results = {}
     for k in (5, 10):
         fast, reference = captioners(path, device, dtype, num_captions=k)
+        compiled = BlipCaptioner(
+            fast.model, fast.processor, DecodingOptions(num_captions=k, decoder="compiled")
+        )
         pixels = pixel_batch(images, fast.model)
         vision = timed(lambda f=fast, p=pixels: f.fast.encode(p), repeat)
         stock_vision = timed(lambda f=fast, p=pixels: f.model.vision_model(pixel_values=p), repeat)
         seconds = {
             "fast": timed(lambda f=fast, p=pixels: f.token_ids(p), repeat),
             "reference": timed(lambda r=reference, p=pixels: r.token_ids(p), repeat),
+            "compiled": timed(lambda c=compiled, p=pixels: c.token_ids(p), repeat),
         }
         row = {
             "images": images,
             "fast_images_per_second": images / seconds["fast"],
             "reference_images_per_second": images / seconds["reference"],
             "fast_vs_reference": seconds["reference"] / seconds["fast"],
+            "compiled_images_per_second": images / seconds["compiled"],
+            "compiled_vs_fast": seconds["fast"] / seconds["compiled"],
             "vision_sdpa_seconds_per_image": vision / images,
             "vision_stock_seconds_per_image": stock_vision / images,
             "decoding_fast_seconds_per_image": (seconds["fast"] - vision) / images,
@@ -119,47 +127,81 @@ def captioner_rates(path: str, device: str, dtype: str, images: int, repeat: int
             f"{row['reference_images_per_second']:.3f} img/s: {row['fast_vs_reference']:.2f}x; "
             f"vision {vision / images:.3f} s/img (stock {stock_vision / images:.3f}), decoding "
             f"{row['decoding_fast_seconds_per_image']:.3f} vs "
-            f"{row['decoding_reference_seconds_per_image']:.3f} s/img",
+            f"{row['decoding_reference_seconds_per_image']:.3f} s/img; compiled "
+            f"{row['compiled_images_per_second']:.3f} img/s ({row['compiled_vs_fast']:.2f}x fast)",
             flush=True,
         )
     return results
 
 
-def step_times(path: str, device: str, dtype: str, rows: list[int], k: int = 5) -> dict:
-    """Milliseconds per decode step (prompt done, 10 tokens in), fast vs `generate`'s forward
-    (None where it failed: `generate`'s K copies of the image keys may not fit the device)."""
+def step_times(
+    path: str, device: str, dtype: str, rows: list[int], k: int = 5, compiled: bool = True
+) -> dict:
+    """Milliseconds per decode step (prompt done, 10 tokens in): the fast loop eager, its
+    compiled step (CUDA graphs on a GPU; compile time reported apart) and `generate`'s forward.
+    None where one failed (`generate`'s K copies of the image keys may not fit the device)."""
+    from captionflow.handlers.blip_fast import FastBlip
+
     fast, _ = captioners(path, device, dtype, num_captions=k)
-    model, blip = fast.model, fast.fast
+    model = fast.model
+    prompt = torch.tensor(fast._prompt_ids, device=device)
+    word = min(1000, model.config.text_config.vocab_size - 1)
     results = {}
     for count in rows:
         images = count // k
-        embeds = blip.encode(pixel_batch(images, model))
-        prompt = torch.tensor(fast._prompt_ids, device=device)
-        steps = blip.steps(embeds, k, max_length=len(prompt) + 30)
-        steps.prefill(prompt)
-        word = min(1000, model.config.text_config.vocab_size - 1)
         tokens = torch.full((images * k,), word, device=device)
-        for _ in range(10):
-            steps.step(tokens)
-        start_length = steps.length
-
-        def fast_step(steps=steps, tokens=tokens, start=start_length) -> None:
-            steps.length = start
-            steps.step(tokens)
-
-        fast_ms = 1000 * timed(fast_step, 5)
-        del steps
+        point: dict = {}
+        loops = {"fast": fast.fast}
+        if compiled:
+            loops["compiled"] = FastBlip(model, compiled=True)
+        for name, blip in loops.items():
+            try:
+                point[f"{name}_ms"], warmup = fast_step_seconds(blip, images, k, prompt, tokens)
+                point[f"{name}_ms"] *= 1000
+                point[f"{name}_first_steps_s"] = warmup
+                if name == "compiled" and blip.compiled_step is None:
+                    point["compiled_ms"] = None  # it fell back to the eager step: not a figure
+            except Exception as error:
+                print(f"  {name} at {count} rows: {type(error).__name__}: {error}"[:300])
+                point[f"{name}_ms"] = None
+        embeds = fast.fast.encode(pixel_batch(images, model))
         try:
-            reference_ms = 1000 * reference_step_seconds(model, embeds, k, prompt, tokens)
+            point["reference_ms"] = 1000 * reference_step_seconds(model, embeds, k, prompt, tokens)
         except Exception as error:  # out of memory, or another transformers' cache API
             print(f"  generate's forward at {count} rows: {type(error).__name__}: {error}"[:300])
-            reference_ms = None
+            point["reference_ms"] = None
+        del embeds
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        results[count] = {"fast_ms": fast_ms, "reference_ms": reference_ms}
-        shown = "failed" if reference_ms is None else f"{reference_ms:.2f} ms"
-        print(f"  {count:>5} rows: fast {fast_ms:.2f} ms, generate's forward {shown}", flush=True)
+        results[count] = point
+        shown = ", ".join(f"{name} {milliseconds(point, name)}" for name in loops)
+        print(f"  {count:>5} rows: {shown}, generate {milliseconds(point, 'reference')}")
     return results
+
+
+def milliseconds(point: dict, name: str) -> str:
+    value = point.get(f"{name}_ms")
+    return "failed" if value is None else f"{value:.2f} ms"
+
+
+def fast_step_seconds(blip, images: int, k: int, prompt: torch.Tensor, tokens: torch.Tensor):
+    """Seconds per step of `blip`'s loop, and the seconds its first 10 steps took (compiling)."""
+    embeds = blip.encode(pixel_batch(images, blip.model))
+    steps = blip.steps(embeds, k, max_length=len(prompt) + 30)
+    steps.prefill(prompt)
+    sync()
+    started = time.perf_counter()
+    for _ in range(10):
+        steps.step(tokens)
+    sync()
+    warmup = time.perf_counter() - started
+    start = steps.length
+
+    def one() -> None:
+        steps.length = start
+        steps.step(tokens)
+
+    return timed(one, 5), warmup
 
 
 def reference_step_seconds(model, embeds, k, prompt, tokens) -> float:

@@ -118,3 +118,36 @@ def test_settings_only_generate_implements_fall_back_to_it(tiny_blip: str, caplo
     assert fallback.fast is None
     assert "no_repeat_ngram_size" in caplog.text
     assert len(fallback.caption([random_image(), random_image(seed=1)])) == 2
+
+
+@pytest.mark.parametrize("strategy", ["sample", "beam"])
+def test_compiled_steps_give_generates_token_ids(tiny_blip: str, strategy: str) -> None:
+    """`--decoder compiled`: static-shape steps through torch.compile (CUDA graphs on a GPU),
+    6 images padded to 8, compacted to powers of two as they finish."""
+    decoding = STRATEGIES[strategy].model_copy(update={"decoder": "compiled"})
+    compiled, reference = captioners(tiny_blip, decoding)
+    assert compiled.fast is not None and compiled.fast.compiled_step is not None
+    torch.manual_seed(2)
+    expected = reference.token_ids(pixels(2))
+    torch.manual_seed(2)
+    assert torch.equal(compiled.token_ids(pixels(2)), expected)
+    assert compiled.fast.compiled_step is not None  # it compiled: no fallback was taken
+
+
+def test_a_compiled_step_that_fails_falls_back_to_the_eager_step(
+    tiny_blip: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    decoding = STRATEGIES["sample"].model_copy(update={"decoder": "compiled"})
+    compiled, reference = captioners(tiny_blip, decoding)
+    assert compiled.fast is not None
+
+    def broken(*args: object) -> torch.Tensor:
+        raise RuntimeError("no compiler here")
+
+    compiled.fast.compiled_step = broken
+    torch.manual_seed(3)
+    expected = reference.token_ids(pixels(3))
+    torch.manual_seed(3)
+    assert torch.equal(compiled.token_ids(pixels(3)), expected)
+    assert compiled.fast.compiled_step is None
+    assert "no compiler here" in caplog.text

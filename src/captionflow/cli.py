@@ -51,7 +51,12 @@ DECODING_OPTIONS = (
     ("min_new_tokens", "--min-new-tokens", int, ""),
     ("max_new_tokens", "--max-new-tokens", int, ""),
     ("prompt", "--prompt", str, "text BLIP continues; removed from the captions"),
-    ("decoder", "--decoder", str, "fast (BLIP's own decode loop) or reference (generate)"),
+    (
+        "decoder",
+        "--decoder",
+        str,
+        "fast (BLIP's own loop), compiled (its steps compiled), or reference (generate)",
+    ),
 )
 DECODING_FLAGS = {field: flag for field, flag, _, _ in DECODING_OPTIONS}
 

@@ -48,7 +48,7 @@ class BlipCaptioner:
             pad=text.pad_token_id,
         )
         self.fast: FastBlip | None = None
-        if decoding.decoder == "fast":
+        if decoding.decoder != "reference":
             if missing := not_implemented(model.text_decoder.generation_config):
                 logger.warning(
                     "BLIP's generation config sets %s, which only generate implements: "
@@ -56,7 +56,7 @@ class BlipCaptioner:
                     ", ".join(missing),
                 )
             else:
-                self.fast = FastBlip(self.model)
+                self.fast = FastBlip(self.model, compiled=decoding.decoder == "compiled")
 
     @classmethod
     def from_pretrained(

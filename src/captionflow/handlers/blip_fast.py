@@ -7,19 +7,33 @@ stacked along the query axis of one scaled-dot-product attention call per image.
 keys and values live in a cache allocated once for the whole caption length. The model's own
 modules (and weights) are used as they are; the model is not changed, so every other use of
 it is unaffected.
+
+Compiled (`compiled=True`, `--decoder compiled`), a decode step is one static-shape function
+(the new token written at a position given as a tensor, attention masked to the positions so
+far) compiled with `torch.compile`, with CUDA graphs on a GPU (`mode="reduce-overhead"`): no
+per-operation dispatch from Python. Image counts are padded to powers of two, so that a handful
+of shapes is compiled, not one per batch size or per compaction. A step that fails to compile
+falls back to the eager step, with a warning.
 """
 
 from __future__ import annotations
+
+import logging
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from transformers import BlipForConditionalGeneration
 
+logger = logging.getLogger(__name__)
+# Shapes a compiled step may see: powers of two up to 2**16 images, per search strategy.
+COMPILED_SHAPES = 64
+
 
 class FastBlip:
     """The vision tower with SDPA attention, and `Steps` over the text decoder."""
 
-    def __init__(self, model: BlipForConditionalGeneration) -> None:
+    def __init__(self, model: BlipForConditionalGeneration, *, compiled: bool = False) -> None:
         self.model = model
         text = model.text_decoder
         self.embeddings = text.bert.embeddings
@@ -27,6 +41,36 @@ class FastBlip:
         self.head = text.cls
         self.heads = text.config.num_attention_heads
         self.max_positions = text.config.max_position_embeddings
+        self.compiled_step = _compile(self.static_step, model.device) if compiled else None
+
+    def static_step(
+        self,
+        tokens: torch.Tensor,
+        position: torch.Tensor,
+        cache: list[tuple[torch.Tensor, torch.Tensor]],
+        cross: list[tuple[torch.Tensor, torch.Tensor]],
+        per_image: int,
+    ) -> torch.Tensor:
+        """One token for every row at `position` (a 0-d tensor): the same arithmetic as
+        `Steps.step`, with shapes that do not change from step to step."""
+        hidden = self.embeddings(input_ids=tokens[:, None], position_ids=position.view(1, 1))
+        length = cache[0][0].shape[2]
+        seen = (torch.arange(length, device=tokens.device) <= position).view(1, 1, 1, length)
+        where = position.view(1)
+        for layer, (keys, values), (image_keys, image_values) in zip(
+            self.layers, cache, cross, strict=True
+        ):
+            attention = layer.attention.self
+            keys.index_copy_(2, where, _heads(attention.key(hidden), self.heads))
+            values.index_copy_(2, where, _heads(attention.value(hidden), self.heads))
+            query = _heads(attention.query(hidden), self.heads)
+            context = F.scaled_dot_product_attention(query, keys, values, attn_mask=seen)
+            hidden = layer.attention.output(_merge_heads(context), hidden)
+            query = _heads(layer.crossattention.self.query(hidden), self.heads)
+            context = _grouped_attention(query, image_keys, image_values, per_image)
+            hidden = layer.crossattention.output(_merge_heads(context), hidden)
+            hidden = layer.output(layer.intermediate(hidden), hidden)
+        return self.head(hidden[:, -1]).float()
 
     @torch.inference_mode()
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -44,7 +88,10 @@ class FastBlip:
 
 
 class Steps:
-    """One batch of images being decoded, `rows_per_image` rows each (a `search.Stepper`)."""
+    """One batch of images being decoded, `rows_per_image` rows each (a `search.Stepper`).
+
+    With a compiled step, the batch holds `capacity` images (a power of two); the images past
+    the real ones are copies of the last, computed and never returned."""
 
     def __init__(
         self, blip: FastBlip, image_embeds: torch.Tensor, rows_per_image: int, max_length: int
@@ -56,7 +103,10 @@ class Steps:
         self.blip = blip
         self.per_image = rows_per_image
         self.length = 0
-        images = image_embeds.shape[0]
+        self.images = images = image_embeds.shape[0]
+        if blip.compiled_step is not None:
+            image_embeds = image_embeds[_padded(torch.arange(images, device=image_embeds.device))]
+            images = image_embeds.shape[0]
         # Contiguous: every step reads them whole (SDPA would copy a strided view each time).
         self.cross = [
             (
@@ -72,19 +122,40 @@ class Steps:
             (like.new_empty(shape), like.new_empty(shape)) for _ in range(len(blip.layers))
         ]
 
+    @property
+    def rows(self) -> int:
+        return self.images * self.per_image
+
     @torch.inference_mode()
     def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
         """The prompt is run once per image and its state given to each of the image's rows."""
         images = self.cross[0][0].shape[0]
         tokens = prompt.expand(images, -1)
         logits = self._forward(tokens, per_image=1, fill=self.per_image)
-        return logits.repeat_interleave(self.per_image, dim=0)
+        return logits.repeat_interleave(self.per_image, dim=0)[: self.rows]
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self._forward(tokens[:, None], per_image=self.per_image, fill=1)
+        capacity = self.cache[0][0].shape[0]
+        padded = torch.cat([tokens, tokens[-1:].expand(capacity - len(tokens))])
+        if self.blip.compiled_step is not None:
+            position = torch.tensor(self.length, device=tokens.device)
+            try:
+                logits = self.blip.compiled_step(
+                    padded, position, self.cache, self.cross, self.per_image
+                )
+            except Exception as error:  # a compiler's failure must not cost the captions
+                logger.warning("the compiled decode step failed (%s); decoding eagerly", error)
+                self.blip.compiled_step = None
+            else:
+                self.length += 1
+                return logits[: len(tokens)]
+        return self._forward(padded[:, None], per_image=self.per_image, fill=1)[: len(tokens)]
 
     def keep_images(self, images: torch.Tensor) -> None:
+        self.images = len(images)
+        if self.blip.compiled_step is not None:
+            images = _padded(images)
         rows = (
             images[:, None] * self.per_image + torch.arange(self.per_image, device=images.device)
         ).flatten()
@@ -92,6 +163,8 @@ class Steps:
         self.cache = [(k[rows], v[rows]) for k, v in self.cache]
 
     def reorder_rows(self, rows: torch.Tensor) -> None:
+        capacity = self.cache[0][0].shape[0]
+        rows = torch.cat([rows, torch.arange(len(rows), capacity, device=rows.device)])
         for keys, values in self.cache:
             keys[:, :, : self.length] = keys[rows, :, : self.length]
             values[:, :, : self.length] = values[rows, :, : self.length]
@@ -131,6 +204,25 @@ class Steps:
             hidden = layer.output(layer.intermediate(hidden), hidden)
         self.length = start + new
         return blip.head(hidden[:, -1]).float()
+
+
+def _padded(images: torch.Tensor) -> torch.Tensor:
+    """Image indices padded with the last to a power of two."""
+    capacity = 1 << (len(images) - 1).bit_length()
+    return torch.cat([images, images[-1:].expand(capacity - len(images))])
+
+
+def _compile(
+    step: Callable[..., torch.Tensor], device: torch.device
+) -> Callable[..., torch.Tensor]:
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    for limit in ("cache_size_limit", "recompile_limit"):
+        if hasattr(config, limit):
+            setattr(config, limit, max(getattr(config, limit), COMPILED_SHAPES))
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    return torch.compile(step, mode=mode, fullgraph=True, dynamic=False)
 
 
 def _grouped_attention(
