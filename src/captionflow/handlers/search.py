@@ -141,7 +141,9 @@ class Stepper(Protocol):
         ...
 
 
-def search(stepper: Stepper, prompt: torch.Tensor, images: int, settings: SearchSettings):
+def search(
+    stepper: Stepper, prompt: torch.Tensor, images: int, settings: SearchSettings
+) -> torch.Tensor:
     """Token ids [images * num_return, length], laid out as `generate` returns them."""
     if settings.strategy == "beam" and settings.rows_per_image > 1:
         return beam_search(stepper, prompt, images, settings)
@@ -206,7 +208,9 @@ def process_logits(
     return scores
 
 
-def sample_nucleus(scores: torch.Tensor, noise: torch.Tensor, settings: SearchSettings):
+def sample_nucleus(
+    scores: torch.Tensor, noise: torch.Tensor, settings: SearchSettings
+) -> torch.Tensor:
     """One token per row: temperature, top-k, top-p, then `multinomial`'s draw.
 
     The nucleus is cut from the top-k only (`generate` sorts the whole vocabulary; the tokens
