@@ -325,3 +325,86 @@ def test_decoder_chooses_blips_decode_loop(
     assert captioner.load_model().fast is None
     assert main([*argv, "--decoder", "slow"]) == 2
     assert "--decoder" in capsys.readouterr().err
+
+
+def test_every_record_has_its_candidates_and_the_images_upright_size(
+    tmp_path: Path, tiny_models: tuple[str, str]
+) -> None:
+    """`captions` (best first: diffusers picks one per step when pointed at it), and `width` and
+    `height` of the image as shown, not of the smaller copy decoded for the models."""
+    import datasets
+    from PIL import Image
+
+    from tests.conftest import random_image
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    random_image(640, 480, seed=1).save(folder / "large.jpg", quality=90)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned a quarter: 200 wide, 400 high
+    random_image(400, 200, seed=2).save(folder / "turned.jpg", exif=exif)
+    random_image(64, 48, seed=3).save(folder / "small.png")
+    argv = ["run", "--input", str(folder), "--output", str(folder), "--num-captions", "3"]
+    assert main(argv + models(*tiny_models)) == 0
+    rows = {row["file_name"]: row for row in read_jsonl(folder / "metadata.jsonl")}
+    sizes = {name: (row["width"], row["height"]) for name, row in rows.items()}
+    assert sizes == {"large.jpg": (640, 480), "turned.jpg": (200, 400), "small.png": (64, 48)}
+    for row in rows.values():
+        assert row["captions"] == [candidate["text"] for candidate in row["candidates"]]
+        assert row["captions"][0] == row["text"]
+    dataset = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train")
+    assert {"captions", "width", "height"} <= set(dataset.column_names)
+    loaded = {(row["width"], row["height"], tuple(row["captions"])) for row in dataset}
+    expected = {(*sizes[name], tuple(row["captions"])) for name, row in rows.items()}
+    assert loaded == expected
+
+
+def test_sidecar_caption_files_beside_the_images_kept_unless_overwritten(
+    tmp_path: Path, tiny_models: tuple[str, str]
+) -> None:
+    folder = tmp_path / "data"
+    write_images(folder / "photos", 3)
+    (folder / "photos" / "broken.jpg").write_bytes(b"not a picture")
+    (folder / "photos" / "image_001.txt").write_text("my own caption\n")
+    argv = ["run", "--input", str(folder), "--output", str(folder), *models(*tiny_models)]
+    assert main([*argv, "--format", "imagefolder,sidecar"]) == 0
+    rows = {row["file_name"]: row["text"] for row in read_jsonl(folder / "metadata.jsonl")}
+    assert len(rows) == 3
+    for name, text in rows.items():
+        caption = (folder / name).with_suffix(".txt").read_text()
+        expected = "my own caption" if name.endswith("image_001.jpg") else text
+        assert caption == expected + "\n"
+    assert not (folder / "photos" / "broken.txt").exists()
+    assert not list(folder.rglob("*.tmp-*"))
+
+    assert main([*argv, "--format", "sidecar", "--overwrite-captions"]) == 0
+    rows = {row["file_name"]: row["text"] for row in read_jsonl(folder / "metadata.jsonl")}
+    assert (folder / "photos" / "image_001.txt").read_text() == rows["photos/image_001.jpg"] + "\n"
+
+    assert main([*argv, "--format", "sidecar", "--sidecar-extension", ".caption"]) == 0
+    assert sorted(p.name for p in (folder / "photos").glob("*.caption")) == [
+        f"image_{i:03d}.caption" for i in range(3)
+    ]
+
+
+@pytest.mark.parametrize("where", ["list file", "folder elsewhere"])
+def test_sidecar_is_refused_before_any_work_for_images_outside_the_output(
+    tmp_path: Path, capsys: pytest.CaptureFixture, where: str
+) -> None:
+    images = write_images(tmp_path / "photos", 2)
+    source = tmp_path / "photos"
+    if where == "list file":
+        source = tmp_path / "photos" / "dataset.txt"
+        source.write_text("\n".join(map(str, images)) + "\n")
+    argv = ["run", "--input", str(source), "--output", str(tmp_path / "out"), "--format", "sidecar"]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert "--format: sidecar writes a caption file beside each image" in error
+    assert "--format imagefolder" in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unknown_format_is_refused_by_name(image_dir: Path, tmp_path: Path, capsys) -> None:
+    argv = ["run", "--input", str(image_dir), "--output", str(tmp_path / "o"), "--format", "zip"]
+    assert main(argv) == 2
+    assert "--format: Input should be 'imagefolder' or 'sidecar'" in capsys.readouterr().err

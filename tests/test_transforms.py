@@ -432,3 +432,32 @@ def _same_records(tagged: list[tuple[str, tuple]]) -> None:
     for route, record in tagged:
         routes[route].append(record)
     assert len(routes["views"]) == 4 and sorted(routes["views"]) == sorted(routes["pictures"])
+
+
+def test_sidecar_paths_replace_only_the_images_extension() -> None:
+    from captionflow.transforms.sidecars import sidecar_path
+
+    assert sidecar_path("/d/a.b.jpg", ".txt") == "/d/a.b.txt"
+    assert sidecar_path("gs://bucket/x/photo.PNG", ".caption") == "gs://bucket/x/photo.caption"
+    assert sidecar_path("/d/no_extension", ".txt") == "/d/no_extension.txt"
+
+
+def test_write_sidecars_composes_in_a_pipeline_and_passes_records_on(tmp_path: Path) -> None:
+    from captionflow.transforms import WriteSidecars
+
+    (tmp_path / "kept.txt").write_text("theirs\n")
+    candidate = ScoredCaption("a dog", 0.3, 1.0)
+    records = [
+        CaptionRecord(str(tmp_path / name), "a dog", 0.3, (candidate,), "c", "r")
+        for name in ("new.jpg", "kept.png")
+    ]
+    with TestPipeline(runner="FnApiRunner") as pipeline:
+        passed = (
+            pipeline
+            | beam.Create(records)
+            | WriteSidecars()
+            | beam.Map(lambda record: record.image_uri)
+        )
+        assert_that(passed, equal_to([record.image_uri for record in records]))
+    assert (tmp_path / "new.txt").read_text() == "a dog\n"
+    assert (tmp_path / "kept.txt").read_text() == "theirs\n"

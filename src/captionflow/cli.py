@@ -94,6 +94,24 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--dataset-filename", help="the original tool's name for --input")
     io.add_argument("--output-filename", help="the original tool's name for --output")
     io.add_argument("--limit", type=int, help="caption only the first N paths (sorted)")
+    io.add_argument(
+        "--format",
+        dest="formats",
+        type=lambda text: tuple(name.strip() for name in text.split(",")),
+        default=RunConfig.model_fields["formats"].default,
+        help="what to write, comma-separated: imagefolder (metadata.jsonl, always written), "
+        "sidecar (a caption file beside each image) (default: imagefolder)",
+    )
+    io.add_argument(
+        "--sidecar-extension",
+        default=RunConfig.model_fields["sidecar_extension"].default,
+        help="the caption files' extension, e.g. .caption for sd-scripts (default: %(default)s)",
+    )
+    io.add_argument(
+        "--overwrite-captions",
+        action="store_true",
+        help="replace caption files that exist (they are kept otherwise)",
+    )
 
     recovery = run.add_argument_group("recovery")
     recovery.add_argument(
@@ -221,8 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Config fields whose flag is not the field's name.
+RENAMED_FLAGS = {"formats": "--format"}
+
+
 def _flag_of(field: str) -> str:
-    return DECODING_FLAGS.get(field, "--" + field.replace("_", "-"))
+    flag = DECODING_FLAGS.get(field) or RENAMED_FLAGS.get(field)
+    return flag or "--" + field.replace("_", "-")
 
 
 def _in_flags(message: str) -> str:
@@ -237,7 +260,7 @@ def _in_flags(message: str) -> str:
 
 def _line(error: ErrorDetails) -> str:
     message = _in_flags(error["msg"].removeprefix("Value error, "))
-    field = str(error["loc"][-1]) if error["loc"] else ""
+    field = next((str(part) for part in reversed(error["loc"]) if isinstance(part, str)), "")
     return f"{_flag_of(field)}: {message}" if field else message
 
 

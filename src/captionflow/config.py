@@ -6,7 +6,7 @@ import os
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from captionflow.handlers.decoding import DecodingOptions
 from captionflow.handlers.registry import CAPTIONERS, RANKERS
@@ -18,7 +18,7 @@ from captionflow.images import (
 )
 from captionflow.listing import list_local, walk_files
 from captionflow.paths import absolute, dirname, is_remote
-from captionflow.transforms.read import InputKind, input_kind, list_entries
+from captionflow.transforms.read import GLOB_CHARACTERS, InputKind, input_kind, list_entries
 from captionflow.transforms.write import ERRORS_FILE, METADATA_FILE
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
@@ -61,12 +61,30 @@ def _check_local_input(value: str) -> None:
                 raise ValueError(f"no images found in {value!r}: it lists no path")
 
 
+def input_root(source: str) -> str | None:
+    """The folder every input lies under: a folder itself, a glob's folder before its first
+    wildcard, an image's folder; None for a list file (its lines may name any path)."""
+    path = absolute(source).replace(os.sep, "/") if not is_remote(source) else source
+    kind = input_kind(absolute(source))
+    if kind == InputKind.LIST:
+        return None
+    if kind == InputKind.FOLDER:
+        return path.rstrip("/")
+    if kind == InputKind.GLOB:
+        fixed = path[: min(path.index(c) for c in GLOB_CHARACTERS if c in path)]
+        return fixed.rpartition("/")[0]
+    return path.rpartition("/")[0]
+
+
 def _output_dir(output: str) -> str:
     output = absolute(output)
     return dirname(output) if output.endswith(".jsonl") else output
 
 
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
+# What the run writes besides `metadata.jsonl` (always written: it is the run's record, and
+# what `--resume` reads): `imagefolder` is that file itself.
+Format = Literal["imagefolder", "sidecar"]
 
 
 class RunConfig(BaseModel):
@@ -98,6 +116,9 @@ class RunConfig(BaseModel):
     attempts: int = Field(3, ge=1, le=100)
     checkpoint_every: int = Field(100, ge=1)
     max_failure_rate: float = Field(0.1, ge=0, le=1)
+    formats: tuple[Format, ...] = Field(("imagefolder",), min_length=1)
+    sidecar_extension: str = Field(".txt", pattern=r"^\.[^./\\]+$")
+    overwrite_captions: bool = False
 
     @field_validator("captioner")
     @classmethod
@@ -153,6 +174,26 @@ class RunConfig(BaseModel):
             existing = os.path.dirname(existing)
         if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
             raise ValueError(f"cannot write under {existing!r}")
+        return value
+
+    @field_validator("formats")
+    @classmethod
+    def _sidecars_beside_images_under_output(
+        cls, value: tuple[str, ...], info: ValidationInfo
+    ) -> tuple[str, ...]:
+        """Caption files go beside the images: only where the images lie under `--output`,
+        as with `--input DIR --output DIR` (a list file may name images anywhere)."""
+        source, output = info.data.get("input"), info.data.get("output")
+        if "sidecar" not in value or source is None or output is None:
+            return value
+        root = input_root(source)
+        output_dir = _output_dir(output).rstrip("/")
+        if root is None or not (root == output_dir or root.startswith(output_dir + "/")):
+            raise ValueError(
+                "sidecar writes a caption file beside each image, so --input must be a folder, "
+                "glob or image inside --output (e.g. --input DIR --output DIR); for images "
+                "elsewhere, or a list file, use --format imagefolder"
+            )
         return value
 
     @property

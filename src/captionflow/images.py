@@ -34,6 +34,10 @@ __all__ = [
 ]
 
 DEFAULT_MAX_SIDE = 768
+# Where `decode_image` notes the file's own size, upright, in the image's `info`.
+SHOWN_SIZE = "captionflow.shown_size"
+EXIF_ORIENTATION = 0x0112
+TURNING_ORIENTATIONS = (5, 6, 7, 8)  # shown a quarter turn from how they are stored
 DEFAULT_MAX_PIXELS = 100_000_000
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # the largest file read, in bytes
 MAX_ASPECT_RATIO = 8  # beyond this, a resize-shortest-edge processor would allocate huge arrays
@@ -89,6 +93,7 @@ def decode_image(
     file = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
     with _open(file, name) as opened:
         width, height = opened.size
+        turned = opened.getexif().get(EXIF_ORIENTATION) in TURNING_ORIENTATIONS
         if width * height > max_pixels:
             raise ImageTooLargeError(
                 f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}"
@@ -102,7 +107,14 @@ def decode_image(
     image = _crop_extreme_aspect(image)
     if cover is None:
         image.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+    image.info[SHOWN_SIZE] = (height, width) if turned else (width, height)
     return image
+
+
+def shown_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of the image as shown at full size: what `decode_image` read from the
+    file (turned upright), not the smaller copy it may have decoded; else the image's own."""
+    return image.info.get(SHOWN_SIZE, image.size)
 
 
 def _draft_size(

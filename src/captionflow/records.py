@@ -47,9 +47,19 @@ class CaptionRecord:
     candidates: tuple[ScoredCaption, ...]
     captioner: str
     ranker: str
+    width: int | None = None  # the image as shown at full size
+    height: int | None = None
+
+    @property
+    def captions(self) -> list[str]:
+        """The candidates' texts, best first."""
+        return [candidate.text for candidate in self.candidates]
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"candidates": [asdict(c) for c in self.candidates]}
+        return asdict(self) | {
+            "candidates": [asdict(c) for c in self.candidates],
+            "captions": self.captions,
+        }
 
 
 @dataclass(frozen=True)

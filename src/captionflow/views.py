@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from captionflow.images import shown_size
+
 __all__ = [
     "ImageViews",
     "StackSpace",
@@ -161,6 +163,12 @@ class ImageViews:
 
     size: tuple[int, int]  # the decoded image's (width, height)
     views: dict[ViewSpec, np.ndarray]
+    shown_size: tuple[int, int] | None = None  # the file's (width, height), upright
+
+    @property
+    def original_size(self) -> tuple[int, int]:
+        """(width, height) of the image as shown at full size (`images.shown_size`)."""
+        return self.shown_size or self.size
 
     @property
     def nbytes(self) -> int:
@@ -171,7 +179,8 @@ def make_views(image: Image.Image, specs: Sequence[ViewSpec]) -> ImageViews:
     """Every distinct view of `image` that `specs` ask for (two models may share one), from one
     copy of its pixels."""
     source = _Source(image)
-    return ImageViews(image.size, {spec: source.view(spec) for spec in dict.fromkeys(specs)})
+    views = {spec: source.view(spec) for spec in dict.fromkeys(specs)}
+    return ImageViews(image.size, views, shown_size(image))
 
 
 class _Source:

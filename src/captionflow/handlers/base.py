@@ -168,7 +168,7 @@ class IsolatingModelHandler(ModelHandler[ExampleT, PredictionT, ModelT]):
 
     def get_num_bytes(self, batch: Sequence[ExampleT]) -> int:
         """Pixel bytes, counted rather than pickled (Beam's default pickles every batch)."""
-        return sum(_pixel_bytes(_image_of(example)) for example in batch)
+        return sum(_pixel_bytes(image_of(example)) for example in batch)
 
     def get_metrics_namespace(self) -> str:
         return f"captionflow_{self.kind}"
@@ -198,7 +198,8 @@ def _failure(error: Exception) -> InferenceFailure:
     )
 
 
-def _image_of(example: Any) -> ModelImage:
+def image_of(example: Any) -> ModelImage:
+    """The image of an example: a captioner's is one, a ranker's is `(image, candidates)`."""
     return example[0] if isinstance(example, tuple) else example
 
 

@@ -12,6 +12,7 @@ from captionflow.handlers.registry import captioner_handler, ranker_handler
 from captionflow.paths import join
 from captionflow.transforms import CaptionImages, LogProgress, ReadImagePaths, WriteErrors
 from captionflow.transforms.resume import ReadDone, SkipDone, metadata_key
+from captionflow.transforms.sidecars import WriteSidecars
 from captionflow.transforms.summary import CAPTIONED, KEPT, WriteSummary, outcome_of_error
 from captionflow.transforms.write import ToImageFolderRows, WriteJsonLines
 
@@ -69,6 +70,10 @@ def build_caption_pipeline(
     errors = (read_errors, caption_errors) | "AllErrors" >> beam.Flatten()
     # Nothing between the ranker and the part files but element-wise steps: a Flatten or a
     # shuffle there would make local runners hold every record until captioning ends.
+    if "sidecar" in config.formats:  # before the metadata: a record there has its file
+        captions = captions | "WriteSidecars" >> WriteSidecars(
+            extension=config.sidecar_extension, overwrite=config.overwrite_captions
+        )
     metadata_written = (
         captions
         | "Progress" >> LogProgress()

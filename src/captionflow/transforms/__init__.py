@@ -5,6 +5,7 @@ from captionflow.transforms.inference import GenerateCaptions, RankCaptions
 from captionflow.transforms.load import LoadImages
 from captionflow.transforms.progress import LogProgress
 from captionflow.transforms.read import ReadImagePaths
+from captionflow.transforms.sidecars import WriteSidecars
 from captionflow.transforms.write import WriteErrors, WriteJsonLines, WriteMetadata
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "WriteErrors",
     "WriteJsonLines",
     "WriteMetadata",
+    "WriteSidecars",
 ]

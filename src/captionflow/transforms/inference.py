@@ -19,10 +19,13 @@ from captionflow.handlers.base import (
     InferenceFailure,
     ModelImage,
     RankModelHandler,
+    image_of,
 )
 from captionflow.handlers.captionrank import CaptionRankHandler
+from captionflow.images import shown_size
 from captionflow.records import CaptionCandidates, CaptionRecord, ErrorRecord
 from captionflow.transforms.errors import ERRORS, NAMESPACE, error_output
+from captionflow.views import ImageViews
 
 CANDIDATES = "candidates"
 CAPTIONS = "captions"
@@ -44,6 +47,11 @@ def _to_candidates(
         yield error_output(failure)
     else:
         yield CaptionCandidates(uri, result.example, tuple(result.inference), captioner)
+
+
+def original_size(image: ModelImage) -> tuple[int, int]:
+    """(width, height) of the image as shown at full size, whether views or a picture."""
+    return image.original_size if isinstance(image, ImageViews) else shown_size(image)
 
 
 class GenerateCaptions(beam.PTransform):
@@ -83,8 +91,16 @@ class _ToRecord(beam.DoFn):
             return
         best = result.inference[0]
         self.captioned.inc()
+        width, height = original_size(image_of(result.example))
         yield CaptionRecord(
-            uri, best.text, best.score, tuple(result.inference), captioner, self.ranker
+            uri,
+            best.text,
+            best.score,
+            tuple(result.inference),
+            captioner,
+            self.ranker,
+            width,
+            height,
         )
 
 
