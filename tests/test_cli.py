@@ -408,3 +408,18 @@ def test_an_unknown_format_is_refused_by_name(image_dir: Path, tmp_path: Path, c
     argv = ["run", "--input", str(image_dir), "--output", str(tmp_path / "o"), "--format", "zip"]
     assert main(argv) == 2
     assert "--format: Input should be 'imagefolder' or 'sidecar'" in capsys.readouterr().err
+
+
+def test_the_readmes_recipe_loads_images_kept_apart_from_the_output(
+    tmp_path: Path, tiny_models: tuple[str, str]
+) -> None:
+    import datasets
+
+    write_images(tmp_path / "photos", 2)
+    out = tmp_path / "out"
+    argv = ["run", "--input", str(tmp_path / "photos"), "--output", str(out)]
+    assert main([*argv, *models(*tiny_models)]) == 0
+    ds = datasets.load_dataset("json", data_files=str(out / "metadata.jsonl"), split="train")
+    ds = ds.add_column("image", ds["image_uri"]).cast_column("image", datasets.Image())
+    assert sorted(row["image"].size for row in ds) == [(64, 48), (72, 48)]
+    assert all(row["text"] for row in ds)
