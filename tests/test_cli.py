@@ -423,3 +423,58 @@ def test_the_readmes_recipe_loads_images_kept_apart_from_the_output(
     ds = ds.add_column("image", ds["image_uri"]).cast_column("image", datasets.Image())
     assert sorted(row["image"].size for row in ds) == [(64, 48), (72, 48)]
     assert all(row["text"] for row in ds)
+
+
+def test_caption_controls_shape_the_candidates_and_the_final_caption(
+    tmp_path: Path, tiny_models: tuple[str, str]
+) -> None:
+    """`--remove-pattern` and `--min-words` act on the candidates before ranking (an image left
+    with none is an error record saying why); `--prefix` and `--suffix` go around the final
+    caption and every candidate, not into what the ranker scored."""
+    folder = tmp_path / "data"
+    write_images(folder, 4)
+    out = tmp_path / "out"
+    argv = ["run", "--input", str(folder), "--output", str(out), "--num-captions", "4"]
+    argv += models(*tiny_models)
+    assert main(argv) == 0
+    plain = {row["file_name"]: row for row in read_jsonl(out / "metadata.jsonl")}
+    word = plain[sorted(plain)[0]]["text"].split()[0]  # a word the captioner writes
+
+    controls = ["--remove-pattern", rf"\b{word}\b", "--prefix", "sks, ", "--suffix", "."]
+    assert main([*argv, "--output", str(tmp_path / "ruled"), *controls]) == 0
+    rows = read_jsonl(tmp_path / "ruled" / "metadata.jsonl")
+    errors = (
+        read_jsonl(tmp_path / "ruled" / "errors.jsonl")
+        if (tmp_path / "ruled" / "errors.jsonl").exists()
+        else []
+    )
+    assert len(rows) + len(errors) == 4 and rows
+    for row in rows:
+        assert row["text"].startswith("sks, ") and row["text"].endswith(".")
+        assert row["captions"][0] == row["text"]
+        for candidate in row["captions"]:
+            assert candidate.startswith("sks, ") and candidate.endswith(".")
+            assert word not in candidate[5:-1].split()
+
+    assert main([*argv, "--output", str(tmp_path / "long"), "--min-words", "1000"]) == 3
+    assert not read_jsonl(tmp_path / "long" / "metadata.jsonl")
+    errors = read_jsonl(tmp_path / "long" / "errors.jsonl")
+    assert len(errors) == 4
+    assert {e["error_type"] for e in errors} == {"NoCaption"}
+    assert "--min-words" in errors[0]["message"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--remove-pattern", "(unclosed"], "--remove-pattern: '(unclosed' is not a regular"),
+        (["--min-words", "-1"], "--min-words: Input should be greater than or equal to 0"),
+        (["--bad-words", "dog,,cat"], "--bad-words: a bad word cannot be empty"),
+    ],
+)
+def test_bad_caption_controls_are_refused_by_flag(
+    image_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, flags: list, message: str
+) -> None:
+    argv = ["run", "--input", str(image_dir), "--output", str(tmp_path / "o"), *flags]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err

@@ -151,3 +151,27 @@ def test_a_compiled_step_that_fails_falls_back_to_the_eager_step(
     assert torch.equal(compiled.token_ids(pixels(3)), expected)
     assert compiled.fast.compiled_step is None
     assert "no compiler here" in caplog.text
+
+
+@pytest.mark.parametrize("strategy", ["sample", "beam"])
+def test_bad_words_are_never_written_and_both_decoders_agree(tiny_blip: str, strategy: str) -> None:
+    """`--bad-words`: a word is barred at every step; a phrase's last word is barred after the
+    rest of it. Both decoders bar the same (`generate`'s `bad_words_ids`)."""
+    plain, _ = captioners(tiny_blip, STRATEGIES[strategy])
+    torch.manual_seed(4)
+    start = len(plain._prompt_ids)
+    written = plain.token_ids(pixels(4))[:, start:]
+    tokens, counts = written.flatten().unique(return_counts=True)
+    common = [int(t) for t in tokens[counts.argsort(descending=True)] if t > 6][:3]
+    vocabulary = plain.processor.tokenizer.convert_ids_to_tokens(common)
+    bad = (vocabulary[0], f"{vocabulary[1]} {vocabulary[2]}")
+    decoding = STRATEGIES[strategy].model_copy(update={"bad_words": bad})
+    fast, reference = captioners(tiny_blip, decoding)
+    torch.manual_seed(4)
+    expected = reference.token_ids(pixels(4))
+    torch.manual_seed(4)
+    actual = fast.token_ids(pixels(4))
+    assert torch.equal(actual, expected)
+    assert not (actual[:, start:] == common[0]).any()
+    pairs = torch.stack([actual[:, start:-1], actual[:, start + 1 :]], dim=-1)
+    assert not (pairs == torch.tensor(common[1:])).all(dim=-1).any()

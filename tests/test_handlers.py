@@ -205,3 +205,17 @@ def test_float32_on_a_gpu_uses_tf32_and_nothing_else_does() -> None:
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_candidate_rules_clean_drop_short_and_deduplicate(tiny_blip: str, images: list) -> None:
+    from captionflow.handlers.candidates import CandidateRules
+
+    rules = CandidateRules(remove_pattern=r"\s*\(.*?\)", min_words=2)
+    texts = ["a dog (blurry) on grass", "a dog on grass", "dog", "(only this)", "two  cats"]
+    assert rules.clean(texts) == ["a dog on grass", "two cats"]
+    assert not CandidateRules().active and rules.active
+
+    handler = BlipCaptionHandler(
+        tiny_blip, decoding=DecodingOptions(num_captions=3), rules=CandidateRules(min_words=99)
+    )
+    assert handler.predict(handler.load_model(), images) == [[], [], []]

@@ -40,6 +40,12 @@ logger = logging.getLogger("captionflow")
 
 LOCAL_RUNNERS = {"FnApiRunner", "DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner"}
 DEFAULT_RUNNER = "FnApiRunner"  # Beam's DirectRunner first tries to download Prism at run time
+
+
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(text.split(","))
+
+
 # (DecodingOptions field, flag, type, help): the one list of decoding flags.
 DECODING_OPTIONS = (
     ("num_captions", "--num-captions", int, "candidate captions per image"),
@@ -51,6 +57,7 @@ DECODING_OPTIONS = (
     ("min_new_tokens", "--min-new-tokens", int, ""),
     ("max_new_tokens", "--max-new-tokens", int, ""),
     ("prompt", "--prompt", str, "text BLIP continues; removed from the captions"),
+    ("bad_words", "--bad-words", _words, "comma-separated words the captioner must never write"),
     (
         "decoder",
         "--decoder",
@@ -59,6 +66,7 @@ DECODING_OPTIONS = (
     ),
 )
 DECODING_FLAGS = {field: flag for field, flag, _, _ in DECODING_OPTIONS}
+RULE_FIELDS = ("remove_pattern", "min_words")  # CandidateRules, flags of their own name
 
 
 class UsageError(Exception):
@@ -215,6 +223,21 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"{text} (default: {getattr(default, field)!r})".strip(),
         )
 
+    captions = run.add_argument_group("captions")
+    captions.add_argument(
+        "--remove-pattern",
+        help="a regular expression removed from every candidate before ranking",
+    )
+    captions.add_argument(
+        "--min-words",
+        type=int,
+        help="candidates with fewer words are dropped before ranking (default: 0)",
+    )
+    captions.add_argument(
+        "--prefix", default="", help="text put before every final caption (a trigger word)"
+    )
+    captions.add_argument("--suffix", default="", help="text put after every final caption")
+
     images = run.add_argument_group("images")
     images.add_argument(
         "--max-side",
@@ -282,8 +305,10 @@ def to_config(args: argparse.Namespace) -> RunConfig:
     values["output"] = _one_of(values, "output", "output_filename")
     decoding = {name: values.pop(name) for name in DECODING_FLAGS}
     given = {name: value for name, value in decoding.items() if value is not None}
+    rules = {name: values.pop(name) for name in RULE_FIELDS}
+    rules = {name: value for name, value in rules.items() if value is not None}
     try:
-        return RunConfig(**values, decoding=given)
+        return RunConfig(**values, decoding=given, rules=rules)
     except ValidationError as error:
         raise UsageError("\n".join(_line(e) for e in error.errors())) from None
 

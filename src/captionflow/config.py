@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from captionflow.handlers.candidates import CandidateRules
 from captionflow.handlers.decoding import DecodingOptions
 from captionflow.handlers.registry import CAPTIONERS, RANKERS
 from captionflow.images import (
@@ -97,6 +98,9 @@ class RunConfig(BaseModel):
     captioner: str = "blip"
     ranker: str = "clip"
     decoding: DecodingOptions = DecodingOptions()
+    rules: CandidateRules = CandidateRules()  # on the candidates, before ranking
+    prefix: str = ""  # around every final caption, after ranking
+    suffix: str = ""
     caption_batch_size: int = Field(8, ge=1, le=4096)
     rank_batch_size: int = Field(32, ge=1, le=4096)
     engine_batch_size: int = Field(256, ge=1, le=65536)

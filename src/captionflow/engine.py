@@ -41,6 +41,7 @@ from captionflow.handlers.base import (
     is_sticky_device_error,
     model_batch,
 )
+from captionflow.handlers.candidates import RuledCaptioner
 from captionflow.handlers.torch_setup import next_copy_index
 from captionflow.records import ScoredCaption
 from captionflow.views import StackSpace, ViewBatch
@@ -375,8 +376,9 @@ class EngineSpec:
         """Load both models (on `device`, else where their handlers say) into an engine."""
         captioner, ranker = (_on_device(h, device) for h in (self.captioner, self.ranker))
         captioner_model = captioner.load_model()
+        ruled = RuledCaptioner(captioner_model, captioner.rules)
         return Engine(
-            captioner_model,
+            ruled if captioner.rules.active else captioner_model,
             ranker.load_model(),
             device=_device_of(captioner_model),
             max_batch_size=self.max_batch_size,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from PIL import Image
@@ -49,6 +49,14 @@ class CaptionRecord:
     ranker: str
     width: int | None = None  # the image as shown at full size
     height: int | None = None
+
+    def with_text_around(self, prefix: str, suffix: str) -> CaptionRecord:
+        """The record with `prefix` and `suffix` around the caption and every candidate (a
+        trigger word, say); scores stay those of the texts the ranker saw."""
+        if not prefix and not suffix:
+            return self
+        candidates = tuple(replace(c, text=f"{prefix}{c.text}{suffix}") for c in self.candidates)
+        return replace(self, text=f"{prefix}{self.text}{suffix}", candidates=candidates)
 
     @property
     def captions(self) -> list[str]:

@@ -18,6 +18,7 @@ import torch
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 from PIL import Image
 
+from captionflow.handlers.candidates import CandidateRules
 from captionflow.handlers.decoding import DecodingOptions
 from captionflow.records import ScoredCaption
 from captionflow.views import ImageViews, StackSpace, ViewBatch, ViewSpec
@@ -211,16 +212,22 @@ class CaptionModelHandler(IsolatingModelHandler[ModelImage, list[str], Captioner
     """Base for captioners: images in, a list of distinct candidate captions per image out."""
 
     def __init__(
-        self, model: str | None = None, *, decoding: DecodingOptions | None = None, **kwargs: Any
+        self,
+        model: str | None = None,
+        *,
+        decoding: DecodingOptions | None = None,
+        rules: CandidateRules | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(model, **kwargs)
         self.decoding = decoding or DecodingOptions()
+        self.rules = rules or CandidateRules()  # applied to the candidates before ranking
 
     @abstractmethod
     def load_model(self) -> Captioner: ...
 
     def predict(self, model: Captioner, batch: Sequence[ModelImage]) -> list[list[str]]:
-        return model.caption(model_batch(batch))
+        return [self.rules.clean(texts) for texts in model.caption(model_batch(batch))]
 
 
 class RankModelHandler(IsolatingModelHandler[RankExample, list[ScoredCaption], Ranker]):

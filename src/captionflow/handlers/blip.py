@@ -39,6 +39,13 @@ class BlipCaptioner:
         prompt_ids = tokenizer(decoding.prompt, add_special_tokens=False).input_ids
         self._prompt_text = tokenizer.decode(prompt_ids, skip_special_tokens=True).strip()
         self._generate_kwargs = decoding.generate_kwargs()
+        bad_words = tuple(
+            tuple(ids)
+            for word in decoding.bad_words
+            if (ids := tokenizer(word, add_special_tokens=False).input_ids)
+        )
+        if bad_words:
+            self._generate_kwargs["bad_words_ids"] = [list(ids) for ids in bad_words]
         text = model.config.text_config
         self._prompt_ids = prompt_ids_for_generate(tokenizer(decoding.prompt).input_ids, text)
         self._search = SearchSettings.of(
@@ -46,6 +53,7 @@ class BlipCaptioner:
             model.text_decoder.generation_config,
             eos=text.sep_token_id,
             pad=text.pad_token_id,
+            bad_words=bad_words,
         )
         self.fast: FastBlip | None = None
         if decoding.decoder != "reference":

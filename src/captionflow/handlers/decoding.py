@@ -31,6 +31,14 @@ class DecodingOptions(BaseModel):
     # `fast`: the captioner's own decode loop where it has one (same token ids as `generate`);
     # `compiled`: that loop's steps compiled (CUDA graphs on a GPU); `reference`: `generate`.
     decoder: Literal["fast", "compiled", "reference"] = "fast"
+    bad_words: tuple[str, ...] = ()  # words the captioner must never write
+
+    @field_validator("bad_words")
+    @classmethod
+    def _words(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not word.strip() for word in value):
+            raise ValueError("a bad word cannot be empty")
+        return tuple(word.strip() for word in value)
 
     # Cross-field checks are field validators (reading the fields declared before them), not a
     # model validator, so that one bad value never hides another: all are reported at once.

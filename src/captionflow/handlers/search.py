@@ -67,12 +67,19 @@ class SearchSettings:
     temperature: float = 1.0
     top_k: int = 0  # 0: no top-k cut
     top_p: float = 1.0
+    bad_words: tuple[tuple[int, ...], ...] = ()  # token sequences never to end
     length_penalty: float = 1.0
     early_stopping: bool | str = False
 
     @classmethod
     def of(
-        cls, decoding: DecodingOptions, model_config: GenerationConfig, *, eos: int, pad: int
+        cls,
+        decoding: DecodingOptions,
+        model_config: GenerationConfig,
+        *,
+        eos: int,
+        pad: int,
+        bad_words: tuple[tuple[int, ...], ...] = (),
     ) -> SearchSettings:
         """What `generate(**decoding.generate_kwargs())` does on a model with this generation
         config: the model's own values where the options leave them open, else transformers'
@@ -98,6 +105,7 @@ class SearchSettings:
             temperature=kwargs.get("temperature", 1.0),
             top_k=int(model_or_default("top_k") or 0),
             top_p=kwargs.get("top_p", 1.0),
+            bad_words=bad_words,
             length_penalty=float(model_or_default("length_penalty")),
             early_stopping=model_or_default("early_stopping"),  # type: ignore[arg-type]
         )
@@ -197,13 +205,20 @@ def process_logits(
     tokens: torch.Tensor, scores: torch.Tensor, new_tokens: int, settings: SearchSettings
 ) -> torch.Tensor:
     """`generate`'s logits processors that apply to every strategy, in its order: repetition
-    penalty over every token so far (prompt included), then no end before `min_new_tokens`."""
+    penalty over every token so far (prompt included), bad words (a sequence's last token is
+    barred where the tokens so far end with the rest of it), no end before `min_new_tokens`."""
+    scores = scores.clone()
     if settings.repetition_penalty != 1.0:
         seen = scores.gather(1, tokens)
         penalty = settings.repetition_penalty
-        scores = scores.scatter(1, tokens, torch.where(seen < 0, seen * penalty, seen / penalty))
+        scores.scatter_(1, tokens, torch.where(seen < 0, seen * penalty, seen / penalty))
+    for *start, last in settings.bad_words:
+        if not start:
+            scores[:, last] = -torch.inf
+        elif len(start) <= tokens.shape[1]:
+            ends_with_start = (tokens[:, -len(start) :] == tokens.new_tensor(start)).all(dim=1)
+            scores[ends_with_start, last] = -torch.inf
     if new_tokens < settings.min_new_tokens:
-        scores = scores.clone() if settings.repetition_penalty == 1.0 else scores
         scores[:, settings.eos_token_id] = -torch.inf
     return scores
 

@@ -10,6 +10,7 @@ from captionflow.config import RunConfig
 from captionflow.handlers.base import CaptionModelHandler, RankModelHandler
 from captionflow.handlers.registry import captioner_handler, ranker_handler
 from captionflow.paths import join
+from captionflow.records import CaptionRecord
 from captionflow.transforms import CaptionImages, LogProgress, ReadImagePaths, WriteErrors
 from captionflow.transforms.resume import ReadDone, SkipDone, metadata_key
 from captionflow.transforms.sidecars import WriteSidecars
@@ -26,6 +27,7 @@ def model_handlers(config: RunConfig) -> tuple[CaptionModelHandler, RankModelHan
     captioner = captioner_handler(
         config.captioner,
         decoding=config.decoding,
+        rules=config.rules,
         max_batch_size=config.caption_batch_size,
         dtype=config.caption_dtype or config.dtype,
         **options,
@@ -67,6 +69,10 @@ def build_caption_pipeline(
     if config.accelerator_hint:  # decoding stays fused with inference: images never shuffle
         caption_images = caption_images.with_resource_hints(accelerator=config.accelerator_hint)
     captions, caption_errors = uris | "CaptionImages" >> caption_images
+    if config.prefix or config.suffix:
+        captions = captions | "PrefixAndSuffix" >> beam.Map(
+            CaptionRecord.with_text_around, config.prefix, config.suffix
+        )
     errors = (read_errors, caption_errors) | "AllErrors" >> beam.Flatten()
     # Nothing between the ranker and the part files but element-wise steps: a Flatten or a
     # shuffle there would make local runners hold every record until captioning ends.

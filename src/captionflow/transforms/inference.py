@@ -28,6 +28,10 @@ from captionflow.transforms.errors import ERRORS, NAMESPACE, error_output
 from captionflow.views import ImageViews
 
 CANDIDATES = "candidates"
+NO_CAPTION = (
+    "no caption left: the captioner wrote none, or the candidate rules "
+    "(--remove-pattern, --min-words) dropped them all"
+)
 CAPTIONS = "captions"
 
 
@@ -35,7 +39,7 @@ def _failed(uri: str, stage: str, inference: Any) -> ErrorRecord | None:
     if isinstance(inference, InferenceFailure):
         return ErrorRecord(uri, inference.stage or stage, inference.error_type, inference.message)
     if not inference:
-        return ErrorRecord(uri, stage, "NoCaption", "the model produced no non-empty caption")
+        return ErrorRecord(uri, stage, "NoCaption", NO_CAPTION)
     return None
 
 
