@@ -478,3 +478,38 @@ def test_bad_caption_controls_are_refused_by_flag(
     argv = ["run", "--input", str(image_dir), "--output", str(tmp_path / "o"), *flags]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_min_score_sends_low_scoring_images_to_rejected_and_counts_them(
+    tmp_path: Path, tiny_models: tuple[str, str]
+) -> None:
+    folder = tmp_path / "data"
+    write_images(folder / "photos", 6)
+    (folder / "photos" / "broken.jpg").write_bytes(b"not a picture")
+    argv = ["run", "--input", str(folder), "--output", str(folder), *models(*tiny_models)]
+    argv += ["--decoding", "beam", "--num-beams", "3", "--num-captions", "3"]  # repeatable
+    assert main(argv) == 0
+    scores = sorted(row["score"] for row in read_jsonl(folder / "metadata.jsonl"))
+    threshold = (scores[2] + scores[3]) / 2  # three below, three above
+
+    out = tmp_path / "filtered"
+    assert main([*argv, "--output", str(out), "--min-score", str(threshold)]) == 0
+    kept, rejected = read_jsonl(out / "metadata.jsonl"), read_jsonl(out / "rejected.jsonl")
+    assert sorted(r["score"] for r in kept) == pytest.approx(scores[3:], rel=1e-5)
+    assert sorted(r["score"] for r in rejected) == pytest.approx(scores[:3], rel=1e-5)
+    assert all(r["candidates"] and r["file_name"] for r in rejected)
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["captioned"], summary["rejected"], summary["failed"]) == (3, 3, 1)
+    assert summary["images"] == 7
+
+    assert main([*argv, "--output", str(out), "--min-score", str(threshold), "--resume"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["captioned"], summary["rejected"], summary["kept_from_earlier_run"]) == (
+        0,
+        0,
+        6,
+    )
+    assert (
+        len(read_jsonl(out / "rejected.jsonl")) == 3
+        and len(read_jsonl(out / "metadata.jsonl")) == 3
+    )

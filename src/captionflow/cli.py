@@ -237,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--prefix", default="", help="text put before every final caption (a trigger word)"
     )
     captions.add_argument("--suffix", default="", help="text put after every final caption")
+    captions.add_argument(
+        "--min-score",
+        type=float,
+        help="images whose best caption scores lower go to rejected.jsonl, not the dataset",
+    )
 
     images = run.add_argument_group("images")
     images.add_argument(

@@ -20,7 +20,7 @@ from captionflow.images import (
 from captionflow.listing import list_local, walk_files
 from captionflow.paths import absolute, dirname, is_remote
 from captionflow.transforms.read import GLOB_CHARACTERS, InputKind, input_kind, list_entries
-from captionflow.transforms.write import ERRORS_FILE, METADATA_FILE
+from captionflow.transforms.write import ERRORS_FILE, METADATA_FILE, REJECTED_FILE
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 
@@ -101,6 +101,7 @@ class RunConfig(BaseModel):
     rules: CandidateRules = CandidateRules()  # on the candidates, before ranking
     prefix: str = ""  # around every final caption, after ranking
     suffix: str = ""
+    min_score: float | None = None  # lower-scoring images go to rejected.jsonl
     caption_batch_size: int = Field(8, ge=1, le=4096)
     rank_batch_size: int = Field(32, ge=1, le=4096)
     engine_batch_size: int = Field(256, ge=1, le=65536)
@@ -165,10 +166,11 @@ class RunConfig(BaseModel):
     @field_validator("output")
     @classmethod
     def _output_writable(cls, value: str) -> str:
-        if os.path.basename(value) == ERRORS_FILE:
+        listed = {ERRORS_FILE: "failed", REJECTED_FILE: "rejected"}.get(os.path.basename(value))
+        if listed:
             raise ValueError(
-                f"{ERRORS_FILE} is where failed images are listed; name the metadata file "
-                f"otherwise (e.g. {METADATA_FILE}) or give a folder"
+                f"{os.path.basename(value)} is where {listed} images are listed; name the "
+                f"metadata file otherwise (e.g. {METADATA_FILE}) or give a folder"
             )
         output_dir = _output_dir(value)
         if is_remote(output_dir):

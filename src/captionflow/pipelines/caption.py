@@ -13,9 +13,16 @@ from captionflow.paths import join
 from captionflow.records import CaptionRecord
 from captionflow.transforms import CaptionImages, LogProgress, ReadImagePaths, WriteErrors
 from captionflow.transforms.resume import ReadDone, SkipDone, metadata_key
+from captionflow.transforms.scores import SplitByScore
 from captionflow.transforms.sidecars import WriteSidecars
-from captionflow.transforms.summary import CAPTIONED, KEPT, WriteSummary, outcome_of_error
-from captionflow.transforms.write import ToImageFolderRows, WriteJsonLines
+from captionflow.transforms.summary import (
+    CAPTIONED,
+    KEPT,
+    REJECTED,
+    WriteSummary,
+    outcome_of_error,
+)
+from captionflow.transforms.write import REJECTED_FILE, ToImageFolderRows, WriteJsonLines
 
 SUMMARY_FILE = "summary.json"
 
@@ -48,12 +55,15 @@ def build_caption_pipeline(
     (finished file or parts of a killed run) are kept and not captioned again."""
     captioner, ranker = model_handlers(config)
     metadata_path = join(config.output_dir, config.metadata_filename)
+    rejected_path = join(config.output_dir, REJECTED_FILE)
 
     read = ReadImagePaths(config.input, limit=config.limit).with_errors()
     uris, read_errors = pipeline | "ReadImagePaths" >> read
     kept = pipeline | "NoneKept" >> beam.Create([])
     if config.resume:
-        done = pipeline | "ReadDone" >> ReadDone(metadata_path, config.output_dir)
+        done = pipeline | "ReadDone" >> ReadDone(
+            metadata_path, config.output_dir, also=[rejected_path]
+        )
         uris, kept = (uris, done) | "SkipDone" >> SkipDone()
 
     caption_images = CaptionImages(
@@ -76,26 +86,21 @@ def build_caption_pipeline(
     errors = (read_errors, caption_errors) | "AllErrors" >> beam.Flatten()
     # Nothing between the ranker and the part files but element-wise steps: a Flatten or a
     # shuffle there would make local runners hold every record until captioning ends.
+    captions = captions | "Progress" >> LogProgress()
+    rejected = pipeline | "NoneRejected" >> beam.Create([])
+    written = [errors | "WriteErrors" >> WriteErrors(config.output_dir)]
+    if config.min_score is not None:
+        captions, rejected = captions | "MinScore" >> SplitByScore(config.min_score)
+        written.append(rejected | "WriteRejected" >> _WriteRecords(rejected_path, config))
     if "sidecar" in config.formats:  # before the metadata: a record there has its file
         captions = captions | "WriteSidecars" >> WriteSidecars(
             extension=config.sidecar_extension, overwrite=config.overwrite_captions
         )
-    metadata_written = (
-        captions
-        | "Progress" >> LogProgress()
-        | "ToRows" >> ToImageFolderRows(config.output_dir)
-        | "WriteMetadata"
-        >> WriteJsonLines(
-            metadata_path,
-            key=metadata_key(config.output_dir),
-            lines_per_part=config.checkpoint_every,
-            resume=config.resume,
-        )
-    )
-    errors_written = errors | "WriteErrors" >> WriteErrors(config.output_dir)
+    written.append(captions | "WriteMetadata" >> _WriteRecords(metadata_path, config))
 
     outcomes = (
         captions | "Captioned" >> beam.Map(lambda _: CAPTIONED),
+        rejected | "Rejected" >> beam.Map(lambda _: REJECTED),
         kept | "Kept" >> beam.Map(lambda _: KEPT),
         errors | "Failed" >> beam.Map(outcome_of_error),
     ) | "Outcomes" >> beam.Flatten()
@@ -103,5 +108,29 @@ def build_caption_pipeline(
         join(config.output_dir, SUMMARY_FILE),
         started=time.time() if started is None else started,
         settings=config.model_dump(mode="json"),
-        after=(metadata_written, errors_written),
+        after=tuple(written),
     )
+
+
+class _WriteRecords(beam.PTransform):
+    """Records as ImageFolder rows into one JSON-lines file of the output, checkpointed in
+    parts, resumable."""
+
+    def __init__(self, destination: str, config: RunConfig) -> None:
+        super().__init__()
+        self.destination = destination
+        self.config = config
+
+    def expand(self, records: beam.PCollection[CaptionRecord]) -> beam.PCollection[str]:
+        output_dir = self.config.output_dir
+        return (
+            records
+            | "ToRows" >> ToImageFolderRows(output_dir)
+            | "Write"
+            >> WriteJsonLines(
+                self.destination,
+                key=metadata_key(output_dir),
+                lines_per_part=self.config.checkpoint_every,
+                resume=self.config.resume,
+            )
+        )

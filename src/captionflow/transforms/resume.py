@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import apache_beam as beam
@@ -53,12 +53,17 @@ def _done_images(path: str, key: Callable[[dict[str, Any]], str]) -> Iterator[st
 
 
 class ReadDone(beam.PTransform):
-    """The images an earlier run already captioned into `metadata_path`: those of the finished
-    file, and of the parts a run that was stopped before joining them left."""
+    """The images an earlier run already captioned into `metadata_path` (and into `also`, the
+    run's other record files, such as `rejected.jsonl`): those of the finished files, and of
+    the parts a run that was stopped before joining them left."""
 
-    def __init__(self, metadata_path: str, output_dir: str) -> None:
+    def __init__(self, metadata_path: str, output_dir: str, *, also: Sequence[str] = ()) -> None:
         super().__init__()
-        self.patterns = [metadata_path, join(parts_dir(metadata_path), "part-*.jsonl")]
+        self.patterns = [
+            pattern
+            for path in (metadata_path, *also)
+            for pattern in (path, join(parts_dir(path), "part-*.jsonl"))
+        ]
         self.key = metadata_key(output_dir)
 
     def expand(self, pbegin: PBegin) -> PCollection[str]:

@@ -18,7 +18,7 @@ from captionflow.records import ErrorRecord
 
 logger = logging.getLogger("captionflow")
 
-CAPTIONED, KEPT = "captioned", "kept"
+CAPTIONED, KEPT, REJECTED = "captioned", "kept", "rejected"
 PACKAGES = ("captionflow", "apache-beam", "torch", "transformers", "pillow")
 
 
@@ -37,7 +37,8 @@ def _versions() -> dict[str, str]:
 
 
 def summarize(counts: dict[str, int], seconds: float, settings: dict[str, Any]) -> dict[str, Any]:
-    """Counts by outcome (`captioned`, `kept` from an earlier run, `failed/<stage>/<type>`)."""
+    """Counts by outcome (`captioned`, `rejected` under `--min-score`, `kept` from an earlier
+    run, `failed/<stage>/<type>`)."""
     stages: Counter[str] = Counter()
     types: Counter[str] = Counter()
     for outcome, count in counts.items():
@@ -46,15 +47,17 @@ def summarize(counts: dict[str, int], seconds: float, settings: dict[str, Any]) 
             stages[stage] += count
             types[error_type] += count
     captioned, kept, failed = counts.get(CAPTIONED, 0), counts.get(KEPT, 0), stages.total()
+    rejected = counts.get(REJECTED, 0)
     return {
-        "images": captioned + kept + failed,
+        "images": captioned + rejected + kept + failed,
         "captioned": captioned,
+        "rejected": rejected,
         "kept_from_earlier_run": kept,
         "failed": failed,
         "errors_by_stage": dict(sorted(stages.items())),
         "errors_by_type": dict(sorted(types.items())),
         "seconds": round(seconds, 3),
-        "images_per_second": round(captioned / seconds, 4) if seconds > 0 else None,
+        "images_per_second": round((captioned + rejected) / seconds, 4) if seconds > 0 else None,
         "settings": settings,
         "versions": _versions(),
     }

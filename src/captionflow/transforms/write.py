@@ -23,6 +23,7 @@ from captionflow.records import CaptionRecord, ErrorRecord
 
 METADATA_FILE = "metadata.jsonl"
 ERRORS_FILE = "errors.jsonl"
+REJECTED_FILE = "rejected.jsonl"
 
 
 def parts_dir(destination: str) -> str:
