@@ -175,3 +175,26 @@ def test_bad_words_are_never_written_and_both_decoders_agree(tiny_blip: str, str
     assert not (actual[:, start:] == common[0]).any()
     pairs = torch.stack([actual[:, start:-1], actual[:, start + 1 :]], dim=-1)
     assert not (pairs == torch.tensor(common[1:])).all(dim=-1).any()
+
+
+def test_the_static_step_sees_only_zeros_past_the_current_position(tiny_blip: str) -> None:
+    """The compiled step attends over the whole cache length, the unwritten positions masked:
+    they must hold zeros, as a masked NaN (from uninitialised memory) still poisons the
+    softmax. With torch on one thread such garbage made the compiled loop diverge."""
+    fast, _ = captioners(tiny_blip, STRATEGIES["sample"])
+    assert fast.fast is not None
+    steps = fast.fast.steps(fast.fast.encode(pixels(5)), rows_per_image=5, max_length=20)
+    prompt = torch.tensor(fast._prompt_ids)
+    steps.prefill(prompt)
+    for keys, values in steps.cache:
+        assert not keys[:, :, steps.length :].any() and not values[:, :, steps.length :].any()
+    tokens = torch.full((IMAGES * 5,), 9)
+    with torch.inference_mode():
+        position = torch.tensor(steps.length)
+        static = fast.fast.static_step(tokens, position, steps.cache, steps.cross, 5)
+        steps.length = int(position)
+        for keys, values in steps.cache:  # undo the static step's write at `position`
+            keys[:, :, steps.length :] = 0
+            values[:, :, steps.length :] = 0
+        eager = steps.step(tokens)
+    torch.testing.assert_close(static, eager)

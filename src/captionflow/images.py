@@ -36,8 +36,6 @@ __all__ = [
 DEFAULT_MAX_SIDE = 768
 # Where `decode_image` notes the file's own size, upright, in the image's `info`.
 SHOWN_SIZE = "captionflow.shown_size"
-EXIF_ORIENTATION = 0x0112
-TURNING_ORIENTATIONS = (5, 6, 7, 8)  # shown a quarter turn from how they are stored
 DEFAULT_MAX_PIXELS = 100_000_000
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # the largest file read, in bytes
 MAX_ASPECT_RATIO = 8  # beyond this, a resize-shortest-edge processor would allocate huge arrays
@@ -93,14 +91,15 @@ def decode_image(
     file = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
     with _open(file, name) as opened:
         width, height = opened.size
-        turned = opened.getexif().get(EXIF_ORIENTATION) in TURNING_ORIENTATIONS
         if width * height > max_pixels:
             raise ImageTooLargeError(
                 f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}"
             )
         try:
             opened.draft("RGB", _draft_size(opened, max_side, cover))
+            drafted = opened.size
             ImageOps.exif_transpose(opened, in_place=True)  # loads; turns only if it must
+            turned = opened.size != drafted  # a quarter turn (a square one changes nothing)
             image = _to_rgb(opened)
         except Image.DecompressionBombError as error:  # a frame or tile larger than the image
             raise ImageTooLargeError(str(error)) from None

@@ -118,8 +118,10 @@ class Steps:
         head_dim = self.cross[0][0].shape[-1]
         shape = (images * rows_per_image, blip.heads, max_length, head_dim)
         like = self.cross[0][0]
+        # Zeros, not garbage: a compiled step attends over the whole length with the unwritten
+        # positions masked, and a masked NaN or infinity would still poison the softmax.
         self.cache = [
-            (like.new_empty(shape), like.new_empty(shape)) for _ in range(len(blip.layers))
+            (like.new_zeros(shape), like.new_zeros(shape)) for _ in range(len(blip.layers))
         ]
 
     @property
