@@ -407,7 +407,9 @@ def test_sidecar_is_refused_before_any_work_for_images_outside_the_output(
 def test_an_unknown_format_is_refused_by_name(image_dir: Path, tmp_path: Path, capsys) -> None:
     argv = ["run", "--input", str(image_dir), "--output", str(tmp_path / "o"), "--format", "zip"]
     assert main(argv) == 2
-    assert "--format: Input should be 'imagefolder' or 'sidecar'" in capsys.readouterr().err
+    assert (
+        "--format: Input should be 'imagefolder', 'sidecar' or 'parquet'" in capsys.readouterr().err
+    )
 
 
 def test_the_readmes_recipe_loads_images_kept_apart_from_the_output(
@@ -513,3 +515,39 @@ def test_min_score_sends_low_scoring_images_to_rejected_and_counts_them(
         len(read_jsonl(out / "rejected.jsonl")) == 3
         and len(read_jsonl(out / "metadata.jsonl")) == 3
     )
+
+
+def test_parquet_shards_embed_the_images_and_load_with_datasets(
+    tmp_path: Path, tiny_models: tuple[str, str]
+) -> None:
+    import datasets
+    import pyarrow.parquet as pq
+
+    write_images(tmp_path / "photos", 5)
+    (tmp_path / "photos" / "broken.jpg").write_bytes(b"not a picture")
+    out = tmp_path / "out"
+    argv = ["run", "--input", str(tmp_path / "photos"), "--output", str(out), *models(*tiny_models)]
+    argv += ["--format", "imagefolder,parquet", "--rows-per-shard", "2"]
+    assert main(argv) == 0
+    shards = sorted(p.name for p in (out / "data").iterdir())
+    assert shards == [f"train-{i:05d}-of-00003.parquet" for i in range(3)]
+    assert not [p for p in out.iterdir() if p.name.startswith(".data")]
+    rows = {row["image_uri"]: row for row in read_jsonl(out / "metadata.jsonl")}
+    table = pq.read_table(out / "data")
+    assert table.num_rows == 5 and table.column_names[0] == "image"
+    for record in table.to_pylist():
+        assert record["image"]["bytes"] == Path(record["image_uri"]).read_bytes()
+        assert record["text"] == rows[record["image_uri"]]["text"]
+
+    for loaded in (
+        datasets.load_dataset("parquet", data_dir=str(out / "data"), split="train"),
+        datasets.load_dataset(str(out), split="train"),
+    ):
+        assert len(loaded) == 5
+        assert sorted(r["image"].size for r in loaded) == sorted(
+            (r["width"], r["height"]) for r in rows.values()
+        )
+        assert sorted(loaded["text"]) == sorted(r["text"] for r in rows.values())
+
+    assert main([*argv, "--resume"]) == 0  # the shards are made again, from the whole file
+    assert pq.read_table(out / "data").num_rows == 5

@@ -108,7 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=lambda text: tuple(name.strip() for name in text.split(",")),
         default=RunConfig.model_fields["formats"].default,
         help="what to write, comma-separated: imagefolder (metadata.jsonl, always written), "
-        "sidecar (a caption file beside each image) (default: imagefolder)",
+        "sidecar (a caption file beside each image), parquet (shards with the images in "
+        "them, under data/) (default: imagefolder)",
+    )
+    io.add_argument(
+        "--rows-per-shard",
+        type=int,
+        default=RunConfig.model_fields["rows_per_shard"].default,
+        help="images per parquet shard (default: %(default)s)",
     )
     io.add_argument(
         "--sidecar-extension",
@@ -452,7 +459,7 @@ def outcome(config: RunConfig) -> int:
     with FileSystems.open(path, compression_type="uncompressed") as file:
         summary = json.loads(file.read())
     images, failed = summary["images"], summary["failed"]
-    if summary["captioned"] + summary["kept_from_earlier_run"] == 0:
+    if summary["captioned"] + summary.get("rejected", 0) + summary["kept_from_earlier_run"] == 0:
         logger.error(
             "no image was captioned (%d images, %d failed: %s); see %s",
             images,

@@ -14,6 +14,7 @@ from captionflow.records import CaptionRecord
 from captionflow.transforms import CaptionImages, LogProgress, ReadImagePaths, WriteErrors
 from captionflow.transforms.resume import ReadDone, SkipDone, metadata_key
 from captionflow.transforms.scores import SplitByScore
+from captionflow.transforms.shards import WriteParquet, metadata_rows
 from captionflow.transforms.sidecars import WriteSidecars
 from captionflow.transforms.summary import (
     CAPTIONED,
@@ -96,7 +97,15 @@ def build_caption_pipeline(
         captions = captions | "WriteSidecars" >> WriteSidecars(
             extension=config.sidecar_extension, overwrite=config.overwrite_captions
         )
-    written.append(captions | "WriteMetadata" >> _WriteRecords(metadata_path, config))
+    metadata_written = captions | "WriteMetadata" >> _WriteRecords(metadata_path, config)
+    written.append(metadata_written)
+    if "parquet" in config.formats:  # from the finished file: a resumed run's shards hold all
+        written.append(
+            metadata_written
+            | "MetadataRows" >> beam.FlatMap(metadata_rows)
+            | "WriteParquet"
+            >> WriteParquet(config.output_dir, rows_per_shard=config.rows_per_shard)
+        )
 
     outcomes = (
         captions | "Captioned" >> beam.Map(lambda _: CAPTIONED),
