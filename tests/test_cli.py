@@ -408,7 +408,8 @@ def test_an_unknown_format_is_refused_by_name(image_dir: Path, tmp_path: Path, c
     argv = ["run", "--input", str(image_dir), "--output", str(tmp_path / "o"), "--format", "zip"]
     assert main(argv) == 2
     assert (
-        "--format: Input should be 'imagefolder', 'sidecar' or 'parquet'" in capsys.readouterr().err
+        "--format: Input should be 'imagefolder', 'sidecar', 'parquet' or 'webdataset'"
+        in capsys.readouterr().err
     )
 
 
@@ -551,3 +552,35 @@ def test_parquet_shards_embed_the_images_and_load_with_datasets(
 
     assert main([*argv, "--resume"]) == 0  # the shards are made again, from the whole file
     assert pq.read_table(out / "data").num_rows == 5
+
+
+def test_webdataset_shards_hold_image_caption_and_record_and_load_with_both_readers(
+    tmp_path: Path, tiny_models: tuple[str, str]
+) -> None:
+    import datasets
+    import webdataset
+
+    write_images(tmp_path / "photos", 4)
+    write_images(tmp_path / "photos" / "png", 1, suffix=".png")
+    out = tmp_path / "out"
+    argv = ["run", "--input", str(tmp_path / "photos"), "--output", str(out), *models(*tiny_models)]
+    assert main([*argv, "--format", "webdataset", "--rows-per-shard", "2"]) == 0
+    shards = sorted((out / "shards").iterdir())
+    assert [p.name for p in shards] == ["00000.tar", "00001.tar", "00002.tar"]
+    rows = {row["image_uri"]: row for row in read_jsonl(out / "metadata.jsonl")}
+
+    samples = list(webdataset.WebDataset([str(p) for p in shards], shardshuffle=False))
+    assert len(samples) == 5
+    for sample in samples:
+        record = json.loads(sample["json"])
+        assert sample["txt"].decode() == rows[record["image_uri"]]["text"] == record["text"]
+        assert sample["jpg"][:2] == b"\xff\xd8"  # a JPEG, the PNG too
+        if record["image_uri"].endswith(".jpg"):
+            assert sample["jpg"] == Path(record["image_uri"]).read_bytes()
+    decoded = next(iter(webdataset.WebDataset(str(shards[0]), shardshuffle=False).decode("pil")))
+    assert decoded["jpg"].size[1] == 48
+
+    files = {"train": str(out / "shards" / "*.tar")}
+    loaded = datasets.load_dataset("webdataset", data_files=files, split="train")
+    assert len(loaded) == 5 and loaded[0]["jpg"].size[1] == 48
+    assert sorted(r["txt"] for r in loaded) == sorted(r["text"] for r in rows.values())

@@ -109,13 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=RunConfig.model_fields["formats"].default,
         help="what to write, comma-separated: imagefolder (metadata.jsonl, always written), "
         "sidecar (a caption file beside each image), parquet (shards with the images in "
-        "them, under data/) (default: imagefolder)",
+        "them, under data/), webdataset (tar shards under shards/) (default: imagefolder)",
     )
     io.add_argument(
         "--rows-per-shard",
         type=int,
         default=RunConfig.model_fields["rows_per_shard"].default,
-        help="images per parquet shard (default: %(default)s)",
+        help="images per parquet or webdataset shard (default: %(default)s)",
     )
     io.add_argument(
         "--sidecar-extension",

@@ -85,7 +85,7 @@ def _output_dir(output: str) -> str:
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 # What the run writes besides `metadata.jsonl` (always written: it is the run's record, and
 # what `--resume` reads): `imagefolder` is that file itself.
-Format = Literal["imagefolder", "sidecar", "parquet"]
+Format = Literal["imagefolder", "sidecar", "parquet", "webdataset"]
 
 
 class RunConfig(BaseModel):
@@ -124,7 +124,7 @@ class RunConfig(BaseModel):
     formats: tuple[Format, ...] = Field(("imagefolder",), min_length=1)
     sidecar_extension: str = Field(".txt", pattern=r"^\.[^./\\]+$")
     overwrite_captions: bool = False
-    rows_per_shard: int = Field(1000, ge=1)  # parquet
+    rows_per_shard: int = Field(1000, ge=1)  # parquet and webdataset
 
     @field_validator("captioner")
     @classmethod

@@ -110,6 +110,17 @@ def decode_image(
     return image
 
 
+def as_jpeg(data: bytes) -> bytes:
+    """A JPEG file's bytes as they are; any other image decoded and saved as a JPEG (RGB,
+    quality 95), for readers that expect `.jpg` samples."""
+    with Image.open(io.BytesIO(data)) as image:
+        if image.format == "JPEG":
+            return data
+        buffer = io.BytesIO()
+        _to_rgb(image).save(buffer, "JPEG", quality=95)
+        return buffer.getvalue()
+
+
 def shown_size(image: Image.Image) -> tuple[int, int]:
     """(width, height) of the image as shown at full size: what `decode_image` read from the
     file (turned upright), not the smaller copy it may have decoded; else the image's own."""

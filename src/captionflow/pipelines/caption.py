@@ -14,7 +14,7 @@ from captionflow.records import CaptionRecord
 from captionflow.transforms import CaptionImages, LogProgress, ReadImagePaths, WriteErrors
 from captionflow.transforms.resume import ReadDone, SkipDone, metadata_key
 from captionflow.transforms.scores import SplitByScore
-from captionflow.transforms.shards import WriteParquet, metadata_rows
+from captionflow.transforms.shards import SHARD_FORMATS, WriteShards, metadata_rows
 from captionflow.transforms.sidecars import WriteSidecars
 from captionflow.transforms.summary import (
     CAPTIONED,
@@ -99,13 +99,15 @@ def build_caption_pipeline(
         )
     metadata_written = captions | "WriteMetadata" >> _WriteRecords(metadata_path, config)
     written.append(metadata_written)
-    if "parquet" in config.formats:  # from the finished file: a resumed run's shards hold all
-        written.append(
-            metadata_written
-            | "MetadataRows" >> beam.FlatMap(metadata_rows)
-            | "WriteParquet"
-            >> WriteParquet(config.output_dir, rows_per_shard=config.rows_per_shard)
-        )
+    shard_formats = [name for name in config.formats if name in SHARD_FORMATS]
+    if shard_formats:  # from the finished file: a resumed run's shards hold every image
+        rows = metadata_written | "MetadataRows" >> beam.FlatMap(metadata_rows)
+        for name in shard_formats:
+            written.append(
+                rows
+                | f"Write {name}"
+                >> WriteShards(config.output_dir, name, rows_per_shard=config.rows_per_shard)
+            )
 
     outcomes = (
         captions | "Captioned" >> beam.Map(lambda _: CAPTIONED),

@@ -1,19 +1,24 @@
-"""Self-contained dataset shards, images embedded: Parquet as the Hugging Face Hub serves it.
+"""Self-contained dataset shards, images embedded: Parquet as the Hugging Face Hub serves it,
+and WebDataset tar files as img2dataset writes them.
 
 Shards are made from the finished `metadata.jsonl` rows (so a resumed run's shards hold every
 image, and `captionflow export` makes the same from any output), each image's file read once
 more for its bytes. Shards are written under a staging name by any number of workers, then
-moved into place together: `data/train-00000-of-00012.parquet`, ...; the shards of an earlier
-export are replaced.
+moved into place together (`data/train-00000-of-00012.parquet`, `shards/00000.tar`, ...); the
+shards of an earlier export are replaced.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import json
+import tarfile
 import uuid
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import IO, Any
 
 import apache_beam as beam
 import pyarrow as pa
@@ -21,10 +26,10 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.pvalue import PCollection
 
-from captionflow.jsonl import read_json_lines
+from captionflow.images import as_jpeg
+from captionflow.jsonl import dumps, read_json_lines
 from captionflow.paths import join
 
-DATA_DIR = "data"
 # The Hugging Face `Image` feature's Arrow layout, declared in the schema's metadata so that
 # `datasets` decodes the column as images; the other columns' types are inferred.
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
@@ -55,39 +60,90 @@ def metadata_rows(path: str) -> Iterator[dict[str, Any]]:
         yield row
 
 
+def image_bytes(row: dict[str, Any]) -> bytes:
+    with FileSystems.open(row["image_uri"], compression_type="uncompressed") as file:
+        return file.read()
+
+
 def parquet_table(rows: list[dict[str, Any]]) -> pa.Table:
     """Rows with their image bytes (`image`: {bytes, path}) first, then every record field."""
-    images = []
-    for row in rows:
-        with FileSystems.open(row["image_uri"], compression_type="uncompressed") as file:
-            images.append({"bytes": file.read(), "path": row["file_name"].rsplit("/", 1)[-1]})
+    images = [
+        {"bytes": image_bytes(row), "path": row["file_name"].rsplit("/", 1)[-1]} for row in rows
+    ]
     table = pa.Table.from_pylist(rows, schema=RECORD_SCHEMA)
     table = table.add_column(0, pa.field("image", IMAGE_TYPE), pa.array(images, IMAGE_TYPE))
     return table.replace_schema_metadata(HF_METADATA)
 
 
+def write_parquet(rows: list[dict[str, Any]], file: IO[bytes]) -> None:
+    pq.write_table(parquet_table(rows), file)
+
+
+def sample_key(row: dict[str, Any]) -> str:
+    """A sample's name in a tar: from its image URI, stable, and free of dots (WebDataset
+    splits a member's name at its first dot)."""
+    return hashlib.sha1(row["image_uri"].encode("utf-8")).hexdigest()[:20]
+
+
+def write_webdataset(rows: list[dict[str, Any]], file: IO[bytes]) -> None:
+    """Per image `KEY.jpg` (the source's bytes; other formats re-encoded), `KEY.txt` (the
+    caption) and `KEY.json` (the record), in that order."""
+    with tarfile.open(fileobj=file, mode="w|") as tar:
+        for row in rows:
+            key = sample_key(row)
+            members = {
+                "jpg": as_jpeg(image_bytes(row)),
+                "txt": row["text"].encode("utf-8"),
+                "json": dumps(row).encode("utf-8"),
+            }
+            for extension, data in members.items():
+                member = tarfile.TarInfo(f"{key}.{extension}")
+                member.size = len(data)
+                member.mode = 0o644
+                tar.addfile(member, io.BytesIO(data))
+
+
+@dataclass(frozen=True)
+class ShardFormat:
+    folder: str  # under the output
+    suffix: str
+    write: Callable[[list[dict[str, Any]], IO[bytes]], None]
+    name: Callable[[int, int], str]  # (index, count) to the shard's file name
+
+
+PARQUET = ShardFormat(
+    "data", ".parquet", write_parquet, lambda i, n: f"train-{i:05d}-of-{n:05d}.parquet"
+)
+WEBDATASET = ShardFormat("shards", ".tar", write_webdataset, lambda i, n: f"{i:05d}.tar")
+SHARD_FORMATS = {"parquet": PARQUET, "webdataset": WEBDATASET}
+
+
 class _WriteShard(beam.DoFn):
-    def __init__(self, staging: str) -> None:
+    def __init__(self, staging: str, shard_format: ShardFormat) -> None:
         self.staging = staging
+        self.format = shard_format
 
     def process(self, rows: list[dict[str, Any]]) -> Iterator[str]:
-        path = join(self.staging, f"{uuid.uuid4().hex}.parquet")
+        path = join(self.staging, f"{uuid.uuid4().hex}{self.format.suffix}")
         with FileSystems.create(path) as file:
-            pq.write_table(parquet_table(rows), file)
+            self.format.write(rows, file)
         yield path
 
 
-def publish_shards(staged: list[str], data_dir: str, staging: str) -> list[str]:
-    """Move the staged shards into `data_dir` as `train-IIIII-of-NNNNN.parquet`, in place of
+def publish_shards(
+    staged: list[str], shard_format: ShardFormat, output_dir: str, staging: str
+) -> list[str]:
+    """Move the staged shards into their folder under their final names, in place of
     whatever an earlier export left there."""
-    old = FileSystems.match([join(data_dir, "train-*.parquet")])[0].metadata_list
+    folder = join(output_dir, shard_format.folder)
+    old = FileSystems.match([join(folder, f"*{shard_format.suffix}")])[0].metadata_list
     if old:
         FileSystems.delete([file.path for file in old])
     count = len(staged)
-    final = [join(data_dir, f"train-{i:05d}-of-{count:05d}.parquet") for i in range(count)]
+    final = [join(folder, shard_format.name(i, count)) for i in range(count)]
     if staged:
         with contextlib.suppress(OSError):  # it exists; object stores have no folders at all
-            FileSystems.mkdirs(data_dir)
+            FileSystems.mkdirs(folder)
         FileSystems.rename(sorted(staged), final)
     leftovers = FileSystems.match([join(staging, "*")])[0].metadata_list
     if leftovers:
@@ -97,24 +153,26 @@ def publish_shards(staged: list[str], data_dir: str, staging: str) -> list[str]:
     return final
 
 
-class WriteParquet(beam.PTransform):
-    """Metadata rows (dicts, as in `metadata.jsonl`) to `<output_dir>/data/*.parquet`, at
-    most `rows_per_shard` rows a shard, images embedded; loads with
-    `datasets.load_dataset("parquet", data_dir=<output_dir>/data)`. Returns the shard paths."""
+class WriteShards(beam.PTransform):
+    """Metadata rows (dicts, as in `metadata.jsonl`) to shards of one `kind` (`parquet`:
+    `<output_dir>/data/*.parquet`, loads with `datasets.load_dataset("parquet", ...)`;
+    `webdataset`: `<output_dir>/shards/*.tar`), at most `rows_per_shard` images a shard.
+    Returns the shard paths."""
 
-    def __init__(self, output_dir: str, *, rows_per_shard: int = 1000) -> None:
+    def __init__(self, output_dir: str, kind: str, *, rows_per_shard: int = 1000) -> None:
         super().__init__()
         self.output_dir = output_dir
+        self.format = SHARD_FORMATS[kind]
         self.rows_per_shard = rows_per_shard
 
     def expand(self, rows: PCollection[dict[str, Any]]) -> PCollection[list[str]]:
-        staging = join(self.output_dir, f".{DATA_DIR}.tmp-{uuid.uuid4().hex}")
+        staging = join(self.output_dir, f".{self.format.folder}.tmp-{uuid.uuid4().hex}")
         size = self.rows_per_shard
         return (
             rows
             | "Spread" >> beam.Reshuffle()
             | "Shards" >> beam.BatchElements(min_batch_size=size, max_batch_size=size)
-            | "WriteShard" >> beam.ParDo(_WriteShard(staging))
+            | "WriteShard" >> beam.ParDo(_WriteShard(staging, self.format))
             | "Staged" >> beam.combiners.ToList()
-            | "Publish" >> beam.Map(publish_shards, join(self.output_dir, DATA_DIR), staging)
+            | "Publish" >> beam.Map(publish_shards, self.format, self.output_dir, staging)
         )
