@@ -584,3 +584,37 @@ def test_webdataset_shards_hold_image_caption_and_record_and_load_with_both_read
     loaded = datasets.load_dataset("webdataset", data_files=files, split="train")
     assert len(loaded) == 5 and loaded[0]["jpg"].size[1] == 48
     assert sorted(r["txt"] for r in loaded) == sorted(r["text"] for r in rows.values())
+
+
+def test_export_writes_every_format_from_a_finished_output_without_captioning(
+    tmp_path: Path, tiny_models: tuple[str, str]
+) -> None:
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "data"
+    write_images(folder, 3)
+    argv = ["run", "--input", str(folder), "--output", str(folder), *models(*tiny_models)]
+    assert main(argv) == 0
+    rows = {row["image_uri"]: row["text"] for row in read_jsonl(folder / "metadata.jsonl")}
+    exported = ["export", str(folder), "--format", "parquet,webdataset,sidecar"]
+    assert main([*exported, "--rows-per-shard", "2", "--captioner", "none"]) == 2  # run's flag
+    assert main([*exported, "--rows-per-shard", "2"]) == 0
+    table = pq.read_table(folder / "data")
+    assert dict(zip(table["image_uri"].to_pylist(), table["text"].to_pylist(), strict=True)) == rows
+    assert len(list((folder / "shards").glob("*.tar"))) == 2
+    for uri, text in rows.items():
+        assert Path(uri).with_suffix(".txt").read_text() == text + "\n"
+    assert json.loads((folder / "summary.json").read_text())["captioned"] == 3  # untouched
+
+
+def test_export_refuses_a_folder_without_metadata_and_sidecars_for_images_elsewhere(
+    tmp_path: Path, tiny_models: tuple[str, str], capsys: pytest.CaptureFixture
+) -> None:
+    assert main(["export", str(tmp_path), "--format", "parquet"]) == 2
+    assert "export reads a finished run's metadata" in capsys.readouterr().err
+    write_images(tmp_path / "photos", 1)
+    out = tmp_path / "out"
+    argv = ["run", "--input", str(tmp_path / "photos"), "--output", str(out)]
+    assert main([*argv, *models(*tiny_models)]) == 0
+    assert main(["export", str(out), "--format", "sidecar"]) == 2
+    assert "names an image outside the output" in capsys.readouterr().err

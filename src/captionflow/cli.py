@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
 from captionflow import __version__
-from captionflow.config import RunConfig
+from captionflow.config import ExportConfig, RunConfig
 from captionflow.fatal import FatalError, QuietFatalTracebacks, fatal_message
 from captionflow.handlers.decoding import DecodingOptions
 from captionflow.handlers.loading import check_available
@@ -31,7 +31,7 @@ from captionflow.handlers.registry import CAPTIONERS, RANKERS, parse_reference
 from captionflow.handlers.torch_setup import DeviceUnavailableError, check_device
 from captionflow.lock import OutputLock
 from captionflow.paths import join
-from captionflow.pipelines import build_caption_pipeline
+from captionflow.pipelines import build_caption_pipeline, build_export_pipeline
 from captionflow.pipelines.caption import SUMMARY_FILE
 from captionflow.signals import Interrupted, StopSignals
 from captionflow.transforms.write import ERRORS_FILE, parts_dir
@@ -40,6 +40,10 @@ logger = logging.getLogger("captionflow")
 
 LOCAL_RUNNERS = {"FnApiRunner", "DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner"}
 DEFAULT_RUNNER = "FnApiRunner"  # Beam's DirectRunner first tries to download Prism at run time
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(","))
 
 
 def _words(text: str) -> tuple[str, ...]:
@@ -105,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument(
         "--format",
         dest="formats",
-        type=lambda text: tuple(name.strip() for name in text.split(",")),
+        type=_names,
         default=RunConfig.model_fields["formats"].default,
         help="what to write, comma-separated: imagefolder (metadata.jsonl, always written), "
         "sidecar (a caption file beside each image), parquet (shards with the images in "
@@ -218,6 +222,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--trust-remote-code",
         action="store_true",
         help="let transformers run code from the model's repository",
+    )
+
+    export = commands.add_parser(
+        "export",
+        allow_abbrev=False,
+        help="write other formats from a finished output, without captioning again",
+        epilog="Every other flag goes to Beam's PipelineOptions.",
+    )
+    export.add_argument("output", help="the output folder of a run (or its .jsonl path)")
+    export.add_argument(
+        "--format",
+        dest="formats",
+        type=_names,
+        required=True,
+        help="comma-separated: sidecar, parquet, webdataset",
+    )
+    export.add_argument(
+        "--rows-per-shard",
+        type=int,
+        default=ExportConfig.model_fields["rows_per_shard"].default,
+        help="images per parquet or webdataset shard (default: %(default)s)",
+    )
+    export.add_argument(
+        "--sidecar-extension",
+        default=ExportConfig.model_fields["sidecar_extension"].default,
+        help="the caption files' extension (default: %(default)s)",
+    )
+    export.add_argument(
+        "--overwrite-captions", action="store_true", help="replace caption files that exist"
     )
 
     decoding = run.add_argument_group("decoding")
@@ -481,7 +514,26 @@ def outcome(config: RunConfig) -> int:
     return 0
 
 
+def export(argv: Sequence[str]) -> int:
+    """`captionflow export`: one Beam job that reads the metadata once and writes each format."""
+    args, beam_args = build_parser().parse_known_args(argv)
+    values = vars(args).copy()
+    values.pop("command")
+    try:
+        config = ExportConfig(**values)
+    except ValidationError as error:
+        raise UsageError("\n".join(_line(e) for e in error.errors())) from None
+    options = pipeline_options(beam_args)
+    logger.info("exporting %s as %s", config.metadata_path, ", ".join(config.formats))
+    with OutputLock(config.output_dir), beam.Pipeline(options=options) as pipeline:
+        build_export_pipeline(pipeline, config)
+    logger.info("done: %s", config.output_dir)
+    return 0
+
+
 def run(argv: Sequence[str]) -> int:
+    if build_parser().parse_known_args(argv)[0].command == "export":
+        return export(argv)
     config, options = prepare(argv)
     runner = options.view_as(StandardOptions).runner
     logger.info(

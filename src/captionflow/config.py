@@ -17,8 +17,9 @@ from captionflow.images import (
     DEFAULT_MAX_SIDE,
     looks_like_image,
 )
+from captionflow.jsonl import read_json_lines
 from captionflow.listing import list_local, walk_files
-from captionflow.paths import absolute, dirname, is_remote
+from captionflow.paths import absolute, dirname, is_remote, join
 from captionflow.transforms.read import GLOB_CHARACTERS, InputKind, input_kind, list_entries
 from captionflow.transforms.write import ERRORS_FILE, METADATA_FILE, REJECTED_FILE
 
@@ -75,6 +76,10 @@ def input_root(source: str) -> str | None:
         fixed = path[: min(path.index(c) for c in GLOB_CHARACTERS if c in path)]
         return fixed.rpartition("/")[0]
     return path.rpartition("/")[0]
+
+
+def _metadata_filename(output: str) -> str:
+    return os.path.basename(output) if output.endswith(".jsonl") else METADATA_FILE
 
 
 def _output_dir(output: str) -> str:
@@ -210,4 +215,51 @@ class RunConfig(BaseModel):
 
     @property
     def metadata_filename(self) -> str:
-        return os.path.basename(self.output) if self.output.endswith(".jsonl") else METADATA_FILE
+        return _metadata_filename(self.output)
+
+
+class ExportConfig(BaseModel):
+    """What `captionflow export` does: other formats from a finished output's metadata."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    output: str = Field(min_length=1)
+    formats: tuple[Literal["sidecar", "parquet", "webdataset"], ...] = Field(min_length=1)
+    rows_per_shard: int = Field(1000, ge=1)
+    sidecar_extension: str = Field(".txt", pattern=r"^\.[^./\\]+$")
+    overwrite_captions: bool = False
+
+    @field_validator("output")
+    @classmethod
+    def _finished_output(cls, value: str) -> str:
+        path = join(_output_dir(value), _metadata_filename(value))
+        if not is_remote(path) and not os.path.isfile(path):
+            raise ValueError(f"{path} does not exist: export reads a finished run's metadata")
+        return value
+
+    @field_validator("formats")
+    @classmethod
+    def _sidecars_need_images_under_output(
+        cls, value: tuple[str, ...], info: ValidationInfo
+    ) -> tuple[str, ...]:
+        output = info.data.get("output")
+        if "sidecar" not in value or output is None or is_remote(output):
+            return value
+        path = join(_output_dir(output), _metadata_filename(output))
+        for number, row in read_json_lines(path):
+            name = str(row.get("file_name", "")) if isinstance(row, dict) else ""
+            if not name or is_remote(name) or os.path.isabs(name):
+                raise ValueError(
+                    f"sidecar writes a caption file beside each image, but line {number} of "
+                    f"{path} names an image outside the output ({name or 'no file_name'}); "
+                    "use parquet or webdataset"
+                )
+        return value
+
+    @property
+    def output_dir(self) -> str:
+        return _output_dir(self.output)
+
+    @property
+    def metadata_path(self) -> str:
+        return join(self.output_dir, _metadata_filename(self.output))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -13,6 +14,9 @@ from apache_beam.pvalue import PCollection
 
 from captionflow.records import CaptionRecord
 from captionflow.transforms.errors import NAMESPACE
+
+# A `CaptionRecord`, or a row of `metadata.jsonl` (`captionflow export`).
+Record = CaptionRecord | dict[str, Any]
 
 
 def sidecar_path(image_uri: str, extension: str) -> str:
@@ -29,12 +33,17 @@ class _WriteSidecar(beam.DoFn):
         self.written = Metrics.counter(NAMESPACE, "caption_files_written")
         self.kept = Metrics.counter(NAMESPACE, "caption_files_kept")
 
-    def process(self, record: CaptionRecord) -> Iterator[CaptionRecord]:
-        path = sidecar_path(record.image_uri, self.extension)
+    def process(self, record: Record) -> Iterator[Record]:
+        uri, text = (
+            (record["image_uri"], record["text"])
+            if isinstance(record, dict)
+            else (record.image_uri, record.text)
+        )
+        path = sidecar_path(uri, self.extension)
         if self.overwrite or not FileSystems.exists(path):
             staging = f"{path}.tmp-{uuid.uuid4().hex}"
             with FileSystems.create(staging) as file:
-                file.write(record.text.encode("utf-8") + b"\n")
+                file.write(text.encode("utf-8") + b"\n")
             FileSystems.rename([staging], [path])
             self.written.inc()
         else:
@@ -43,7 +52,8 @@ class _WriteSidecar(beam.DoFn):
 
 
 class WriteSidecars(beam.PTransform):
-    """Writes each record's best caption beside its image, then passes the record on (so a
+    """Writes each record's best caption (a `CaptionRecord`, or a metadata row as a dict)
+    beside its image, then passes the record on (so a
     record written after this step has its caption file). Each file appears whole, under its
     final name only; an existing one is kept unless `overwrite`."""
 
@@ -52,5 +62,5 @@ class WriteSidecars(beam.PTransform):
         self.extension = extension
         self.overwrite = overwrite
 
-    def expand(self, records: PCollection[CaptionRecord]) -> PCollection[CaptionRecord]:
+    def expand(self, records: PCollection[Record]) -> PCollection[Record]:
         return records | "WriteSidecar" >> beam.ParDo(_WriteSidecar(self.extension, self.overwrite))

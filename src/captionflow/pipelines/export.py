@@ -1,0 +1,27 @@
+"""`captionflow export`: other formats from a finished output, without captioning again."""
+
+from __future__ import annotations
+
+import apache_beam as beam
+
+from captionflow.config import ExportConfig
+from captionflow.transforms.shards import WriteShards, metadata_rows
+from captionflow.transforms.sidecars import WriteSidecars
+
+
+def build_export_pipeline(pipeline: beam.Pipeline, config: ExportConfig) -> None:
+    """Read the output's metadata rows once; write each asked-for format from them."""
+    rows = (
+        pipeline
+        | "Metadata" >> beam.Create([config.metadata_path])
+        | "Rows" >> beam.FlatMap(metadata_rows)
+    )
+    for name in config.formats:
+        if name == "sidecar":
+            rows | "WriteSidecars" >> WriteSidecars(
+                extension=config.sidecar_extension, overwrite=config.overwrite_captions
+            )
+        else:
+            rows | f"Write {name}" >> WriteShards(
+                config.output_dir, name, rows_per_shard=config.rows_per_shard
+            )
