@@ -618,3 +618,16 @@ def test_export_refuses_a_folder_without_metadata_and_sidecars_for_images_elsewh
     assert main([*argv, *models(*tiny_models)]) == 0
     assert main(["export", str(out), "--format", "sidecar"]) == 2
     assert "names an image outside the output" in capsys.readouterr().err
+
+
+def test_the_same_command_with_a_seed_gives_the_same_captions(
+    tmp_path: Path, tiny_models: tuple[str, str]
+) -> None:
+    write_images(tmp_path / "photos", 4)
+    argv = ["run", "--input", str(tmp_path / "photos"), *models(*tiny_models), "--seed", "7"]
+    outputs = []
+    for name in ("first", "second"):
+        assert main([*argv, "--output", str(tmp_path / name)]) == 0
+        rows = read_jsonl(tmp_path / name / "metadata.jsonl")
+        outputs.append({row["file_name"]: row["captions"] for row in rows})
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 4

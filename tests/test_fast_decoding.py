@@ -198,3 +198,27 @@ def test_the_static_step_sees_only_zeros_past_the_current_position(tiny_blip: st
             values[:, :, steps.length :] = 0
         eager = steps.step(tokens)
     torch.testing.assert_close(static, eager)
+
+
+@pytest.mark.parametrize("decoder", ["fast", "compiled"])
+def test_with_a_seed_an_image_gets_the_same_captions_in_any_batch(
+    tiny_blip: str, decoder: str
+) -> None:
+    decoding = STRATEGIES["sample"].model_copy(update={"seed": 3, "decoder": decoder})
+    seeded, _ = captioners(tiny_blip, decoding)
+    batch = pixels(6)
+    k = decoding.num_captions
+    alone = seeded.token_ids(batch[2:3])
+    torch.manual_seed(0)  # the global generator plays no part
+    together = seeded.token_ids(batch)
+    torch.manual_seed(1)
+    reordered = seeded.token_ids(batch[[4, 2, 0]])
+
+    def rows(ids: torch.Tensor, image: int) -> list[list[int]]:
+        trimmed = ids[image * k : (image + 1) * k].tolist()
+        return [[t for t in row if t != 0] for row in trimmed]  # padding depends on the batch
+
+    assert rows(alone, 0) == rows(together, 2) == rows(reordered, 1)
+    assert rows(together, 0) == rows(reordered, 2)
+    other = BlipCaptioner(seeded.model, seeded.processor, decoding.model_copy(update={"seed": 4}))
+    assert rows(other.token_ids(batch), 2) != rows(together, 2)

@@ -61,6 +61,7 @@ DECODING_OPTIONS = (
     ("min_new_tokens", "--min-new-tokens", int, ""),
     ("max_new_tokens", "--max-new-tokens", int, ""),
     ("prompt", "--prompt", str, "text BLIP continues; removed from the captions"),
+    ("seed", "--seed", int, "the same captions for an image in any run and batch (sampling)"),
     ("bad_words", "--bad-words", _words, "comma-separated words the captioner must never write"),
     (
         "decoder",

@@ -14,7 +14,12 @@ from captionflow.handlers.decoding import DecodingOptions
 from captionflow.handlers.loading import load_pretrained
 from captionflow.handlers.pixels import PixelValues, view_spec_of
 from captionflow.handlers.registry import register_captioner
-from captionflow.handlers.search import SearchSettings, not_implemented, search
+from captionflow.handlers.search import (
+    SearchSettings,
+    image_generators,
+    not_implemented,
+    search,
+)
 from captionflow.views import ViewSpec
 
 logger = logging.getLogger(__name__)
@@ -56,6 +61,8 @@ class BlipCaptioner:
             bad_words=bad_words,
         )
         self.fast: FastBlip | None = None
+        if decoding.seed is not None and decoding.decoder == "reference":
+            torch.manual_seed(decoding.seed)  # generate has no generator of its own to give
         if decoding.decoder != "reference":
             if missing := not_implemented(model.text_decoder.generation_config):
                 logger.warning(
@@ -115,7 +122,10 @@ class BlipCaptioner:
             settings.rows_per_image,
             max_length=len(self._prompt_ids) + settings.max_new_tokens,
         )
-        return search(steps, prompt, images, settings)
+        generators = None
+        if settings.seed is not None and settings.strategy == "sample":
+            generators = image_generators(pixel_values, settings.seed)
+        return search(steps, prompt, images, settings, generators)
 
     def _distinct(self, texts: Sequence[str]) -> list[str]:
         """The prompt removed, blanks and repeats dropped, first-seen order kept."""

@@ -32,6 +32,10 @@ class DecodingOptions(BaseModel):
     # `compiled`: that loop's steps compiled (CUDA graphs on a GPU); `reference`: `generate`.
     decoder: Literal["fast", "compiled", "reference"] = "fast"
     bad_words: tuple[str, ...] = ()  # words the captioner must never write
+    # Sampling from a generator per image, seeded by this and the image's pixels: the same
+    # captions for an image whatever batch it is in (the fast decoders; `reference` only
+    # seeds torch once).
+    seed: int | None = Field(None, ge=0)
 
     @field_validator("bad_words")
     @classmethod

@@ -68,6 +68,7 @@ class SearchSettings:
     top_k: int = 0  # 0: no top-k cut
     top_p: float = 1.0
     bad_words: tuple[tuple[int, ...], ...] = ()  # token sequences never to end
+    seed: int | None = None  # sampling: a generator per image (see `image_generators`)
     length_penalty: float = 1.0
     early_stopping: bool | str = False
 
@@ -106,6 +107,7 @@ class SearchSettings:
             top_k=int(model_or_default("top_k") or 0),
             top_p=kwargs.get("top_p", 1.0),
             bad_words=bad_words,
+            seed=decoding.seed,
             length_penalty=float(model_or_default("length_penalty")),
             early_stopping=model_or_default("early_stopping"),  # type: ignore[arg-type]
         )
@@ -150,16 +152,42 @@ class Stepper(Protocol):
 
 
 def search(
-    stepper: Stepper, prompt: torch.Tensor, images: int, settings: SearchSettings
+    stepper: Stepper,
+    prompt: torch.Tensor,
+    images: int,
+    settings: SearchSettings,
+    generators: list[torch.Generator] | None = None,
 ) -> torch.Tensor:
-    """Token ids [images * num_return, length], laid out as `generate` returns them."""
+    """Token ids [images * num_return, length], laid out as `generate` returns them. With
+    `generators` (one per image), sampling draws each image's noise from its own."""
     if settings.strategy == "beam" and settings.rows_per_image > 1:
         return beam_search(stepper, prompt, images, settings)
-    return sample_or_greedy(stepper, prompt, images, settings)
+    return sample_or_greedy(stepper, prompt, images, settings, generators)
+
+
+def image_generators(pixel_values: torch.Tensor, seed: int) -> list[torch.Generator]:
+    """A generator per image, seeded by `seed` and the image's pixels (an exact integer
+    fingerprint of them, the same in any batch), on the pixels' device."""
+    shape = pixel_values.shape[1:]
+    weights = torch.randint(
+        1, 2**31, shape, generator=torch.Generator().manual_seed(0), dtype=torch.int64
+    ).to(pixel_values.device)
+    levels = (pixel_values.float() * 256).round().to(torch.int64)
+    fingerprints = (levels * weights).flatten(1).sum(dim=1).tolist()
+    generators = []
+    for fingerprint in fingerprints:
+        generator = torch.Generator(pixel_values.device)
+        generator.manual_seed(hash((seed, fingerprint)) & (2**63 - 1))
+        generators.append(generator)
+    return generators
 
 
 def sample_or_greedy(
-    stepper: Stepper, prompt: torch.Tensor, images: int, settings: SearchSettings
+    stepper: Stepper,
+    prompt: torch.Tensor,
+    images: int,
+    settings: SearchSettings,
+    generators: list[torch.Generator] | None = None,
 ) -> torch.Tensor:
     """`generate`'s `_sample` loop; rows of finished images leave the model's batch."""
     per_image = settings.rows_per_image
@@ -179,8 +207,18 @@ def sample_or_greedy(
         scores = process_logits(tokens[active_rows, :length], logits, length - start, settings)
         chosen = torch.full_like(unfinished, settings.pad_token_id, dtype=torch.long)
         if settings.strategy == "sample":
-            noise = exponential_noise((rows, scores.shape[-1]), device)
-            chosen[active_rows] = sample_nucleus(scores, noise[active_rows], settings)
+            if generators is None:
+                noise = exponential_noise((rows, scores.shape[-1]), device)[active_rows]
+            else:
+                noise = torch.cat(
+                    [
+                        torch.empty((per_image, scores.shape[-1]), device=device).exponential_(
+                            1, generator=generators[image]
+                        )
+                        for image in active_images.tolist()
+                    ]
+                )
+            chosen[active_rows] = sample_nucleus(scores, noise, settings)
         else:
             chosen[active_rows] = scores.argmax(dim=-1)
         chosen = torch.where(unfinished, chosen, settings.pad_token_id)
