@@ -461,3 +461,35 @@ def test_write_sidecars_composes_in_a_pipeline_and_passes_records_on(tmp_path: P
         assert_that(passed, equal_to([record.image_uri for record in records]))
     assert (tmp_path / "new.txt").read_text() == "a dog\n"
     assert (tmp_path / "kept.txt").read_text() == "theirs\n"
+
+
+@pytest.mark.parametrize("kind", ["parquet", "webdataset"])
+def test_write_shards_composes_in_a_pipeline(tmp_path: Path, kind: str) -> None:
+    import tarfile
+
+    import pyarrow.parquet as pq
+
+    from captionflow.transforms.shards import WriteShards
+
+    images = write_images(tmp_path / "photos", 3)
+    rows = [
+        {"file_name": f"photos/{p.name}", "image_uri": str(p), "text": f"caption {i}"}
+        for i, p in enumerate(images)
+    ]
+    with TestPipeline(runner="FnApiRunner") as pipeline:
+        shards = pipeline | beam.Create(rows) | WriteShards(str(tmp_path), kind, rows_per_shard=2)
+        assert_that(shards | beam.Map(len), equal_to([2]))
+    if kind == "parquet":
+        table = pq.read_table(tmp_path / "data")
+        assert sorted(table["text"].to_pylist()) == [f"caption {i}" for i in range(3)]
+        assert table["width"].to_pylist() == [None] * 3  # fields a row lacks are null
+    else:
+        texts = []
+        for shard in sorted((tmp_path / "shards").glob("*.tar")):
+            with tarfile.open(shard) as tar:
+                texts += [
+                    tar.extractfile(member).read().decode()
+                    for member in tar.getmembers()
+                    if member.name.endswith(".txt")
+                ]
+        assert sorted(texts) == [f"caption {i}" for i in range(3)]
