@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
 from captionflow import __version__
-from captionflow.config import ExportConfig, RunConfig
+from captionflow.config import ExportConfig, FormatOptions, RunConfig
 from captionflow.fatal import FatalError, QuietFatalTracebacks, fatal_message
 from captionflow.handlers.decoding import DecodingOptions
 from captionflow.handlers.loading import check_available
@@ -40,6 +40,27 @@ logger = logging.getLogger("captionflow")
 
 LOCAL_RUNNERS = {"FnApiRunner", "DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner"}
 DEFAULT_RUNNER = "FnApiRunner"  # Beam's DirectRunner first tries to download Prism at run time
+
+
+def add_format_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The formats' own settings, the same for `run` and `export`."""
+    defaults = FormatOptions.model_fields
+    parser.add_argument(
+        "--rows-per-shard",
+        type=int,
+        default=defaults["rows_per_shard"].default,
+        help="images per parquet or webdataset shard (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--sidecar-extension",
+        default=defaults["sidecar_extension"].default,
+        help="the caption files' extension, e.g. .caption for sd-scripts (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--overwrite-captions",
+        action="store_true",
+        help="replace caption files that exist (they are kept otherwise)",
+    )
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -116,22 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         "sidecar (a caption file beside each image), parquet (shards with the images in "
         "them, under data/), webdataset (tar shards under shards/) (default: imagefolder)",
     )
-    io.add_argument(
-        "--rows-per-shard",
-        type=int,
-        default=RunConfig.model_fields["rows_per_shard"].default,
-        help="images per parquet or webdataset shard (default: %(default)s)",
-    )
-    io.add_argument(
-        "--sidecar-extension",
-        default=RunConfig.model_fields["sidecar_extension"].default,
-        help="the caption files' extension, e.g. .caption for sd-scripts (default: %(default)s)",
-    )
-    io.add_argument(
-        "--overwrite-captions",
-        action="store_true",
-        help="replace caption files that exist (they are kept otherwise)",
-    )
+    add_format_options(io)
 
     recovery = run.add_argument_group("recovery")
     recovery.add_argument(
@@ -239,20 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="comma-separated: sidecar, parquet, webdataset",
     )
-    export.add_argument(
-        "--rows-per-shard",
-        type=int,
-        default=ExportConfig.model_fields["rows_per_shard"].default,
-        help="images per parquet or webdataset shard (default: %(default)s)",
-    )
-    export.add_argument(
-        "--sidecar-extension",
-        default=ExportConfig.model_fields["sidecar_extension"].default,
-        help="the caption files' extension (default: %(default)s)",
-    )
-    export.add_argument(
-        "--overwrite-captions", action="store_true", help="replace caption files that exist"
-    )
+    add_format_options(export)
 
     decoding = run.add_argument_group("decoding")
     default = DecodingOptions()

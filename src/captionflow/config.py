@@ -93,7 +93,17 @@ Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 Format = Literal["imagefolder", "sidecar", "parquet", "webdataset"]
 
 
-class RunConfig(BaseModel):
+class FormatOptions(BaseModel):
+    """The output formats' own settings (`run` and `export`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    rows_per_shard: int = Field(1000, ge=1)  # parquet and webdataset
+    sidecar_extension: str = Field(".txt", pattern=r"^\.[^./\\]+$")
+    overwrite_captions: bool = False
+
+
+class RunConfig(FormatOptions):
     """What `captionflow run` does, validated as one unit."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -127,9 +137,6 @@ class RunConfig(BaseModel):
     checkpoint_every: int = Field(100, ge=1)
     max_failure_rate: float = Field(0.1, ge=0, le=1)
     formats: tuple[Format, ...] = Field(("imagefolder",), min_length=1)
-    sidecar_extension: str = Field(".txt", pattern=r"^\.[^./\\]+$")
-    overwrite_captions: bool = False
-    rows_per_shard: int = Field(1000, ge=1)  # parquet and webdataset
 
     @field_validator("captioner")
     @classmethod
@@ -218,16 +225,13 @@ class RunConfig(BaseModel):
         return _metadata_filename(self.output)
 
 
-class ExportConfig(BaseModel):
+class ExportConfig(FormatOptions):
     """What `captionflow export` does: other formats from a finished output's metadata."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     output: str = Field(min_length=1)
     formats: tuple[Literal["sidecar", "parquet", "webdataset"], ...] = Field(min_length=1)
-    rows_per_shard: int = Field(1000, ge=1)
-    sidecar_extension: str = Field(".txt", pattern=r"^\.[^./\\]+$")
-    overwrite_captions: bool = False
 
     @field_validator("output")
     @classmethod
