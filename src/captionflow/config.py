@@ -211,7 +211,7 @@ class RunConfig(FormatOptions):
             raise ValueError(
                 "sidecar writes a caption file beside each image, so --input must be a folder, "
                 "glob or image inside --output (e.g. --input DIR --output DIR); for images "
-                "elsewhere, or a list file, use --format imagefolder"
+                "elsewhere, or a list file, use --format imagefolder, parquet or webdataset"
             )
         return value
 
