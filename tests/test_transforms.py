@@ -472,6 +472,9 @@ def test_write_shards_composes_in_a_pipeline(tmp_path: Path, kind: str) -> None:
     from captionflow.transforms.shards import WriteShards
 
     images = write_images(tmp_path / "photos", 3)
+    stale = tmp_path / (".data.tmp-killed" if kind == "parquet" else ".shards.tmp-killed")
+    stale.mkdir()
+    (stale / "half-written").write_bytes(b"left by a killed run")
     rows = [
         {"file_name": f"photos/{p.name}", "image_uri": str(p), "text": f"caption {i}"}
         for i, p in enumerate(images)
@@ -479,6 +482,7 @@ def test_write_shards_composes_in_a_pipeline(tmp_path: Path, kind: str) -> None:
     with TestPipeline(runner="FnApiRunner") as pipeline:
         shards = pipeline | beam.Create(rows) | WriteShards(str(tmp_path), kind, rows_per_shard=2)
         assert_that(shards | beam.Map(len), equal_to([2]))
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # a killed run's too
     if kind == "parquet":
         table = pq.read_table(tmp_path / "data")
         assert sorted(table["text"].to_pylist()) == [f"caption {i}" for i in range(3)]

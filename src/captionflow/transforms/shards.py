@@ -11,6 +11,7 @@ shards of an earlier export are replaced.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import io
 import json
@@ -28,7 +29,8 @@ from apache_beam.pvalue import PCollection
 
 from captionflow.images import as_jpeg
 from captionflow.jsonl import dumps, read_json_lines
-from captionflow.paths import join
+from captionflow.paths import dirname, is_remote, join
+from captionflow.transforms.write import remove_folder
 
 # The Hugging Face `Image` feature's Arrow layout, declared in the schema's metadata so that
 # `datasets` decodes the column as images; the other columns' types are inferred.
@@ -130,11 +132,9 @@ class _WriteShard(beam.DoFn):
         yield path
 
 
-def publish_shards(
-    staged: list[str], shard_format: ShardFormat, output_dir: str, staging: str
-) -> list[str]:
+def publish_shards(staged: list[str], shard_format: ShardFormat, output_dir: str) -> list[str]:
     """Move the staged shards into their folder under their final names, in place of
-    whatever an earlier export left there."""
+    whatever an earlier export left there; remove the staging areas (a killed run's too)."""
     folder = join(output_dir, shard_format.folder)
     old = FileSystems.match([join(folder, f"*{shard_format.suffix}")])[0].metadata_list
     if old:
@@ -145,11 +145,13 @@ def publish_shards(
         with contextlib.suppress(OSError):  # it exists; object stores have no folders at all
             FileSystems.mkdirs(folder)
         FileSystems.rename(sorted(staged), final)
-    leftovers = FileSystems.match([join(staging, "*")])[0].metadata_list
-    if leftovers:
-        FileSystems.delete([file.path for file in leftovers])
-    if FileSystems.exists(staging):
-        FileSystems.delete([staging])
+    stagings = join(output_dir, f".{shard_format.folder}.tmp-*")
+    files = FileSystems.match([join(stagings, "*")])[0].metadata_list
+    folders = {dirname(file.path) for file in files}
+    if not is_remote(output_dir):
+        folders.update(glob.glob(stagings))
+    for staging in folders:
+        remove_folder(staging)
     return final
 
 
@@ -174,5 +176,5 @@ class WriteShards(beam.PTransform):
             | "Shards" >> beam.BatchElements(min_batch_size=size, max_batch_size=size)
             | "WriteShard" >> beam.ParDo(_WriteShard(staging, self.format))
             | "Staged" >> beam.combiners.ToList()
-            | "Publish" >> beam.Map(publish_shards, self.format, self.output_dir, staging)
+            | "Publish" >> beam.Map(publish_shards, self.format, self.output_dir)
         )

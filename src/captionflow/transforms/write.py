@@ -93,12 +93,13 @@ def merge_parts(
                     seen.add(record_key)
                     out.write(dumps(record).encode("utf-8") + b"\n")
     FileSystems.rename([staging], [destination])
-    _remove_parts(parts_dir(destination))
+    remove_folder(parts_dir(destination))
     return destination
 
 
-def _remove_parts(directory: str) -> None:
-    """Delete the parts folder: its files by listing (object stores have no folders)."""
+def remove_folder(directory: str) -> None:
+    """Delete a folder of files (a parts or staging folder): its files by listing (object
+    stores have no folders), then the local folder itself."""
     leftovers = FileSystems.match([join(directory, "*")])[0].metadata_list
     if leftovers:
         FileSystems.delete([file.path for file in leftovers])
