@@ -61,8 +61,6 @@ class BlipCaptioner:
             bad_words=bad_words,
         )
         self.fast: FastBlip | None = None
-        if decoding.seed is not None and decoding.decoder == "reference":
-            torch.manual_seed(decoding.seed)  # generate has no generator of its own to give
         if decoding.decoder != "reference":
             if missing := not_implemented(model.text_decoder.generation_config):
                 logger.warning(
@@ -72,6 +70,8 @@ class BlipCaptioner:
                 )
             else:
                 self.fast = FastBlip(self.model, compiled=decoding.decoder == "compiled")
+        if decoding.seed is not None and self.fast is None:
+            torch.manual_seed(decoding.seed)  # generate has no generator of its own to give
 
     @classmethod
     def from_pretrained(
