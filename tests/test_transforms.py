@@ -19,7 +19,7 @@ from captionflow import CaptionImages, LoadImages, ReadImagePaths, WriteMetadata
 from captionflow.handlers import BlipCaptionHandler, ClipRankHandler, DecodingOptions
 from captionflow.listfile import list_lines
 from captionflow.records import CaptionRecord, ErrorRecord, ScoredCaption
-from captionflow.transforms.write import WriteJsonLines, merge_parts, parts_dir
+from captionflow.transforms.write import WriteJsonLines, parts_dir
 from captionflow.views import ViewSpec
 from tests.conftest import image_like_zoo, write_images
 
@@ -74,19 +74,6 @@ def test_an_undecodable_list_line_is_an_error_record_not_a_failed_job(tmp_path: 
             "fix the list's encoding (save it as UTF-8)",
         )
         assert_that(errors, equal_to([expected]), label="errors")
-
-    run_pipeline(build)
-
-
-def test_limit_samples_the_inputs_error_records_included(tmp_path: Path) -> None:
-    listing = tmp_path / "dataset.txt"
-    listing.write_bytes(b"z.jpg\nb\xe9.jpg\na.jpg\nb\xe9.jpg\n")  # sorted: a, b\xe9, z
-
-    def build(p: beam.Pipeline) -> None:
-        paths, errors = p | ReadImagePaths(str(listing), limit=2).with_errors()
-        assert_that(paths, equal_to([str(tmp_path / "a.jpg")]))
-        uris = errors | beam.Map(lambda error: error.image_uri)
-        assert_that(uris, equal_to([str(tmp_path / "b\\xe9.jpg")]), label="errors")
 
     run_pipeline(build)
 
@@ -282,17 +269,6 @@ def test_write_json_lines_makes_one_file_even_with_no_input(tmp_path: Path) -> N
     run_pipeline(lambda p: p | beam.Create([]) | WriteJsonLines(str(destination), key="k"))
     assert destination.read_text() == ""
     assert not Path(parts_dir(str(destination))).exists()
-
-
-def test_merge_keeps_one_line_per_key_when_a_bundle_was_retried(tmp_path: Path) -> None:
-    parts = tmp_path / ".out.jsonl.parts"
-    parts.mkdir()
-    (parts / "part-1.jsonl").write_text('{"k": "a", "v": 1}\n{"k": "b", "v": 2}\n')
-    (parts / "part-2.jsonl").write_text('{"k": "a", "v": 1}\n')
-    destination = tmp_path / "out.jsonl"
-    merge_parts([str(p) for p in parts.iterdir()], str(destination), "k")
-    assert sorted(json.loads(x)["k"] for x in destination.read_text().splitlines()) == ["a", "b"]
-    assert not parts.exists()
 
 
 @pytest.mark.parametrize("count", [1, 25])

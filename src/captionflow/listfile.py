@@ -46,11 +46,22 @@ def list_lines(file: BinaryIO, *, chunk_size: int = CHUNK_SIZE) -> Iterator[List
             encoding, newline, head = bom_encoding, bom_newline, head[len(bom) :]
             break
     for number, raw in enumerate(_split(file, head, newline, chunk_size), start=1):
-        try:
-            text, valid = raw.decode(encoding), True
-        except UnicodeDecodeError:
-            text, valid = raw.decode(encoding, "backslashreplace"), False
-        yield ListLine(number, text.removesuffix("\r"), valid, encoding)
+        yield decode_line(number, raw, encoding)
+
+
+def decode_line(number: int, raw: bytes, encoding: str = "UTF-8") -> ListLine:
+    """One line's bytes, without `\n`, as a `ListLine`; a trailing `\r` is removed."""
+    try:
+        text, valid = raw.decode(encoding), True
+    except UnicodeDecodeError:
+        text, valid = raw.decode(encoding, "backslashreplace"), False
+    return ListLine(number, text.removesuffix("\r"), valid, encoding)
+
+
+def is_utf16(head: bytes) -> bool:
+    """Whether a file starting with `head` is UTF-16 (by its BOM): its lines cannot be cut
+    apart at `\n` bytes."""
+    return head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
 
 
 def _split(file: BinaryIO, buffer: bytes, newline: bytes, chunk_size: int) -> Iterator[bytes]:

@@ -7,6 +7,8 @@ broken symbolic link) are error records here, so that every input ends up in the
 
 from __future__ import annotations
 
+import codecs
+import itertools
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -20,17 +22,19 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.pvalue import PBegin, PCollection, TaggedOutput
 
 from captionflow.images import looks_like_image
-from captionflow.listfile import ListLine, list_lines
+from captionflow.listfile import ListLine, decode_line, is_utf16, list_lines
 from captionflow.listing import link_problem, list_local, pattern_variants, walk_files
 from captionflow.paths import absolute, dirname, is_remote, join, normalise
 from captionflow.records import ErrorRecord
 from captionflow.transforms.errors import ERRORS, error_output
+from captionflow.transforms.lines import Line, ReadLines
 
 logger = logging.getLogger("captionflow")
 
 LIST_EXTENSIONS = (".txt", ".lst")
 GLOB_CHARACTERS = frozenset("*?[")
 PATHS = "paths"
+UTF16 = "utf16"
 UNDECODABLE = "UndecodablePath"
 # Stripped from both ends of a list line: ASCII spaces and a stray BOM (lists joined with
 # `cat`), never the Unicode spaces and separators that may end a file name.
@@ -69,26 +73,49 @@ def list_entries(file: BinaryIO) -> Iterator[tuple[ListLine, str]]:
     """`(line, entry)` for each line that names an input: blank lines and `#` comments are
     skipped, the entry is the line without surrounding spaces."""
     for line in list_lines(file):
-        entry = line.text.strip(LINE_SPACE)
-        if entry and not entry.startswith("#"):
+        if entry := list_entry(line):
             yield line, entry
 
 
+def list_entry(line: ListLine) -> str | None:
+    """What a list line names, if anything (not blank, not a `#` comment)."""
+    entry = line.text.strip(LINE_SPACE)
+    return entry if entry and not entry.startswith("#") else None
+
+
+def _input_of(line: ListLine, entry: str, path: str, where: str) -> str | TaggedOutput:
+    """A list entry as a URI (relative paths are relative to the list's folder), or as an
+    error record when its line cannot be decoded."""
+    uri = entry if is_remote(entry) else absolute(join(dirname(path), entry))
+    if line.valid:
+        return uri
+    message = (
+        f"{where} is not valid {line.encoding}: '{entry}'; "
+        "fix the list's encoding (save it as UTF-8)"
+    )
+    return error_output(ErrorRecord(uri, "read", UNDECODABLE, message))
+
+
 def read_list(path: str) -> Iterator[str | TaggedOutput]:
-    """A list file's paths, one a line; relative paths are relative to the list's folder. A
-    line that cannot be decoded is an error record."""
-    base = dirname(path)
+    """A list file's inputs, one a line, read from start to end by one worker: for
+    `--limit` (the list's first entries) and for UTF-16 lists."""
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as file:
         for line, entry in list_entries(file):
-            uri = entry if is_remote(entry) else absolute(join(base, entry))
-            if line.valid:
-                yield uri
-            else:
-                message = (
-                    f"line {line.number} of {path} is not valid {line.encoding}: '{entry}'; "
-                    "fix the list's encoding (save it as UTF-8)"
-                )
-                yield error_output(ErrorRecord(uri, "read", UNDECODABLE, message))
+            yield _input_of(line, entry, path, f"line {line.number} of {path}")
+
+
+def read_list_line(line: Line) -> Iterator[str | TaggedOutput]:
+    """The input a line of a UTF-8 list names, when the list is read in ranges."""
+    raw = line.data.removeprefix(codecs.BOM_UTF8) if line.offset == 0 else line.data
+    decoded = decode_line(line.number or 0, raw)
+    if entry := list_entry(decoded):
+        yield _input_of(decoded, entry, line.path, line.where())
+
+
+def _whole_if_utf16(path: str) -> Iterator[str | TaggedOutput]:
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as file:
+        head = file.read(2)
+    yield TaggedOutput(UTF16, path) if is_utf16(head) else path
 
 
 def checked_path(path: str) -> Iterator[str | TaggedOutput]:
@@ -124,8 +151,9 @@ class ReadImagePaths(beam.PTransform):
     """Distinct image URIs, spread across workers.
 
     `source` is a `dataset.txt`-style list (`.txt`/`.lst`), a glob, a single image, or a folder
-    (searched recursively for image files). `limit` keeps the first N paths in sorted order, a
-    reproducible sample for trial runs.
+    (searched recursively for image files). `limit` keeps a list's first N entries (read no
+    further), or a folder's or glob's first N paths in sorted order: a reproducible sample for
+    trial runs.
 
     Inputs that fail before any image is read (a list line or file name that is not text, a
     symbolic link to no file) are `ErrorRecord`s (stage `read`), one per input and sampled by
@@ -146,11 +174,11 @@ class ReadImagePaths(beam.PTransform):
         return transform
 
     def expand(self, pbegin: PBegin) -> PCollection[str] | ReadOutputs:
-        paths, errors = pbegin | "Find" >> _FindPaths(self.source)
-        # Distinct also redistributes: a list file is read by one worker, its images are not.
+        paths, errors = pbegin | "Find" >> _FindPaths(self.source, self.limit)
+        # Distinct also redistributes: a folder is listed by one worker, its images are not.
         paths = paths | "Distinct" >> beam.Distinct()
         errors = errors | "DistinctErrors" >> _DistinctErrors()
-        if self.limit is not None:
+        if self.limit is not None and input_kind(self.source) != InputKind.LIST:
             paths, errors = (paths, errors) | "FirstN" >> _FirstN(self.limit)
         if self.errors_output:
             return ReadOutputs(paths, errors)
@@ -162,22 +190,48 @@ def _log_error(error: ErrorRecord) -> None:
     logger.warning("not captioned: %s: %s: %s", error.image_uri, error.error_type, error.message)
 
 
-class _FindPaths(beam.PTransform):
-    """`(paths, errors)` as found, with duplicates."""
+class _ReadList(beam.PTransform):
+    """`(paths, errors)` of a list file: in parallel byte ranges; with a `limit`, its first
+    `limit` entries only, read by one worker that stops there."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, limit: int | None) -> None:
         super().__init__()
         self.source = source
+        self.limit = limit
+
+    def expand(self, pbegin: PBegin) -> tuple[PCollection[str], PCollection[ErrorRecord]]:
+        listing = pbegin | "ListFile" >> beam.Create([self.source])
+        if self.limit is not None:
+            limit = self.limit
+            first = listing | "FirstEntries" >> beam.FlatMap(
+                lambda path: itertools.islice(read_list(path), limit)
+            ).with_outputs(ERRORS, main=PATHS)
+            return first[PATHS], first[ERRORS]
+        kinds = listing | "Kind" >> beam.FlatMap(_whole_if_utf16).with_outputs(UTF16, main=PATHS)
+        whole = kinds[UTF16] | "Whole" >> beam.FlatMap(read_list).with_outputs(ERRORS, main=PATHS)
+        ranged = (
+            kinds[PATHS]
+            | "Ranges" >> ReadLines()
+            | "Entries" >> beam.FlatMap(read_list_line).with_outputs(ERRORS, main=PATHS)
+        )
+        return (
+            (whole[PATHS], ranged[PATHS]) | "Paths" >> beam.Flatten(),
+            (whole[ERRORS], ranged[ERRORS]) | "Errors" >> beam.Flatten(),
+        )
+
+
+class _FindPaths(beam.PTransform):
+    """`(paths, errors)` as found, with duplicates; a list file's first `limit` entries."""
+
+    def __init__(self, source: str, limit: int | None = None) -> None:
+        super().__init__()
+        self.source = source
+        self.limit = limit
 
     def expand(self, pbegin: PBegin) -> tuple[PCollection[str], PCollection[ErrorRecord]]:
         source, kind = self.source, input_kind(self.source)
         if kind == InputKind.LIST:
-            found = (
-                pbegin
-                | "ListFile" >> beam.Create([source])
-                | "ReadList" >> beam.FlatMap(read_list).with_outputs(ERRORS, main=PATHS)
-            )
-            return found[PATHS], found[ERRORS]
+            return pbegin | "List" >> _ReadList(source, self.limit)
         # Listed and checked in one step: a name that is not UTF-8 cannot cross to another.
         images_only = kind == InputKind.FOLDER
         if kind == InputKind.IMAGE:
