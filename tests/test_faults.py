@@ -551,7 +551,9 @@ def test_a_killed_job_keeps_its_checkpoints_and_resume_captions_only_the_rest(
 
     checkpointed = first
     if workers == 1:  # killed again while resuming: a resumed run checkpoints as it goes too
-        job = stalled_run([*stall, "--resume"], parts, after=len(first) + 2)
+        # It rewrites the earlier records, once each, as one part of its own, then adds 2.
+        after = len(list(parts.glob("part-*.jsonl"))) + 1 + 2
+        job = stalled_run([*stall, "--resume"], parts, after=after)
         os.killpg(job.pid, signal.SIGKILL)
         job.wait()
         checkpointed = checkpointed_images(parts)

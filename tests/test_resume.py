@@ -78,7 +78,8 @@ def test_resume_stops_at_a_malformed_line_with_its_number(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
     assert err[0].startswith("captionflow: error: cannot resume from ")
-    assert "metadata.jsonl, line 2" in err[0] and "fix or delete that line" in err[0]
+    assert "line 2 of " in err[0] and "metadata.jsonl" in err[0]
+    assert "fix or delete that line" in err[0]
 
 
 def test_resume_with_limit_counts_only_this_runs_images(

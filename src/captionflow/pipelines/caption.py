@@ -14,7 +14,7 @@ from captionflow.records import CaptionRecord
 from captionflow.transforms import CaptionImages, LogProgress, ReadImagePaths, WriteErrors
 from captionflow.transforms.resume import ReadDone, SkipDone, metadata_key
 from captionflow.transforms.scores import SplitByScore
-from captionflow.transforms.shards import SHARD_FORMATS, WriteShards, metadata_rows
+from captionflow.transforms.shards import SHARD_FORMATS, MetadataRows, WriteShards
 from captionflow.transforms.sidecars import WriteSidecars
 from captionflow.transforms.summary import (
     CAPTIONED,
@@ -101,7 +101,7 @@ def build_caption_pipeline(
     written.append(metadata_written)
     shard_formats = [name for name in config.formats if name in SHARD_FORMATS]
     if shard_formats:  # from the finished file: a resumed run's shards hold every image
-        rows = metadata_written | "MetadataRows" >> beam.FlatMap(metadata_rows)
+        rows = metadata_written | "MetadataRows" >> MetadataRows()
         for name in shard_formats:
             written.append(
                 rows

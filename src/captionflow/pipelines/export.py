@@ -5,17 +5,13 @@ from __future__ import annotations
 import apache_beam as beam
 
 from captionflow.config import ExportConfig
-from captionflow.transforms.shards import WriteShards, metadata_rows
+from captionflow.transforms.shards import MetadataRows, WriteShards
 from captionflow.transforms.sidecars import WriteSidecars
 
 
 def build_export_pipeline(pipeline: beam.Pipeline, config: ExportConfig) -> None:
     """Read the output's metadata rows once; write each asked-for format from them."""
-    rows = (
-        pipeline
-        | "Metadata" >> beam.Create([config.metadata_path])
-        | "Rows" >> beam.FlatMap(metadata_rows)
-    )
+    rows = pipeline | "Metadata" >> beam.Create([config.metadata_path]) | "Rows" >> MetadataRows()
     for name in config.formats:
         if name == "sidecar":
             rows | "WriteSidecars" >> WriteSidecars(

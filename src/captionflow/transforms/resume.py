@@ -7,19 +7,15 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import apache_beam as beam
-from apache_beam.io.fileio import EmptyMatchTreatment, MatchAll
 from apache_beam.pvalue import PBegin, PCollection, TaggedOutput
 
-from captionflow.fatal import FatalError
-from captionflow.jsonl import MalformedLineError, read_json_lines
 from captionflow.paths import absolute, is_remote, join
-from captionflow.transforms.write import parts_dir
+from captionflow.transforms.lines import Line, ReadLines
+from captionflow.transforms.write import ResumeError, earlier_files, earlier_record
+
+__all__ = ["KEPT", "ReadDone", "ResumeError", "SkipDone", "metadata_key"]
 
 KEPT = "kept"
-
-
-class ResumeError(FatalError):
-    """An earlier output that cannot be read back: resuming would redo or lose work."""
 
 
 def metadata_key(output_dir: str) -> Callable[[dict[str, Any]], str]:
@@ -37,41 +33,36 @@ def metadata_key(output_dir: str) -> Callable[[dict[str, Any]], str]:
     return key
 
 
-def _done_images(path: str, key: Callable[[dict[str, Any]], str]) -> Iterator[str]:
-    try:
-        for number, record in read_json_lines(path):
-            if not isinstance(record, dict) or not {"image_uri", "file_name"} & set(record):
-                raise ResumeError(
-                    f"cannot resume from {path}, line {number}: a record needs an image_uri or "
-                    "a file_name; fix or delete that line"
-                )
-            yield key(record)
-    except MalformedLineError as error:
+def _done_image(line: Line, key: Callable[[dict[str, Any]], str]) -> Iterator[str]:
+    if not line.data.strip():
+        return
+    record = earlier_record(line)
+    if not isinstance(record, dict) or not {"image_uri", "file_name"} & set(record):
         raise ResumeError(
-            f"cannot resume from {error} (not a JSON record); fix or delete that line"
-        ) from None
+            f"cannot resume from {line.where()}: a record needs an image_uri or a file_name; "
+            "fix or delete that line"
+        )
+    yield key(record)
 
 
 class ReadDone(beam.PTransform):
     """The images an earlier run already captioned into `metadata_path` (and into `also`, the
     run's other record files, such as `rejected.jsonl`): those of the finished files, and of
-    the parts a run that was stopped before joining them left."""
+    the parts a run that was stopped before joining them left. Read in parallel, in ranges."""
 
     def __init__(self, metadata_path: str, output_dir: str, *, also: Sequence[str] = ()) -> None:
         super().__init__()
         self.patterns = [
-            pattern
-            for path in (metadata_path, *also)
-            for pattern in (path, join(parts_dir(path), "part-*.jsonl"))
+            pattern for path in (metadata_path, *also) for pattern in earlier_files(path)
         ]
         self.key = metadata_key(output_dir)
 
     def expand(self, pbegin: PBegin) -> PCollection[str]:
         return (
             pbegin
-            | "Patterns" >> beam.Create(self.patterns)
-            | "Match" >> MatchAll(EmptyMatchTreatment.ALLOW)
-            | "Images" >> beam.FlatMap(lambda file: _done_images(file.path, self.key))
+            | "Files" >> beam.Create(self.patterns)
+            | "Read" >> ReadLines()
+            | "Images" >> beam.FlatMap(_done_image, self.key)
         )
 
 

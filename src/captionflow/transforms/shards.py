@@ -28,8 +28,9 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.pvalue import PCollection
 
 from captionflow.images import as_jpeg
-from captionflow.jsonl import dumps, read_json_lines
+from captionflow.jsonl import dumps
 from captionflow.paths import dirname, is_remote, join
+from captionflow.transforms.lines import ReadLines
 from captionflow.transforms.write import remove_folder
 
 # The Hugging Face `Image` feature's Arrow layout, declared in the schema's metadata so that
@@ -56,10 +57,16 @@ RECORD_SCHEMA = pa.schema(
 HF_METADATA = {b"huggingface": json.dumps({"info": {"features": {"image": {"_type": "Image"}}}})}
 
 
-def metadata_rows(path: str) -> Iterator[dict[str, Any]]:
-    """The records of a finished metadata file."""
-    for _, row in read_json_lines(path):
-        yield row
+class MetadataRows(beam.PTransform):
+    """Paths of finished metadata files in; their records out, read in parallel ranges."""
+
+    def expand(self, paths: PCollection[str]) -> PCollection[dict[str, Any]]:
+        return (
+            paths
+            | "Read" >> ReadLines()
+            | "Rows"
+            >> beam.FlatMap(lambda line: [json.loads(line.data)] if line.data.strip() else [])
+        )
 
 
 def image_bytes(row: dict[str, Any]) -> bytes:

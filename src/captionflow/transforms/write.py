@@ -1,29 +1,45 @@
 """Writing results: one JSON-lines file, complete or absent, on any Beam filesystem.
 
-Each bundle writes its own part file (temp name, then rename); a last step joins the parts into
-the destination through a temp file and a rename, so no reader ever sees a partial file.
+Each bundle writes its own part files (temp name, then rename) as records arrive: the job's
+checkpoints. At the end the parts are joined in groups, in parallel, then the groups into the
+destination through a temp file and a rename, so no reader ever sees a partial file. Joining
+copies bytes: nothing holds the records, or one of their keys, in memory.
+
+Only the parts that successful bundles report are joined, so a retried bundle's first attempt
+adds nothing. With `resume`, an earlier run's lines (its file and the parts it left, which may
+repeat a record) are read in parallel, kept once per key by the runner, and rewritten as parts
+of this run.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import shutil
 import uuid
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.pvalue import PCollection
+from apache_beam.metrics import Metrics
+from apache_beam.pvalue import AsSingleton, PCollection
 from apache_beam.transforms.window import GlobalWindows
 from apache_beam.utils.windowed_value import WindowedValue
 
-from captionflow.jsonl import dumps, read_json_lines
+from captionflow.fatal import FatalError
+from captionflow.jsonl import dumps
 from captionflow.paths import absolute, is_remote, join, split
 from captionflow.records import CaptionRecord, ErrorRecord
+from captionflow.transforms.lines import Line, ReadLines
 
 METADATA_FILE = "metadata.jsonl"
 ERRORS_FILE = "errors.jsonl"
 REJECTED_FILE = "rejected.jsonl"
+PARTS_PER_GROUP = 1000  # parts one worker joins: opening many small objects is what costs
+COPY_CHUNK = 8 << 20
 
 
 def parts_dir(destination: str) -> str:
@@ -32,13 +48,20 @@ def parts_dir(destination: str) -> str:
     return join(head, f".{tail}.parts")
 
 
+def earlier_files(destination: str) -> list[str]:
+    """What a run of `destination` leaves: the finished file, and the parts of a run that was
+    stopped before joining them."""
+    return [destination, join(parts_dir(destination), "part-*.jsonl")]
+
+
 class _WriteParts(beam.DoFn):
     """Part files of at most `lines_per_part` lines, each visible under its final name only
     once complete. Small parts are checkpoints: a killed job keeps what they hold."""
 
-    def __init__(self, directory: str, lines_per_part: int) -> None:
+    def __init__(self, directory: str, lines_per_part: int, prefix: str) -> None:
         self.directory = directory
         self.lines_per_part = lines_per_part
+        self.prefix = prefix
 
     def start_bundle(self) -> None:
         self._file: Any = None
@@ -46,7 +69,7 @@ class _WriteParts(beam.DoFn):
 
     def process(self, line: str) -> Iterator[str]:
         if self._file is None:
-            self._name = uuid.uuid4().hex
+            self._name = f"{self.prefix}{uuid.uuid4().hex}"
             self._file = FileSystems.create(join(self.directory, f".tmp-{self._name}"))
         self._file.write(line.encode("utf-8") + b"\n")
         self._lines += 1
@@ -68,32 +91,14 @@ class _WriteParts(beam.DoFn):
 Key = Callable[[dict[str, Any]], str]
 
 
-def merge_parts(
-    parts: Iterable[str], destination: str, key: str | Key, *, resume: bool = False
-) -> str:
-    """Join part files into `destination` atomically, keeping the first line for each `key`
-    (a retried bundle may have written a part twice).
-
-    With `resume`, what an earlier run left is joined first: its finished `destination` and
-    the parts it checkpointed before it was stopped.
-    """
-    key_of = (lambda record: record[key]) if isinstance(key, str) else key
-    sources = sorted(set(parts))
-    if resume:
-        earlier = FileSystems.match([join(parts_dir(destination), "part-*.jsonl")])[0]
-        sources = sorted(set(sources) | {file.path for file in earlier.metadata_list})
-        if FileSystems.exists(destination):
-            sources.insert(0, destination)
+def concatenate(sources: Iterable[str], destination: str) -> str:
+    """The bytes of `sources`, in order, into `destination` (temp name, then rename)."""
     staging = f"{destination}.tmp-{uuid.uuid4().hex}"
-    seen: set[str] = set()
     with FileSystems.create(staging) as out:
         for source in sources:
-            for _, record in read_json_lines(source):
-                if (record_key := key_of(record)) not in seen:
-                    seen.add(record_key)
-                    out.write(dumps(record).encode("utf-8") + b"\n")
+            with FileSystems.open(source, compression_type="uncompressed") as file:
+                shutil.copyfileobj(file, out, COPY_CHUNK)
     FileSystems.rename([staging], [destination])
-    remove_folder(parts_dir(destination))
     return destination
 
 
@@ -107,12 +112,98 @@ def remove_folder(directory: str) -> None:
         os.rmdir(directory)
 
 
+class _JoinGroup(beam.DoFn):
+    """One group of parts into one file of the parts folder."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.joined = Metrics.counter("captionflow", "part_groups_joined")
+
+    def process(self, group: tuple[int, Iterable[str]]) -> Iterator[str]:
+        index, parts = group
+        name = join(self.directory, f"group-{index:06d}-{uuid.uuid4().hex}.jsonl")
+        yield concatenate(sorted(set(parts)), name)
+        self.joined.inc()
+
+
+def _finish(groups: list[str], destination: str) -> str:
+    concatenate(sorted(groups), destination)
+    remove_folder(parts_dir(destination))
+    return destination
+
+
+class JoinParts(beam.PTransform):
+    """Part paths in; the destination, complete, out (see the module's docstring)."""
+
+    def __init__(self, destination: str, parts_per_group: int) -> None:
+        super().__init__()
+        self.destination = destination
+        self.parts_per_group = parts_per_group
+
+    def expand(self, parts: PCollection[str]) -> PCollection[str]:
+        per_group = self.parts_per_group
+
+        def group_of(part: str, count: int) -> tuple[int, str]:
+            return zlib.crc32(part.encode("utf-8")) % math.ceil(count / per_group), part
+
+        count = parts | "Count" >> beam.combiners.Count.Globally()
+        return (
+            parts
+            | "ToGroups" >> beam.Map(group_of, AsSingleton(count))
+            | "Groups" >> beam.GroupByKey()
+            | "JoinGroups" >> beam.ParDo(_JoinGroup(parts_dir(self.destination)))
+            | "AllGroups" >> beam.combiners.ToList()
+            | "Finish" >> beam.Map(_finish, self.destination)
+        )
+
+
+class ResumeError(FatalError):
+    """An earlier output that cannot be read back: resuming would redo or lose work."""
+
+
+def earlier_record(line: Line) -> Any:
+    """A line an earlier run wrote, as its JSON value."""
+    try:
+        return json.loads(line.data)
+    except ValueError:
+        raise ResumeError(
+            f"cannot resume from {line.where()}: not a JSON record; fix or delete that line"
+        ) from None
+
+
+def _keyed(line: Line, key: Key) -> tuple[str, str]:
+    return key(earlier_record(line)), line.data.decode("utf-8")
+
+
+class _ReadEarlier(beam.PTransform):
+    """An earlier run's lines of `destination`, once per key; this run's parts (named with
+    `run`) excluded, as they may already exist when the earlier ones are listed."""
+
+    def __init__(self, destination: str, key: Key, run: str) -> None:
+        super().__init__()
+        self.destination = destination
+        self.key = key
+        self.mine = join(parts_dir(destination), f"part-{run}-")
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> PCollection[str]:
+        return (
+            pbegin
+            | "Files" >> beam.Create(earlier_files(self.destination))
+            | "Read" >> ReadLines(exclude=self.mine)
+            | "NotBlank" >> beam.Filter(lambda line: line.data.strip())
+            | "Keyed" >> beam.Map(_keyed, self.key)
+            | "OnePerKey" >> beam.CombinePerKey(min)
+            | "Lines" >> beam.Values()
+        )
+
+
 class WriteJsonLines(beam.PTransform):
-    """JSON lines to exactly one file at `destination`, unique by `key`, written atomically.
+    """JSON lines to exactly one file at `destination`, written atomically.
 
     Parts appear while the job runs, every `lines_per_part` lines per worker: they are its
     checkpoints. With `resume`, the lines an earlier run of the same destination wrote (its
-    file and its parts) are kept too. `key` names a field, or computes a line's key.
+    file and its parts) are kept too, one per `key` (a field's name, or a function of the
+    record). Parts are joined `parts_per_group` at a time, in parallel, then into the file.
     Returns a one-element PCollection with the destination path once it is complete.
     """
 
@@ -123,21 +214,31 @@ class WriteJsonLines(beam.PTransform):
         key: str | Key,
         lines_per_part: int = 1000,
         resume: bool = False,
+        parts_per_group: int = PARTS_PER_GROUP,
     ) -> None:
         super().__init__()
         self.destination = absolute(destination)
-        self.key = key
+        self.key: Key = (lambda record: record[key]) if isinstance(key, str) else key
         self.lines_per_part = lines_per_part
         self.resume = resume
+        self.parts_per_group = parts_per_group
+        self.run = uuid.uuid4().hex[:12]  # names this run's parts
 
     def expand(self, lines: PCollection[str]) -> PCollection[str]:
-        return (
-            lines
-            | "WriteParts"
-            >> beam.ParDo(_WriteParts(parts_dir(self.destination), self.lines_per_part))
-            | "CollectParts" >> beam.combiners.ToList()
-            | "Merge" >> beam.Map(merge_parts, self.destination, self.key, resume=self.resume)
+        directory = parts_dir(self.destination)
+        prefix = f"{self.run}-"
+        parts = lines | "WriteParts" >> beam.ParDo(
+            _WriteParts(directory, self.lines_per_part, prefix)
         )
+        if self.resume:
+            earlier = (
+                lines.pipeline
+                | "ReadEarlier" >> _ReadEarlier(self.destination, self.key, self.run)
+                | "WriteEarlier"
+                >> beam.ParDo(_WriteParts(directory, self.lines_per_part * 10, prefix))
+            )
+            parts = (parts, earlier) | "AllParts" >> beam.Flatten()
+        return parts | "Join" >> JoinParts(self.destination, self.parts_per_group)
 
 
 def imagefolder_row(output_dir: str) -> Callable[[CaptionRecord], str]:

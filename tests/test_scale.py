@@ -1,0 +1,152 @@
+"""Scale: big files read in ranges by many workers, parts joined in parallel groups, an
+earlier run's records kept once each, all without per-image state in one process."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from pathlib import Path
+
+import apache_beam as beam
+import pytest
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from captionflow import ReadImagePaths
+from captionflow.transforms import lines as lines_module
+from captionflow.transforms.lines import ReadLines, byte_ranges, lines_between
+from captionflow.transforms.write import WriteJsonLines, parts_dir
+
+
+def counters(result: beam.runners.runner.PipelineResult) -> dict[str, int]:
+    found = result.metrics().query(MetricsFilter().with_namespace("captionflow"))["counters"]
+    return {counter.key.metric.name: counter.committed for counter in found}
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_byte_ranges_read_every_line_exactly_once(seed: int) -> None:
+    rng = random.Random(seed)
+    lines = [bytes(rng.choice(b"ab\r") for _ in range(rng.randrange(0, 9))) for _ in range(40)]
+    data = b"\n".join(lines) + (b"\n" if seed % 2 else b"")  # with and without a last "\n"
+    starts, at = [], 0
+    for line in lines:
+        starts.append(at)
+        at += len(line) + 1
+    for range_bytes in (1, 2, 3, 7, 50, len(data) + 5):
+        read = [
+            item
+            for start, end in byte_ranges(len(data), range_bytes)
+            for item in lines_between(io.BytesIO(data), start, end)
+        ]
+        expected = list(zip(starts, lines, strict=True))
+        if not data.endswith(b"\n") and lines[-1] == b"":  # no last line at all
+            expected = expected[:-1]
+        assert read == expected, range_bytes
+
+
+def test_read_lines_spreads_one_file_over_many_ranges(tmp_path: Path) -> None:
+    path = tmp_path / "big.txt"
+    path.write_bytes(b"".join(f"line {i}\n".encode() for i in range(200)))
+
+    def check(lines: list) -> None:
+        assert sorted(line.data for line in lines) == sorted(
+            f"line {i}".encode() for i in range(200)
+        )
+        assert {line.offset for line in lines} == {
+            path.read_bytes().index(line.data + b"\n") for line in lines
+        }
+        first = [line for line in lines if line.number is not None]
+        assert 0 < len(first) < 200  # only the first range knows its line numbers
+        assert all(line.where().startswith("line ") for line in first)
+        assert any(line.where().startswith("the line at byte ") for line in lines)
+
+    with TestPipeline(runner="FnApiRunner") as pipeline:
+        read = pipeline | beam.Create([str(path)]) | ReadLines(range_bytes=100)
+        assert_that(read, check)
+
+
+def test_a_big_list_file_is_read_in_ranges(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lines_module, "RANGE_BYTES", 64)
+    names = [f"image-{i:04d}.jpg" for i in range(100)]
+    listing = tmp_path / "dataset.txt"
+    listing.write_bytes(
+        ("\n".join(names[:60]) + "\ncaf\xe9.jpg\n").encode("latin-1")
+        + "\n".join(names[60:]).encode()
+    )
+    offset = listing.read_bytes().index(b"caf\xe9")
+
+    with TestPipeline(runner="FnApiRunner") as pipeline:
+        paths, errors = pipeline | ReadImagePaths(str(listing)).with_errors()
+        assert_that(paths, equal_to([str(tmp_path / name) for name in names]))
+        messages = errors | beam.Map(lambda error: error.message)
+        expected = f"the line at byte {offset} of {listing} is not valid UTF-8: 'caf\\xe9.jpg'; "
+        assert_that(
+            messages,
+            equal_to([expected + "fix the list's encoding (save it as UTF-8)"]),
+            label="errors",
+        )
+
+
+def test_limit_takes_a_lists_first_entries_without_sorting_everything(tmp_path: Path) -> None:
+    listing = tmp_path / "dataset.txt"
+    listing.write_bytes(b"z.jpg\nb\xe9.jpg\na.jpg\nb\xe9.jpg\n")
+
+    with TestPipeline(runner="FnApiRunner") as pipeline:
+        paths, errors = pipeline | ReadImagePaths(str(listing), limit=2).with_errors()
+        assert_that(paths, equal_to([str(tmp_path / "z.jpg")]))
+        uris = errors | beam.Map(lambda error: error.image_uri)
+        assert_that(uris, equal_to([str(tmp_path / "b\\xe9.jpg")]), label="errors")
+
+
+def rows(count: int, start: int = 0) -> list[str]:
+    return [json.dumps({"k": f"image-{i:03d}", "v": i}) for i in range(start, start + count)]
+
+
+def test_parts_are_joined_in_parallel_groups_then_into_one_file(tmp_path: Path) -> None:
+    destination = tmp_path / "out.jsonl"
+    pipeline = TestPipeline(runner="FnApiRunner")
+    _ = (
+        pipeline
+        | beam.Create(rows(23))
+        | WriteJsonLines(str(destination), key="k", lines_per_part=1, parts_per_group=4)
+    )
+    result = pipeline.run()
+    result.wait_until_finish()
+    assert sorted(destination.read_text().splitlines()) == sorted(rows(23))
+    assert counters(result)["part_groups_joined"] >= 6  # 23 parts, at most 4 a group
+    assert not Path(parts_dir(str(destination))).exists()
+
+
+def test_resume_keeps_each_earlier_record_once_and_adds_the_new_ones(tmp_path: Path) -> None:
+    destination = tmp_path / "out.jsonl"
+    destination.write_text("\n".join(rows(3)) + "\n")  # a finished file...
+    parts = Path(parts_dir(str(destination)))
+    parts.mkdir()
+    (parts / "part-a.jsonl").write_text("\n".join(rows(4, start=2)) + "\n")  # ...parts after it
+    (parts / "part-b.jsonl").write_text("\n".join(rows(2, start=4)) + "\n")  # a retried bundle's
+    with TestPipeline(runner="FnApiRunner") as pipeline:
+        _ = (
+            pipeline
+            | beam.Create(rows(2, start=6))
+            | WriteJsonLines(str(destination), key="k", lines_per_part=1, resume=True)
+        )
+    keys = [json.loads(line)["k"] for line in destination.read_text().splitlines()]
+    assert sorted(keys) == [f"image-{i:03d}" for i in range(8)]
+    assert not parts.exists()
+
+
+def test_resume_never_reads_this_runs_own_parts_as_an_earlier_runs(tmp_path: Path) -> None:
+    """This run's parts may exist before its earlier records are read (Beam orders neither): a
+    part of this run that no bundle reported (a failed attempt's) must not be kept."""
+    destination = tmp_path / "out.jsonl"
+    write = WriteJsonLines(str(destination), key="k", resume=True)
+    parts = Path(parts_dir(str(destination)))
+    parts.mkdir()
+    (parts / f"part-{write.run}-failed-attempt.jsonl").write_text(rows(1, start=9)[0] + "\n")
+    (parts / "part-earlier.jsonl").write_text(rows(1)[0] + "\n")
+    with TestPipeline(runner="FnApiRunner") as pipeline:
+        _ = pipeline | beam.Create(rows(1, start=1)) | write
+    keys = sorted(json.loads(line)["k"] for line in destination.read_text().splitlines())
+    assert keys == ["image-000", "image-001"]
