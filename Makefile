@@ -35,7 +35,7 @@ MPS ?=
 DRY_RUN ?=
 
 .PHONY: install test lint format run-local demo clean docker-build docker-build-cpu docker-push run-dataflow \
-	bench bench-quick bench-gpu bench-feed bench-decode gpu-bundle
+	bench bench-quick bench-gpu bench-feed bench-decode bench-scale gpu-bundle
 
 install: $(VENV)/.installed
 
@@ -76,6 +76,9 @@ bench-gpu: install  # every GPU figure in one run, under 8 minutes (offline box:
 
 bench-decode: install  # full-size BLIP: fast loop vs generate (token ids, rates): about 8 minutes
 	$(PY) -m benchmarks.decoding $(ARGS)
+
+bench-scale: install  # zero-cost models, 10k to 1M images: cost growth, memory per process (~1 h)
+	$(PY) -m benchmarks.scale $(ARGS)
 
 bench-feed: install  # CPU per image per phase, and pipeline / engine bare: about 9 minutes here
 	$(PY) -m benchmarks.feed $(ARGS)

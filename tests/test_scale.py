@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 from pathlib import Path
 
@@ -150,3 +151,24 @@ def test_resume_never_reads_this_runs_own_parts_as_an_earlier_runs(tmp_path: Pat
         _ = pipeline | beam.Create(rows(1, start=1)) | write
     keys = sorted(json.loads(line)["k"] for line in destination.read_text().splitlines())
     assert keys == ["image-000", "image-001"]
+
+
+def test_a_folders_subfolders_are_listed_by_parallel_steps(tmp_path: Path) -> None:
+    from PIL import Image
+
+    expected = []
+    latin1 = os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9")  # a subfolder name not UTF-8
+    for folder in ("", "a", "b/deeper", "c", latin1):
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+        path = tmp_path / folder / "x.jpg"
+        Image.new("RGB", (4, 4)).save(path)
+        expected.append(str(path))
+    (tmp_path / "a" / "notes.txt").write_text("not an image")
+    pipeline = TestPipeline(runner="FnApiRunner")
+    paths, errors = pipeline | ReadImagePaths(str(tmp_path)).with_errors()
+    assert_that(paths, equal_to(expected[:-1]))
+    messages = errors | beam.Map(lambda error: error.error_type)
+    assert_that(messages, equal_to(["UndecodablePath"]), label="errors")
+    result = pipeline.run()
+    result.wait_until_finish()
+    assert counters(result)["subfolders_listed"] == 4

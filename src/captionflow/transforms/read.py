@@ -19,6 +19,7 @@ import apache_beam as beam
 from apache_beam.io.fileio import EmptyMatchTreatment, MatchAll
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
 from apache_beam.pvalue import PBegin, PCollection, TaggedOutput
 
 from captionflow.images import looks_like_image
@@ -35,6 +36,7 @@ LIST_EXTENSIONS = (".txt", ".lst")
 GLOB_CHARACTERS = frozenset("*?[")
 PATHS = "paths"
 UTF16 = "utf16"
+SUBFOLDERS = "subfolders"
 UNDECODABLE = "UndecodablePath"
 # Stripped from both ends of a list line: ASCII spaces and a stray BOM (lists joined with
 # `cat`), never the Unicode spaces and separators that may end a file name.
@@ -237,10 +239,11 @@ class _FindPaths(beam.PTransform):
         if kind == InputKind.IMAGE:
             listed = pbegin | "Image" >> beam.Create([source])
             check = beam.FlatMap(checked_path)
+        elif images_only and not is_remote(source):
+            return pbegin | "Folder" >> _ListLocalFolder(source)
         elif not is_remote(source):  # listed here: Beam's local listing drops broken links
             listed = pbegin | "Source" >> beam.Create([source])
-            list_files = walk_files if images_only else list_local
-            check = beam.FlatMap(_list_checked, list_files, images_only)
+            check = beam.FlatMap(_list_checked, list_local, images_only)
         else:
             pattern = join(source.rstrip("/"), "**") if images_only else source
             listed = (
@@ -251,6 +254,49 @@ class _FindPaths(beam.PTransform):
             check = beam.FlatMap(lambda file: _checked(file.path, images_only))
         found = listed | "List" >> check.with_outputs(ERRORS, main=PATHS)
         return found[PATHS], found[ERRORS]
+
+
+def _top_level(root: str) -> Iterator[str | TaggedOutput]:
+    """A local folder's own image files (checked), and its subfolders to be listed by other
+    workers: as bytes, so that a name that is not UTF-8 crosses too. As in `walk_files`,
+    symbolic links to folders are not followed."""
+    for _, subfolders, files in itertools.islice(os.walk(root), 1):
+        for name in files:
+            yield from _checked(os.path.join(root, name), True)
+        for name in subfolders:
+            if not os.path.islink(path := os.path.join(root, name)):
+                yield TaggedOutput(SUBFOLDERS, os.fsencode(path))
+
+
+class _ListLocalFolder(beam.PTransform):
+    """`(paths, errors)` of a local folder: its top level here, each subfolder's whole tree by
+    whichever worker it lands on, so a tree of millions of files is listed in parallel."""
+
+    def __init__(self, root: str) -> None:
+        super().__init__()
+        self.root = root
+
+    def expand(self, pbegin: PBegin) -> tuple[PCollection[str], PCollection[ErrorRecord]]:
+        listed = Metrics.counter("captionflow", "subfolders_listed")
+
+        def walk(folder: bytes) -> Iterator[str | TaggedOutput]:
+            listed.inc()
+            yield from _list_checked(os.fsdecode(folder), walk_files, True)
+
+        top = (
+            pbegin
+            | "Root" >> beam.Create([self.root])
+            | "TopLevel" >> beam.FlatMap(_top_level).with_outputs(ERRORS, SUBFOLDERS, main=PATHS)
+        )
+        deeper = (
+            top[SUBFOLDERS]
+            | "Spread" >> beam.Reshuffle()
+            | "Walk" >> beam.FlatMap(walk).with_outputs(ERRORS, main=PATHS)
+        )
+        return (
+            (top[PATHS], deeper[PATHS]) | "Paths" >> beam.Flatten(),
+            (top[ERRORS], deeper[ERRORS]) | "Errors" >> beam.Flatten(),
+        )
 
 
 def _list_checked(
