@@ -177,8 +177,7 @@ class ReadImagePaths(beam.PTransform):
 
     def expand(self, pbegin: PBegin) -> PCollection[str] | ReadOutputs:
         paths, errors = pbegin | "Find" >> _FindPaths(self.source, self.limit)
-        # Distinct also redistributes: a folder is listed by one worker, its images are not.
-        paths = paths | "Distinct" >> beam.Distinct()
+        paths = paths | "Distinct" >> DistinctStrings()
         errors = errors | "DistinctErrors" >> _DistinctErrors()
         if self.limit is not None and input_kind(self.source) != InputKind.LIST:
             paths, errors = (paths, errors) | "FirstN" >> _FirstN(self.limit)
@@ -186,6 +185,20 @@ class ReadImagePaths(beam.PTransform):
             return ReadOutputs(paths, errors)
         _ = errors | "LogErrors" >> beam.Map(_log_error)
         return paths
+
+
+class DistinctStrings(beam.PTransform):
+    """Each string once, spread over workers: a GroupByKey, not `beam.Distinct`, whose
+    combiner a worker pre-applies in a table of up to 100,000 keys per bundle (memory that
+    grows with the input, for duplicates that are rare here)."""
+
+    def expand(self, strings: PCollection[str]) -> PCollection[str]:
+        return (
+            strings
+            | "Keyed" >> beam.Map(lambda string: (string, None))
+            | "Group" >> beam.GroupByKey()
+            | "Keys" >> beam.Keys()
+        )
 
 
 def _log_error(error: ErrorRecord) -> None:

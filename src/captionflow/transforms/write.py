@@ -177,7 +177,8 @@ def _keyed(line: Line, key: Key) -> tuple[str, str]:
 
 class _ReadEarlier(beam.PTransform):
     """An earlier run's lines of `destination`, once per key; this run's parts (named with
-    `run`) excluded, as they may already exist when the earlier ones are listed."""
+    `run`) excluded, as they may already exist when the earlier ones are listed. Grouped
+    without a combiner, which workers would pre-apply in tables of up to a million lines."""
 
     def __init__(self, destination: str, key: Key, run: str) -> None:
         super().__init__()
@@ -192,8 +193,8 @@ class _ReadEarlier(beam.PTransform):
             | "Read" >> ReadLines(exclude=self.mine)
             | "NotBlank" >> beam.Filter(lambda line: line.data.strip())
             | "Keyed" >> beam.Map(_keyed, self.key)
-            | "OnePerKey" >> beam.CombinePerKey(min)
-            | "Lines" >> beam.Values()
+            | "ByKey" >> beam.GroupByKey()  # not a combiner: workers would table the lines
+            | "OnePerKey" >> beam.MapTuple(lambda _, lines: min(lines))
         )
 
 
