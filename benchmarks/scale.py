@@ -53,10 +53,10 @@ with beam.Pipeline("FnApiRunner") as p:
 """
 JOIN = """
 import glob, sys, apache_beam as beam
-from captionflow.transforms.write import JoinParts, PARTS_PER_GROUP
+from captionflow.transforms.write import JoinParts
 parts = sorted(glob.glob(sys.argv[1] + "/part-*.jsonl"))
 with beam.Pipeline("FnApiRunner") as p:
-    p | beam.Create(parts) | JoinParts(sys.argv[2], PARTS_PER_GROUP)
+    p | beam.Create(parts) | JoinParts(sys.argv[2])
 """
 
 
@@ -208,7 +208,7 @@ def one_size(
     return result
 
 
-def plot(results: list[dict], path: Path) -> None:
+def plot(results: list[dict], growth_rows: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -216,24 +216,36 @@ def plot(results: list[dict], path: Path) -> None:
 
     sizes = [r["images"] for r in results]
     figure, (time_axis, cpu_axis, memory_axis) = plt.subplots(1, 3, figsize=(15, 4.2))
-    time_axis.loglog(sizes, [r["job"]["seconds"] for r in results], "o-", label="whole job")
-    time_axis.loglog(sizes, [r["join"]["seconds"] for r in results], "s-", label="join alone")
-    time_axis.loglog(sizes, [r["list_stage"]["seconds"] for r in results], "^-", label="list")
-    time_axis.loglog(sizes, [r["folder_stage"]["seconds"] for r in results], "v-", label="folder")
+    for stage, label, marker in (
+        ("job", "whole job", "o-"),
+        ("join", "join alone", "s-"),
+        ("list_stage", "list file alone", "^-"),
+        ("folder_stage", "folder alone", "v-"),
+    ):
+        time_axis.loglog(sizes, [r[stage]["seconds"] for r in results], marker, label=label)
     time_axis.set(xlabel="images", ylabel="wall seconds", title="time")
     time_axis.legend()
-    for stage in ("job", "list_stage", "folder_stage", "join"):
-        cpu_axis.semilogx(sizes, [r[stage]["cpu_ms_per_image"] for r in results], "o-", label=stage)
-    cpu_axis.set(xlabel="images", ylabel="CPU ms per image (all processes)", title="CPU per image")
+    ends = [row["to"] for row in growth_rows]
+    cpu_axis.semilogx(
+        ends, [row["cpu_ms_per_added_image"] for row in growth_rows], "o-", label="CPU"
+    )
+    cpu_axis.semilogx(
+        ends, [row["wall_ms_per_added_image"] for row in growth_rows], "s-", label="wall"
+    )
+    cpu_axis.set(
+        xlabel="images (each point: from the size before)",
+        ylabel="ms per added image (all processes)",
+        title="whole job: cost per added image",
+    )
     cpu_axis.set_ylim(bottom=0)
     cpu_axis.legend()
     kinds = sorted({kind for r in results for kind in r["job"]["peak_rss_mb"]})
     for kind in kinds:
         peaks = [r["job"]["peak_rss_mb"].get(kind, 0) for r in results]
         memory_axis.semilogx(sizes, peaks, "o-", label=f"job: {kind}")
-    memory_axis.semilogx(
-        sizes, [max(r["join"]["peak_rss_mb"].values()) for r in results], "s-", label="join"
-    )
+    for stage, marker in (("list_stage", "^--"), ("join", "s--")):
+        peaks = [max(r[stage]["peak_rss_mb"].values()) for r in results]
+        memory_axis.semilogx(sizes, peaks, marker, label=f"{stage.removesuffix('_stage')} alone")
     memory_axis.set(xlabel="images", ylabel="peak RSS, MB", title="peak memory per process")
     memory_axis.set_ylim(bottom=0)
     memory_axis.legend()
@@ -293,7 +305,7 @@ def main() -> None:
     report["growth"] = growth(report["results"])
     saved.write_text(json.dumps(report, indent=2) + "\n")
     results = report["results"]
-    plot(results, RESULTS / f"{args.name}.png")
+    plot(results, report["growth"], RESULTS / f"{args.name}.png")
     first = results[0]
     for r in results:
         ratio = r["images"] / first["images"]

@@ -133,9 +133,11 @@ def _finish(groups: list[str], destination: str) -> str:
 
 
 class JoinParts(beam.PTransform):
-    """Part paths in; the destination, complete, out (see the module's docstring)."""
+    """Part paths in; the destination, complete, out: the parts joined `parts_per_group` at a
+    time by parallel steps, then those groups into the destination (temp name, then rename).
+    The parts' folder (`parts_dir(destination)`) is removed at the end."""
 
-    def __init__(self, destination: str, parts_per_group: int) -> None:
+    def __init__(self, destination: str, parts_per_group: int = PARTS_PER_GROUP) -> None:
         super().__init__()
         self.destination = destination
         self.parts_per_group = parts_per_group
