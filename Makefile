@@ -77,7 +77,7 @@ bench-gpu: install  # every GPU figure in one run, under 8 minutes (offline box:
 bench-decode: install  # full-size BLIP: fast loop vs generate (token ids, rates): about 8 minutes
 	$(PY) -m benchmarks.decoding $(ARGS)
 
-bench-scale: install  # zero-cost models, 10k to 1M images: cost growth, memory per process (~1 h)
+bench-scale: install  # zero-cost models, 10k to 1M images: cost growth, memory per process: about 16 minutes here
 	$(PY) -m benchmarks.scale $(ARGS)
 
 bench-feed: install  # CPU per image per phase, and pipeline / engine bare: about 9 minutes here
