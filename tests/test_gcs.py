@@ -166,3 +166,27 @@ def test_every_format_on_gcs(gcs: object, tiny_models: tuple[str, str]) -> None:
     shard = io.BytesIO(gcs.blob("photos/shards/00000.tar").download_as_bytes())
     with tarfile.open(fileobj=shard) as tar:
         assert len([name for name in tar.getnames() if name.endswith(".jpg")]) == 3
+
+
+def test_a_gcs_folders_subfolders_are_listed_by_parallel_steps(gcs: object) -> None:
+    """A bucket folder of millions of objects is not paged through by one worker: its top
+    level is listed with a delimiter, each subfolder by whichever worker it lands on."""
+    import apache_beam as beam
+    from apache_beam.metrics.metric import MetricsFilter
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from captionflow import ReadImagePaths
+
+    names = ["top.jpg", "a/x.jpg", "a/deeper/y.png", "b/z.jpg", "c d/w.jpg"]
+    for seed, name in enumerate(names):
+        upload_image(gcs, f"tree/{name}", seed=seed)
+    gcs.blob("tree/a/notes.txt").upload_from_string(b"not an image")
+    gcs.blob("treetop.jpg").upload_from_string(b"beside the folder, not in it")
+    pipeline = TestPipeline(runner="FnApiRunner")
+    paths = pipeline | ReadImagePaths(f"gs://{BUCKET}/tree")
+    assert_that(paths, equal_to([f"gs://{BUCKET}/tree/{name}" for name in names]))
+    result = pipeline.run()
+    result.wait_until_finish()
+    found = result.metrics().query(MetricsFilter().with_name("subfolders_listed"))["counters"]
+    assert sum(counter.committed for counter in found) == 3

@@ -84,3 +84,14 @@ def link_problem(path: str) -> tuple[str, str] | None:
 
 def _target(path: str) -> str:
     return os.path.normpath(os.path.join(os.path.dirname(path), os.readlink(path)))
+
+
+def gcs_top_level(folder: str) -> tuple[list[str], list[str]]:
+    """A `gs://` folder's own objects and its immediate subfolders (`gs://b/f/sub/`), from one
+    listing with a `/` delimiter: what lets each subfolder be listed by another worker."""
+    from apache_beam.io.gcp.gcsio import GcsIO, parse_gcs_path
+
+    bucket, prefix = parse_gcs_path(folder.rstrip("/") + "/", object_optional=True)
+    page = GcsIO().client.list_blobs(bucket, prefix=prefix, delimiter="/")
+    files = [f"gs://{bucket}/{blob.name}" for blob in page]  # prefixes come after the pages
+    return files, [f"gs://{bucket}/{sub}" for sub in sorted(page.prefixes)]

@@ -24,7 +24,13 @@ from apache_beam.pvalue import PBegin, PCollection, TaggedOutput
 
 from captionflow.images import looks_like_image
 from captionflow.listfile import ListLine, decode_line, is_utf16, list_lines
-from captionflow.listing import link_problem, list_local, pattern_variants, walk_files
+from captionflow.listing import (
+    gcs_top_level,
+    link_problem,
+    list_local,
+    pattern_variants,
+    walk_files,
+)
 from captionflow.paths import absolute, dirname, is_remote, join, normalise
 from captionflow.records import ErrorRecord
 from captionflow.transforms.errors import ERRORS, error_output
@@ -252,8 +258,8 @@ class _FindPaths(beam.PTransform):
         if kind == InputKind.IMAGE:
             listed = pbegin | "Image" >> beam.Create([source])
             check = beam.FlatMap(checked_path)
-        elif images_only and not is_remote(source):
-            return pbegin | "Folder" >> _ListLocalFolder(source)
+        elif images_only and (not is_remote(source) or source.startswith("gs://")):
+            return pbegin | "Folder" >> _ListFolder(source)
         elif not is_remote(source):  # listed here: Beam's local listing drops broken links
             listed = pbegin | "Source" >> beam.Create([source])
             check = beam.FlatMap(_list_checked, list_local, images_only)
@@ -270,20 +276,38 @@ class _FindPaths(beam.PTransform):
 
 
 def _top_level(root: str) -> Iterator[str | TaggedOutput]:
-    """A local folder's own image files (checked), and its subfolders to be listed by other
-    workers: as bytes, so that a name that is not UTF-8 crosses too. As in `walk_files`,
-    symbolic links to folders are not followed."""
-    for _, subfolders, files in itertools.islice(os.walk(root), 1):
+    """A folder's own image files (checked), and its subfolders to be listed by other
+    workers: as bytes, so that a local name that is not UTF-8 crosses too. As in
+    `walk_files`, local symbolic links to folders are not followed."""
+    if is_remote(root):
+        files, subfolders = gcs_top_level(root)
+        for path in files:
+            yield from _checked(path, True)
+        for folder in subfolders:
+            yield TaggedOutput(SUBFOLDERS, folder.encode("utf-8"))
+        return
+    for _, names, files in itertools.islice(os.walk(root), 1):
         for name in files:
             yield from _checked(os.path.join(root, name), True)
-        for name in subfolders:
+        for name in names:
             if not os.path.islink(path := os.path.join(root, name)):
                 yield TaggedOutput(SUBFOLDERS, os.fsencode(path))
 
 
-class _ListLocalFolder(beam.PTransform):
-    """`(paths, errors)` of a local folder: its top level here, each subfolder's whole tree by
-    whichever worker it lands on, so a tree of millions of files is listed in parallel."""
+def _walk(folder: str) -> Iterator[str]:
+    """Every file under a folder, at any depth."""
+    if not is_remote(folder):
+        yield from walk_files(folder)
+        return
+    for pattern in pattern_variants(join(folder.rstrip("/"), "**")):
+        for file in FileSystems.match([pattern])[0].metadata_list:
+            yield file.path
+
+
+class _ListFolder(beam.PTransform):
+    """`(paths, errors)` of a local or `gs://` folder: its top level here, each subfolder's
+    whole tree by whichever worker it lands on, so that a tree of millions of files is
+    listed in parallel."""
 
     def __init__(self, root: str) -> None:
         super().__init__()
@@ -294,7 +318,7 @@ class _ListLocalFolder(beam.PTransform):
 
         def walk(folder: bytes) -> Iterator[str | TaggedOutput]:
             listed.inc()
-            yield from _list_checked(os.fsdecode(folder), walk_files, True)
+            yield from _list_checked(os.fsdecode(folder), _walk, True)
 
         top = (
             pbegin
