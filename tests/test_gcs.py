@@ -171,7 +171,6 @@ def test_every_format_on_gcs(gcs: object, tiny_models: tuple[str, str]) -> None:
 def test_a_gcs_folders_subfolders_are_listed_by_parallel_steps(gcs: object) -> None:
     """A bucket folder of millions of objects is not paged through by one worker: its top
     level is listed with a delimiter, each subfolder by whichever worker it lands on."""
-    import apache_beam as beam
     from apache_beam.metrics.metric import MetricsFilter
     from apache_beam.testing.test_pipeline import TestPipeline
     from apache_beam.testing.util import assert_that, equal_to
