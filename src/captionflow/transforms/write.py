@@ -237,6 +237,7 @@ class WriteJsonLines(beam.PTransform):
             earlier = (
                 lines.pipeline
                 | "ReadEarlier" >> _ReadEarlier(self.destination, self.key, self.run)
+                # Bigger parts: these hold finished work, not checkpoints of new work.
                 | "WriteEarlier"
                 >> beam.ParDo(_WriteParts(directory, self.lines_per_part * 10, prefix))
             )
