@@ -116,7 +116,8 @@ def test_parts_are_joined_in_parallel_groups_then_into_one_file(tmp_path: Path) 
     result = pipeline.run()
     result.wait_until_finish()
     assert sorted(destination.read_text().splitlines()) == sorted(rows(23))
-    assert counters(result)["part_groups_joined"] >= 6  # 23 parts, at most 4 a group
+    # 23 parts hashed into 6 groups of about 4: more than one (in parallel), never more than 6
+    assert 2 <= counters(result)["part_groups_joined"] <= 6
     assert not Path(parts_dir(str(destination))).exists()
 
 

@@ -133,8 +133,9 @@ def _finish(groups: list[str], destination: str) -> str:
 
 
 class JoinParts(beam.PTransform):
-    """Part paths in; the destination, complete, out: the parts joined `parts_per_group` at a
-    time by parallel steps, then those groups into the destination (temp name, then rename).
+    """Part paths in; the destination, complete, out: the parts hashed into groups of about
+    `parts_per_group` (the sizes vary with the hash), each joined by a parallel step, then the
+    groups into the destination (temp name, then rename).
     The parts' folder (`parts_dir(destination)`) is removed at the end."""
 
     def __init__(self, destination: str, parts_per_group: int = PARTS_PER_GROUP) -> None:
@@ -206,7 +207,7 @@ class WriteJsonLines(beam.PTransform):
     Parts appear while the job runs, every `lines_per_part` lines per worker: they are its
     checkpoints. With `resume`, the lines an earlier run of the same destination wrote (its
     file and its parts) are kept too, one per `key` (a field's name, or a function of the
-    record). Parts are joined `parts_per_group` at a time, in parallel, then into the file.
+    record). Parts are joined in groups of about `parts_per_group`, in parallel, then into the file.
     Returns a one-element PCollection with the destination path once it is complete.
     """
 
