@@ -27,7 +27,7 @@ from captionflow.config import ExportConfig, FormatOptions, RunConfig
 from captionflow.fatal import FatalError, QuietFatalTracebacks, fatal_message
 from captionflow.handlers.decoding import DecodingOptions
 from captionflow.handlers.loading import check_available
-from captionflow.handlers.registry import CAPTIONERS, RANKERS, parse_reference
+from captionflow.handlers.registry import captioners, parse_reference, rankers
 from captionflow.handlers.torch_setup import DeviceUnavailableError, check_device
 from captionflow.lock import OutputLock
 from captionflow.paths import join
@@ -168,12 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument(
         "--captioner",
         default="blip",
-        help=f"NAME, NAME:MODEL or MODEL; names: {', '.join(CAPTIONERS)} (default: %(default)s)",
+        help=f"NAME, NAME:MODEL or MODEL; names: {', '.join(captioners())} (default: %(default)s)",
     )
     models.add_argument(
         "--ranker",
         default="clip",
-        help=f"NAME, NAME:MODEL or MODEL; names: {', '.join(RANKERS)} (default: %(default)s)",
+        help=f"NAME, NAME:MODEL or MODEL; names: {', '.join(rankers())} (default: %(default)s)",
     )
     models.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     models.add_argument(
@@ -393,11 +393,13 @@ def check_models(config: RunConfig) -> None:
     """On a local runner, fail in a second when a model cannot be had, saying what to do."""
     problems = []
     for flag, reference, table, default in (
-        ("captioner", config.captioner, CAPTIONERS, "blip"),
-        ("ranker", config.ranker, RANKERS, "clip"),
+        ("captioner", config.captioner, captioners(), "blip"),
+        ("ranker", config.ranker, rankers(), "clip"),
     ):
         name, model = parse_reference(reference, table, default)
         model = model or table[name].default_model
+        if not model:  # a handler with no model to load (`--ranker none`)
+            continue
         if problem := check_available(model):
             problems.append(
                 f"--{flag}: cannot load {model}: {problem}. Download it where the Hub can be "

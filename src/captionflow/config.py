@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from captionflow.handlers.candidates import CandidateRules
 from captionflow.handlers.decoding import DecodingOptions
-from captionflow.handlers.registry import CAPTIONERS, RANKERS
+from captionflow.handlers.registry import DEFAULT_RANKER, captioners, parse_reference, rankers
 from captionflow.images import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_PIXELS,
@@ -141,12 +141,24 @@ class RunConfig(FormatOptions):
     @field_validator("captioner")
     @classmethod
     def _known_captioner(cls, value: str) -> str:
-        return _check_model_reference(value, CAPTIONERS, "captioner")
+        return _check_model_reference(value, captioners(), "captioner")
 
     @field_validator("ranker")
     @classmethod
     def _known_ranker(cls, value: str) -> str:
-        return _check_model_reference(value, RANKERS, "ranker")
+        return _check_model_reference(value, rankers(), "ranker")
+
+    @field_validator("min_score")
+    @classmethod
+    def _ranker_scores(cls, value: float | None, info: ValidationInfo) -> float | None:
+        ranker = info.data.get("ranker")
+        if value is not None and ranker is not None:
+            name, _ = parse_reference(ranker, rankers(), DEFAULT_RANKER)
+            if not rankers()[name].scores:
+                raise ValueError(
+                    f"--ranker {ranker} scores nothing: choose a ranker that scores, or drop it"
+                )
+        return value
 
     @field_validator("device")
     @classmethod

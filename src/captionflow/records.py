@@ -17,14 +17,16 @@ STAGES = ("read", "decode", "caption", "rank")
 class ScoredCaption:
     """One candidate caption with its ranker scores.
 
-    `score` is the cosine similarity of image and text: comparable across images, so good for
-    filtering a dataset. `probability` is the softmax of the ranker's scaled scores within one
-    image: how sure the ranker is of this candidate against its siblings.
+    `score` is how well the text matches the image, comparable across images, so good for
+    filtering a dataset: the cosine of their embeddings for CLIP, a match probability for
+    SigLIP and BLIP's matching head. `probability` is the softmax of the ranker's logits within
+    one image: how sure the ranker is of this candidate against its siblings. Both are None
+    when nothing ranked the candidates (`--ranker none`).
     """
 
     text: str
-    score: float
-    probability: float
+    score: float | None
+    probability: float | None
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,7 @@ class CaptionRecord:
 
     image_uri: str
     text: str
-    score: float
+    score: float | None  # None when nothing ranked the candidates
     candidates: tuple[ScoredCaption, ...]
     captioner: str
     ranker: str

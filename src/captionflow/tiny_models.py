@@ -16,16 +16,36 @@ WORDS = (
 ).split()
 
 
+SMALL = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_attention_heads": 2,
+    "num_hidden_layers": 2,
+}
+
+
 def build_tiny_blip(directory: str, image_size: int = 32) -> str:
     """A ~60k-parameter BLIP captioner with a real BERT tokenizer and BLIP processor; with
     `image_size` 384, BLIP-base's input size at next to no compute."""
-    from transformers import (
-        BertTokenizer,
-        BlipConfig,
-        BlipForConditionalGeneration,
-        BlipImageProcessorPil,
-        BlipProcessor,
-    )
+    from transformers import BlipForConditionalGeneration
+
+    config, processor = _tiny_blip_parts(image_size)
+    _save(directory, BlipForConditionalGeneration(config), processor)
+    return directory
+
+
+def build_tiny_blip_itm(directory: str, image_size: int = 32) -> str:
+    """A tiny BLIP image-text matching model (`BlipForImageTextRetrieval`, the `blip-itm`
+    ranker), with the same tokenizer and processor as `build_tiny_blip`."""
+    from transformers import BlipForImageTextRetrieval
+
+    config, processor = _tiny_blip_parts(image_size)
+    _save(directory, BlipForImageTextRetrieval(config), processor)
+    return directory
+
+
+def _tiny_blip_parts(image_size: int) -> tuple[object, object]:
+    from transformers import BertTokenizer, BlipConfig, BlipImageProcessorPil, BlipProcessor
 
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "[ENC]"]
     vocab = {token: i for i, token in enumerate(special + WORDS)}
@@ -33,15 +53,9 @@ def build_tiny_blip(directory: str, image_size: int = 32) -> str:
         vocab=vocab, bos_token="[DEC]", additional_special_tokens=["[ENC]"], model_max_length=64
     )
     image_processor = BlipImageProcessorPil(size={"height": image_size, "width": image_size})
-    small = {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_attention_heads": 2,
-        "num_hidden_layers": 2,
-    }
     config = BlipConfig(
-        vision_config=small | {"image_size": image_size, "patch_size": _patch(image_size)},
-        text_config=small
+        vision_config=SMALL | {"image_size": image_size, "patch_size": _patch(image_size)},
+        text_config=SMALL
         | {
             "vocab_size": len(vocab),
             "max_position_embeddings": 64,
@@ -52,9 +66,7 @@ def build_tiny_blip(directory: str, image_size: int = 32) -> str:
         },
         projection_dim=32,
     )
-    model = BlipForConditionalGeneration(config)
-    _save(directory, model, BlipProcessor(image_processor=image_processor, tokenizer=tokenizer))
-    return directory
+    return config, BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
 def build_tiny_clip(directory: str, image_size: int = 32) -> str:
@@ -76,15 +88,9 @@ def build_tiny_clip(directory: str, image_size: int = 32) -> str:
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
-    small = {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_attention_heads": 2,
-        "num_hidden_layers": 2,
-    }
     config = CLIPConfig(
-        vision_config=small | {"image_size": image_size, "patch_size": _patch(image_size)},
-        text_config=small
+        vision_config=SMALL | {"image_size": image_size, "patch_size": _patch(image_size)},
+        text_config=SMALL
         | {
             "vocab_size": len(vocab),
             "max_position_embeddings": 32,
@@ -96,6 +102,37 @@ def build_tiny_clip(directory: str, image_size: int = 32) -> str:
     )
     model = CLIPModel(config)
     _save(directory, model, CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer))
+    return directory
+
+
+def build_tiny_siglip(directory: str, image_size: int = 32) -> str:
+    """A tiny SigLIP ranker: the real model and image processor, with a BERT word-piece
+    tokenizer standing in for SigLIP's SentencePiece one (which needs a trained model file)."""
+    from transformers import (
+        BertTokenizer,
+        SiglipConfig,
+        SiglipImageProcessorPil,
+        SiglipModel,
+        SiglipProcessor,
+    )
+
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {token: i for i, token in enumerate(special + WORDS)}
+    tokenizer = BertTokenizer(vocab=vocab, model_max_length=16)
+    image_processor = SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
+    config = SiglipConfig(
+        vision_config=SMALL | {"image_size": image_size, "patch_size": _patch(image_size)},
+        text_config=SMALL
+        | {
+            "vocab_size": len(vocab),
+            "max_position_embeddings": 16,
+            "pad_token_id": vocab["[PAD]"],
+            "bos_token_id": vocab["[CLS]"],
+            "eos_token_id": vocab["[SEP]"],
+        },
+    )
+    processor = SiglipProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    _save(directory, SiglipModel(config), processor)
     return directory
 
 

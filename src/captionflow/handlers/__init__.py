@@ -9,22 +9,29 @@ from captionflow.handlers.base import (
     RankModelHandler,
 )
 from captionflow.handlers.blip import BlipCaptioner, BlipCaptionHandler
+from captionflow.handlers.blip_itm import BlipItmRanker, BlipItmRankHandler
 from captionflow.handlers.clip import ClipRanker, ClipRankHandler
 from captionflow.handlers.decoding import DecodingOptions
+from captionflow.handlers.first import NoRankHandler
 from captionflow.handlers.registry import (
     CAPTIONERS,
     RANKERS,
     captioner_handler,
+    captioners,
     ranker_handler,
+    rankers,
     register_captioner,
     register_ranker,
 )
+from captionflow.handlers.siglip import SiglipRanker, SiglipRankHandler
 
 __all__ = [
     "CAPTIONERS",
     "RANKERS",
     "BlipCaptionHandler",
     "BlipCaptioner",
+    "BlipItmRankHandler",
+    "BlipItmRanker",
     "CaptionModelHandler",
     "Captioner",
     "ClipRankHandler",
@@ -32,10 +39,15 @@ __all__ = [
     "DecodingOptions",
     "InferenceFailure",
     "IsolatingModelHandler",
+    "NoRankHandler",
     "RankModelHandler",
     "Ranker",
+    "SiglipRankHandler",
+    "SiglipRanker",
     "captioner_handler",
+    "captioners",
     "ranker_handler",
+    "rankers",
     "register_captioner",
     "register_ranker",
 ]

@@ -88,6 +88,7 @@ class IsolatingModelHandler(ModelHandler[ExampleT, PredictionT, ModelT]):
 
     default_model: str = ""
     kind: str = ""
+    takes_images: bool = True  # False: the model never looks at the images (no view is made)
 
     def __init__(
         self,
@@ -232,6 +233,8 @@ class CaptionModelHandler(IsolatingModelHandler[ModelImage, list[str], Captioner
 
 class RankModelHandler(IsolatingModelHandler[RankExample, list[ScoredCaption], Ranker]):
     """Base for rankers: (image, candidates) in, scored candidates best first out."""
+
+    scores: bool = True  # False: it keeps the captioner's order and scores nothing
 
     @abstractmethod
     def load_model(self) -> Ranker: ...

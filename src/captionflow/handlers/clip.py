@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 from transformers import CLIPModel, CLIPProcessor
@@ -10,15 +11,23 @@ from transformers import CLIPModel, CLIPProcessor
 from captionflow.handlers.base import ModelImages, RankModelHandler
 from captionflow.handlers.loading import load_pretrained
 from captionflow.handlers.pixels import PixelValues, view_spec_of
+from captionflow.handlers.ranking import best_first
 from captionflow.handlers.registry import register_ranker
 from captionflow.records import ScoredCaption
 from captionflow.views import ViewSpec
 
 
 class ClipRanker:
-    """A loaded CLIP: each image embedded once, all its candidates in the same text batch."""
+    """A loaded CLIP: each image embedded once, all its candidates in the same text batch.
+    `score` is the cosine of image and text; `probability` the softmax of the scaled cosines
+    among one image's candidates (CLIP's own zero-shot probabilities)."""
 
-    def __init__(self, model: CLIPModel, processor: CLIPProcessor) -> None:
+    kind: ClassVar[str] = "clip"
+    model_class: ClassVar[Any] = CLIPModel
+    processor_class: ClassVar[Any] = CLIPProcessor
+    padding: ClassVar[bool | str] = True  # to the longest text of the batch
+
+    def __init__(self, model: Any, processor: Any) -> None:
         self.model = model.eval()
         self.processor = processor
         self.pixel_values = PixelValues(processor.image_processor)
@@ -35,10 +44,10 @@ class ClipRanker:
     ) -> ClipRanker:
         model, processor = load_pretrained(
             path,
-            CLIPModel,
-            CLIPProcessor,
+            cls.model_class,
+            cls.processor_class,
             flag="ranker",
-            kind="clip",
+            kind=cls.kind,
             device=device,
             dtype=dtype,
             trust_remote_code=trust_remote_code,
@@ -53,7 +62,7 @@ class ClipRanker:
         texts = [text for group in candidates for text in group]
         tokens = self.processor.tokenizer(
             texts,
-            padding=True,
+            padding=self.padding,
             truncation=True,
             max_length=self.max_text_tokens,
             return_tensors="pt",
@@ -63,19 +72,16 @@ class ClipRanker:
         text_embeds = _embedding(self.model.get_text_features(**tokens))
         image_embeds = torch.nn.functional.normalize(image_embeds.float(), dim=-1)
         text_embeds = torch.nn.functional.normalize(text_embeds.float(), dim=-1)
-        scale = self.model.logit_scale.exp().float()
+        counts = torch.tensor([len(group) for group in candidates], device=device)
+        cosine = (text_embeds * image_embeds.repeat_interleave(counts, dim=0)).sum(dim=-1)
+        logits = self.logits(cosine)
+        return best_first(candidates, self.scores(cosine, logits), logits)
 
-        ranked, start = [], 0
-        for image_embed, group in zip(image_embeds, candidates, strict=True):
-            cosine = text_embeds[start : start + len(group)] @ image_embed
-            probability = (cosine * scale).softmax(dim=0)
-            start += len(group)
-            scored = [
-                ScoredCaption(text, float(c), float(p))
-                for text, c, p in zip(group, cosine.tolist(), probability.tolist(), strict=True)
-            ]
-            ranked.append(sorted(scored, key=lambda s: s.score, reverse=True))
-        return ranked
+    def logits(self, cosine: torch.Tensor) -> torch.Tensor:
+        return cosine * self.model.logit_scale.exp().float()
+
+    def scores(self, cosine: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return cosine
 
 
 def _embedding(output: torch.Tensor | object) -> torch.Tensor:
@@ -89,12 +95,17 @@ class ClipRankHandler(RankModelHandler):
 
     kind = "clip"
     default_model = "openai/clip-vit-base-patch32"
+    ranker_class: type[ClipRanker] = ClipRanker
 
     def view_spec(self) -> ViewSpec | None:
-        return view_spec_of(self.model_id, CLIPProcessor, trust_remote_code=self.trust_remote_code)
+        return view_spec_of(
+            self.model_id,
+            self.ranker_class.processor_class,
+            trust_remote_code=self.trust_remote_code,
+        )
 
     def load_model(self) -> ClipRanker:
-        return ClipRanker.from_pretrained(
+        return self.ranker_class.from_pretrained(
             self.model_id,
             device=self.device,
             dtype=self.dtype,

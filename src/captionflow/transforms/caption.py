@@ -66,7 +66,11 @@ class CaptionImages(beam.PTransform):
             max_side=self.max_side,
             max_pixels=self.max_pixels,
             max_bytes=self.max_bytes,
-            views=(self.captioner.view_spec, self.ranker.view_spec),
+            views=tuple(
+                handler.view_spec
+                for handler in (self.captioner, self.ranker)
+                if handler.takes_images
+            ),
         )
         ranked = loaded[IMAGES] | "CaptionAndRank" >> CaptionAndRank(self.engine)
         errors = (loaded[ERRORS], ranked[ERRORS]) | "Errors" >> beam.Flatten()
