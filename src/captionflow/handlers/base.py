@@ -117,8 +117,9 @@ class IsolatingModelHandler(ModelHandler[ExampleT, PredictionT, ModelT]):
 
     @property
     def name(self) -> str:
-        """How records name this model: `<kind>:<model id or path>`."""
-        return f"{self.kind}:{self.model_id}"
+        """How records name this model: `<kind>:<model id or path>`, or `<kind>` when it loads
+        no model."""
+        return f"{self.kind}:{self.model_id}" if self.model_id else self.kind
 
     @abstractmethod
     def predict(self, model: ModelT, batch: Sequence[ExampleT]) -> list[PredictionT]:

@@ -27,9 +27,5 @@ class NoRankHandler(RankModelHandler):
     scores = False
     takes_images = False
 
-    @property
-    def name(self) -> str:
-        return self.kind
-
     def load_model(self) -> FirstCandidate:
         return FirstCandidate()
