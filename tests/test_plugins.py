@@ -18,11 +18,8 @@ EXAMPLE = Path(__file__).parents[1] / "examples" / "plugin"
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The example package pip-installed into a folder of its own (a site for PYTHONPATH)."""
     site = tmp_path_factory.mktemp("site")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
-        + ["--target", str(site), str(EXAMPLE)],
-        check=True,
-    )
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
+    subprocess.run([*pip, "--target", str(site), str(EXAMPLE)], check=True)
     return site
 
 
