@@ -10,6 +10,7 @@ from transformers import (
     BertTokenizer,
     BlipConfig,
     BlipForConditionalGeneration,
+    BlipForImageTextRetrieval,
     BlipImageProcessorPil,
     BlipProcessor,
     CLIPConfig,
@@ -17,6 +18,10 @@ from transformers import (
     CLIPModel,
     CLIPProcessor,
     CLIPTokenizer,
+    SiglipConfig,
+    SiglipImageProcessorPil,
+    SiglipModel,
+    SiglipProcessor,
 )
 
 
@@ -27,6 +32,22 @@ def _depth(config: object, layers: int | None) -> None:
 
 def build_blip_base(directory: str, layers: int | None = None) -> str:
     """blip-image-captioning-base: ViT-B/16 at 384 px, BERT-base decoder (224M parameters)."""
+    config, processor = _blip_base_parts(layers)
+    torch.manual_seed(0)
+    _save(directory, BlipForConditionalGeneration(config), processor)
+    return directory
+
+
+def build_blip_itm_base(directory: str, layers: int | None = None) -> str:
+    """blip-itm-base-coco: ViT-B/16 at 384 px, BERT-base text encoder with cross-attention and
+    the matching head."""
+    config, processor = _blip_base_parts(layers)
+    torch.manual_seed(0)
+    _save(directory, BlipForImageTextRetrieval(config), processor)
+    return directory
+
+
+def _blip_base_parts(layers: int | None) -> tuple[BlipConfig, BlipProcessor]:
     config = BlipConfig()
     _depth(config.vision_config, layers)
     _depth(config.text_config, layers)
@@ -43,8 +64,27 @@ def build_blip_base(directory: str, layers: int | None = None) -> str:
         image_processor=BlipImageProcessorPil(size={"height": 384, "width": 384}),
         tokenizer=tokenizer,
     )
+    return config, processor
+
+
+def build_siglip_base(directory: str, layers: int | None = None) -> str:
+    """siglip-base-patch16-224: ViT-B/16 at 224 px and a 12-layer text encoder over 64 tokens
+    (203M); a word-piece tokenizer of its vocabulary's size stands in for its SentencePiece."""
+    config = SiglipConfig()
+    _depth(config.vision_config, layers)
+    _depth(config.text_config, layers)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    words = [f"w{i}" for i in range(config.text_config.vocab_size - len(specials))]
+    vocab = {token: i for i, token in enumerate(specials + words)}
+    config.text_config.pad_token_id = vocab["[PAD]"]
+    config.text_config.bos_token_id = vocab["[CLS]"]
+    config.text_config.eos_token_id = vocab["[SEP]"]
+    processor = SiglipProcessor(
+        image_processor=SiglipImageProcessorPil(size={"height": 224, "width": 224}),
+        tokenizer=BertTokenizer(vocab=vocab, model_max_length=64),
+    )
     torch.manual_seed(0)
-    _save(directory, BlipForConditionalGeneration(config), processor)
+    _save(directory, SiglipModel(config), processor)
     return directory
 
 
