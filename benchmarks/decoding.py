@@ -275,6 +275,7 @@ def child_plain(args: argparse.Namespace) -> dict:
     )
 
     from captionflow.handlers import DecodingOptions
+    from captionflow.handlers.blip import PROMPT
 
     uris = Path(args.list_file).read_text().split()
     blip = BlipForConditionalGeneration.from_pretrained(args.blip).to(args.device).eval()
@@ -288,7 +289,9 @@ def child_plain(args: argparse.Namespace) -> dict:
         for i in range(0, len(uris), args.batch):
             pictures = [Image.open(uri).convert("RGB") for uri in uris[i : i + args.batch]]
             inputs = blip_processor(
-                images=pictures, text=[settings.prompt] * len(pictures), return_tensors="pt"
+                images=pictures,
+                text=[settings.prompt_or(PROMPT)] * len(pictures),
+                return_tensors="pt",
             ).to(args.device)
             ids = blip.generate(**inputs, **settings.generate_kwargs())
             texts = blip_processor.batch_decode(ids, skip_special_tokens=True)

@@ -14,6 +14,7 @@ from apache_beam.io.filesystems import FileSystems
 from PIL import Image
 
 from captionflow.handlers import BlipCaptioner, ClipRanker, DecodingOptions
+from captionflow.handlers.blip import PROMPT
 from captionflow.images import decode_image
 
 
@@ -35,7 +36,7 @@ class CaptionOneImageAtATime(beam.DoFn):
         uri, image = element
         k, blip = self.decoding.num_captions, self.blip
         inputs = blip.processor(
-            images=[image] * k, text=[self.decoding.prompt] * k, return_tensors="pt"
+            images=[image] * k, text=[self.decoding.prompt_or(PROMPT)] * k, return_tensors="pt"
         ).to(blip.model.device)
         settings = self.decoding.generate_kwargs() | {"num_return_sequences": 1}
         ids = blip.model.generate(

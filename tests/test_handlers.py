@@ -19,6 +19,7 @@ from captionflow.handlers import (
     captioner_handler,
     ranker_handler,
 )
+from captionflow.handlers.blip import PROMPT
 from captionflow.handlers.loading import ModelLoadError
 from captionflow.handlers.registry import parse_reference
 from tests.conftest import random_image
@@ -183,7 +184,7 @@ def test_blip_prompts_are_tokenised_as_its_processor_does(tiny_blip: str) -> Non
     from transformers import BlipProcessor
 
     processor = BlipProcessor.from_pretrained(tiny_blip)
-    prompts = [DecodingOptions().prompt] * 2
+    prompts = [PROMPT] * 2
     expected = processor(images=[random_image()] * 2, text=prompts, return_tensors="pt")
     tokens = processor.tokenizer(prompts, return_tensors="pt")
     assert torch.equal(tokens["input_ids"], expected["input_ids"])

@@ -81,7 +81,13 @@ DECODING_OPTIONS = (
     ("num_beams", "--num-beams", int, "beam search only"),
     ("min_new_tokens", "--min-new-tokens", int, ""),
     ("max_new_tokens", "--max-new-tokens", int, ""),
-    ("prompt", "--prompt", str, "text BLIP continues; removed from the captions"),
+    (
+        "prompt",
+        "--prompt",
+        str,
+        "text the captioner continues, removed from the captions (BLIP's default: 'a picture "
+        "of '), or the instruction a VLM follows",
+    ),
     ("seed", "--seed", int, "the same captions for an image in any run and batch (sampling)"),
     ("bad_words", "--bad-words", _words, "comma-separated words the captioner must never write"),
     (

@@ -136,6 +136,51 @@ def build_tiny_siglip(directory: str, image_size: int = 32) -> str:
     return directory
 
 
+def build_tiny_blip2(directory: str, image_size: int = 32) -> str:
+    """A tiny BLIP-2 (`Blip2ForConditionalGeneration`: vision tower, Q-Former with 4 query
+    tokens, an OPT language model) with a byte-level BPE tokenizer and BLIP-2's processor."""
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        BlipImageProcessorPil,
+        GPT2TokenizerFast,
+        OPTConfig,
+    )
+
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    tokens = ["<pad>", "</s>", "<unk>", "<image>", *letters, *("\u0120" + c for c in letters)]
+    vocab = {token: i for i, token in enumerate([*tokens, "\u0120"])}
+    tokenizer = GPT2TokenizerFast(
+        vocab=vocab, merges=[], bos_token="</s>", eos_token="</s>", pad_token="<pad>"
+    )
+    text = OPTConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        ffn_dim=64,
+        num_attention_heads=2,
+        num_hidden_layers=2,
+        word_embed_proj_dim=32,
+        max_position_embeddings=64,
+        pad_token_id=vocab["<pad>"],
+        bos_token_id=vocab["</s>"],
+        eos_token_id=vocab["</s>"],
+    )
+    config = Blip2Config(
+        vision_config=SMALL | {"image_size": image_size, "patch_size": _patch(image_size)},
+        qformer_config=SMALL | {"encoder_hidden_size": 32, "vocab_size": 64},
+        text_config=text.to_dict(),
+        num_query_tokens=4,
+        image_token_index=vocab["<image>"],
+    )
+    image_processor = BlipImageProcessorPil(size={"height": image_size, "width": image_size})
+    processor = Blip2Processor(
+        image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=4
+    )
+    _save(directory, Blip2ForConditionalGeneration(config), processor)
+    return directory
+
+
 def build_tiny_models(directory: str) -> tuple[str, str]:
     """Both tiny models under `directory`: `(blip_dir, clip_dir)`."""
     import torch

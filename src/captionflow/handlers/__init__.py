@@ -9,6 +9,7 @@ from captionflow.handlers.base import (
     RankModelHandler,
 )
 from captionflow.handlers.blip import BlipCaptioner, BlipCaptionHandler
+from captionflow.handlers.blip2 import Blip2Captioner, Blip2CaptionHandler
 from captionflow.handlers.blip_itm import BlipItmRanker, BlipItmRankHandler
 from captionflow.handlers.clip import ClipRanker, ClipRankHandler
 from captionflow.handlers.decoding import DecodingOptions
@@ -28,6 +29,8 @@ from captionflow.handlers.siglip import SiglipRanker, SiglipRankHandler
 __all__ = [
     "CAPTIONERS",
     "RANKERS",
+    "Blip2CaptionHandler",
+    "Blip2Captioner",
     "BlipCaptionHandler",
     "BlipCaptioner",
     "BlipItmRankHandler",

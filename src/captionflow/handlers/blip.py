@@ -10,6 +10,7 @@ from transformers import BlipForConditionalGeneration, BlipProcessor
 
 from captionflow.handlers.base import CaptionModelHandler, ModelImages
 from captionflow.handlers.blip_fast import FastBlip
+from captionflow.handlers.candidates import per_image
 from captionflow.handlers.decoding import DecodingOptions
 from captionflow.handlers.loading import load_pretrained
 from captionflow.handlers.pixels import PixelValues, view_spec_of
@@ -23,6 +24,8 @@ from captionflow.handlers.search import (
 from captionflow.views import ViewSpec
 
 logger = logging.getLogger(__name__)
+
+PROMPT = "a picture of "  # BLIP's usual prompt, when none is given
 
 
 class BlipCaptioner:
@@ -41,7 +44,8 @@ class BlipCaptioner:
         self.pixel_values = PixelValues(processor.image_processor)
         self.decoding = decoding
         tokenizer = processor.tokenizer
-        prompt_ids = tokenizer(decoding.prompt, add_special_tokens=False).input_ids
+        self.prompt = decoding.prompt_or(PROMPT)
+        prompt_ids = tokenizer(self.prompt, add_special_tokens=False).input_ids
         self._prompt_text = tokenizer.decode(prompt_ids, skip_special_tokens=True).strip()
         self._generate_kwargs = decoding.generate_kwargs()
         bad_words = tuple(
@@ -52,7 +56,7 @@ class BlipCaptioner:
         if bad_words:
             self._generate_kwargs["bad_words_ids"] = [list(ids) for ids in bad_words]
         text = model.config.text_config
-        self._prompt_ids = prompt_ids_for_generate(tokenizer(decoding.prompt).input_ids, text)
+        self._prompt_ids = prompt_ids_for_generate(tokenizer(self.prompt).input_ids, text)
         self._search = SearchSettings.of(
             decoding,
             model.text_decoder.generation_config,
@@ -99,8 +103,7 @@ class BlipCaptioner:
     def caption(self, images: ModelImages) -> list[list[str]]:
         pixel_values = self.pixel_values(images, self.model.device, self.model.dtype)
         texts = self.processor.batch_decode(self.token_ids(pixel_values), skip_special_tokens=True)
-        k = self.decoding.num_captions
-        return [self._distinct(texts[i * k : (i + 1) * k]) for i in range(len(images))]
+        return per_image(texts, len(images), self._prompt_text)
 
     @torch.inference_mode()
     def token_ids(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -108,7 +111,7 @@ class BlipCaptioner:
         device = pixel_values.device
         images = pixel_values.shape[0]
         if self.fast is None:
-            prompts = self.processor.tokenizer([self.decoding.prompt] * images, return_tensors="pt")
+            prompts = self.processor.tokenizer([self.prompt] * images, return_tensors="pt")
             return self.model.generate(
                 pixel_values=pixel_values,
                 input_ids=prompts["input_ids"].to(device),
@@ -126,15 +129,6 @@ class BlipCaptioner:
         if settings.seed is not None and settings.strategy == "sample":
             generators = image_generators(pixel_values, settings.seed)
         return search(steps, prompt, images, settings, generators)
-
-    def _distinct(self, texts: Sequence[str]) -> list[str]:
-        """The prompt removed, blanks and repeats dropped, first-seen order kept."""
-        seen: dict[str, None] = {}
-        for text in texts:
-            text = text.strip().removeprefix(self._prompt_text).strip()
-            if text:
-                seen.setdefault(text)
-        return list(seen)
 
 
 def prompt_ids_for_generate(ids: Sequence[int], text_config: object) -> list[int]:

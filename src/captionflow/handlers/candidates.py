@@ -46,6 +46,23 @@ class CandidateRules(BaseModel):
         return list(kept)
 
 
+def distinct(texts: Sequence[str], prefix: str = "") -> list[str]:
+    """A captioner's texts with `prefix` (its prompt) removed, blanks and repeats dropped,
+    first-seen order kept."""
+    seen: dict[str, None] = {}
+    for text in texts:
+        text = text.strip().removeprefix(prefix).strip()
+        if text:
+            seen.setdefault(text)
+    return list(seen)
+
+
+def per_image(texts: Sequence[str], images: int, prefix: str = "") -> list[list[str]]:
+    """`generate`'s rows, K consecutive ones per image, as each image's distinct texts."""
+    k = len(texts) // images if images else 0
+    return [distinct(texts[i * k : (i + 1) * k], prefix) for i in range(images)]
+
+
 class RuledCaptioner:
     """A loaded captioner whose candidates pass through `rules`."""
 

@@ -27,7 +27,9 @@ class DecodingOptions(BaseModel):
     num_beams: int = Field(3, ge=1, description="beam width (beam search only)")
     min_new_tokens: int = Field(5, ge=0)
     max_new_tokens: int = Field(30, ge=1)
-    prompt: str = "a picture of "
+    # Text the captioner continues (BLIP), or the instruction it follows (a VLM); None: the
+    # captioner's own default (`prompt_or`).
+    prompt: str | None = None
     # `fast`: the captioner's own decode loop where it has one (same token ids as `generate`);
     # `compiled`: that loop's steps compiled (CUDA graphs on a GPU); `reference`: `generate`.
     decoder: Literal["fast", "compiled", "reference"] = "fast"
@@ -61,6 +63,10 @@ class DecodingOptions(BaseModel):
         if minimum > value:
             raise ValueError(f"must be at least min_new_tokens ({minimum})")
         return value
+
+    def prompt_or(self, default: str) -> str:
+        """The prompt given, else the captioner's `default`."""
+        return default if self.prompt is None else self.prompt
 
     def generate_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `model.generate` that yield `num_captions` sequences per image."""

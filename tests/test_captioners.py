@@ -1,0 +1,73 @@
+"""Every captioner behind the same interface: K candidates from one encoding of each image,
+run through `CaptionImages` in a real pipeline."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import apache_beam as beam
+import pytest
+import torch
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from captionflow import CaptionImages, captioner_handler, ranker_handler
+from captionflow.handlers.blip2 import Blip2Captioner
+from captionflow.handlers.decoding import DecodingOptions
+from captionflow.tiny_models import build_tiny_blip2
+from tests.conftest import random_image, write_images
+
+BUILDERS: dict[str, tuple[Callable[[str], str], Callable[[torch.nn.Module], torch.nn.Module]]] = {
+    "blip2": (build_tiny_blip2, lambda model: model.vision_model),
+}
+CAPTIONERS = {"blip2": Blip2Captioner}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    folder = tmp_path_factory.mktemp("captioners")
+    torch.manual_seed(3)
+    return {name: build(str(folder / name)) for name, (build, _) in BUILDERS.items()}
+
+
+class Calls:
+    """Counts the images a module is given, through a forward hook."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.images = 0
+        module.register_forward_hook(self._count, with_kwargs=True)
+
+    def _count(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+        self.images += (args[0] if args else kwargs["pixel_values"]).shape[0]
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_k_candidates_come_from_one_encoding_of_each_image(name: str, tiny: dict) -> None:
+    decoding = DecodingOptions(num_captions=4, max_new_tokens=8, min_new_tokens=2, seed=0)
+    captioner = CAPTIONERS[name].from_pretrained(tiny[name], decoding=decoding)
+    encoded = Calls(BUILDERS[name][1](captioner.model))
+    images = [random_image(64, 48, seed=i) for i in range(3)]
+    candidates = captioner.caption(images)
+    assert encoded.images == len(images)  # K candidates, one pass of the vision tower each
+    assert len(candidates) == len(images)
+    for texts in candidates:
+        assert 1 <= len(texts) <= 4
+        assert len(set(texts)) == len(texts) and all(text.strip() == text for text in texts)
+    assert any(len(texts) > 1 for texts in candidates)  # sampled: distinct candidates
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_each_captioner_runs_in_caption_images(
+    name: str, tiny: dict, tiny_clip: str, tmp_path: Path
+) -> None:
+    paths = [str(p) for p in write_images(tmp_path / "images", 3)]
+    decoding = DecodingOptions(num_captions=3, max_new_tokens=8, min_new_tokens=2)
+    captioner = captioner_handler(f"{name}:{tiny[name]}", decoding=decoding, max_batch_size=2)
+    with TestPipeline(runner="FnApiRunner") as p:
+        captions, errors = (
+            p | beam.Create(paths) | CaptionImages(captioner, ranker_handler(f"clip:{tiny_clip}"))
+        )
+        rows = captions | beam.Map(lambda r: (r.image_uri, r.captioner, bool(r.text)))
+        assert_that(rows, equal_to([(path, f"{name}:{tiny[name]}", True) for path in paths]))
+        assert_that(errors, equal_to([]), label="errors")
