@@ -15,13 +15,17 @@ from apache_beam.testing.util import assert_that, equal_to
 from captionflow import CaptionImages, captioner_handler, ranker_handler
 from captionflow.handlers.blip2 import Blip2Captioner
 from captionflow.handlers.decoding import DecodingOptions
-from captionflow.tiny_models import build_tiny_blip2
+from captionflow.handlers.florence2 import Florence2Captioner
+from captionflow.handlers.vlm import VlmCaptioner
+from captionflow.tiny_models import build_tiny_blip2, build_tiny_florence2, build_tiny_llava
 from tests.conftest import random_image, write_images
 
 BUILDERS: dict[str, tuple[Callable[[str], str], Callable[[torch.nn.Module], torch.nn.Module]]] = {
     "blip2": (build_tiny_blip2, lambda model: model.vision_model),
+    "florence2": (build_tiny_florence2, lambda model: model.model.vision_tower),
+    "vlm": (build_tiny_llava, lambda model: model.model.vision_tower),
 }
-CAPTIONERS = {"blip2": Blip2Captioner}
+CAPTIONERS = {"blip2": Blip2Captioner, "florence2": Florence2Captioner, "vlm": VlmCaptioner}
 
 
 @pytest.fixture(scope="module")

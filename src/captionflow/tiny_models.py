@@ -181,6 +181,131 @@ def build_tiny_blip2(directory: str, image_size: int = 32) -> str:
     return directory
 
 
+def build_tiny_florence2(directory: str, image_size: int = 64) -> str:
+    """A tiny Florence-2 (`Florence2ForConditionalGeneration`: a 4-stage DaViT vision tower,
+    a BART encoder-decoder) with a byte-level BPE tokenizer and Florence-2's processor; its
+    image becomes (image_size / 32)^2 + 1 tokens."""
+    from transformers import (
+        BartConfig,
+        BartTokenizerFast,
+        CLIPImageProcessorPil,
+        Florence2Config,
+        Florence2ForConditionalGeneration,
+        Florence2Processor,
+        Florence2VisionConfig,
+    )
+
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<image>"]
+    tokens = [*specials, *letters, *("\u0120" + c for c in letters), "\u0120", "?", "."]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    tokenizer = BartTokenizerFast(
+        vocab=vocab, merges=[], extra_special_tokens={"image_token": "<image>"}
+    )
+    image_processor = CLIPImageProcessorPil(
+        size={"height": image_size, "width": image_size}, do_center_crop=False
+    )
+    image_processor.image_seq_length = (image_size // 32) ** 2 + 1
+    vision = Florence2VisionConfig(
+        depths=(1, 1, 1, 1),
+        embed_dim=(8, 16, 32, 32),
+        num_heads=(1, 1, 2, 2),
+        num_groups=(1, 1, 2, 2),
+        window_size=2,
+        projection_dim=32,
+        drop_path_rate=0.0,
+    )
+    text = BartConfig(
+        vocab_size=len(vocab),
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=128,
+        pad_token_id=vocab["<pad>"],
+        bos_token_id=vocab["<s>"],
+        eos_token_id=vocab["</s>"],
+        decoder_start_token_id=vocab["</s>"],
+        forced_bos_token_id=vocab["<s>"],
+    )
+    config = Florence2Config(
+        vision_config=vision, text_config=text, image_token_id=vocab["<image>"]
+    )
+    processor = Florence2Processor(image_processor=image_processor, tokenizer=tokenizer)
+    _save(directory, Florence2ForConditionalGeneration(config), processor)
+    return directory
+
+
+def build_tiny_llava(directory: str, image_size: int = 32) -> str:
+    """A tiny LLaVA (`LlavaForConditionalGeneration`: a CLIP vision tower and a Llama language
+    model), loaded by `AutoModelForImageTextToText`, with a byte-level BPE tokenizer, LLaVA's
+    processor and a chat template in LLaVA-1.5's "USER: <image>\\n... ASSISTANT:" form."""
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        GPT2TokenizerFast,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    specials = ["<unk>", "<s>", "</s>", "<image>", "<pad>"]
+    tokens = [*specials, *letters, *("\u0120" + c for c in letters), "\u0120", "\u010a", ":", "."]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    tokenizer = GPT2TokenizerFast(
+        vocab=vocab,
+        merges=[],
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    template = (
+        "{% for message in messages %}{{ message['role'].upper() }}: "
+        "{% for content in message['content'] %}{% if content['type'] == 'image' %}<image>\n"
+        "{% else %}{{ content['text'] }}{% endif %}{% endfor %}\n{% endfor %}"
+        "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    )
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=template,
+        patch_size=_patch(image_size),
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    vision = CLIPVisionConfig(
+        **SMALL, image_size=image_size, patch_size=_patch(image_size), projection_dim=32
+    )
+    text = LlamaConfig(
+        **SMALL,
+        vocab_size=len(vocab),
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        pad_token_id=vocab["<pad>"],
+        bos_token_id=vocab["<s>"],
+        eos_token_id=vocab["</s>"],
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=vocab["<image>"],
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    _save(directory, LlavaForConditionalGeneration(config), processor)
+    return directory
+
+
 def build_tiny_models(directory: str) -> tuple[str, str]:
     """Both tiny models under `directory`: `(blip_dir, clip_dir)`."""
     import torch

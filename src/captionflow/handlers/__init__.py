@@ -14,6 +14,7 @@ from captionflow.handlers.blip_itm import BlipItmRanker, BlipItmRankHandler
 from captionflow.handlers.clip import ClipRanker, ClipRankHandler
 from captionflow.handlers.decoding import DecodingOptions
 from captionflow.handlers.first import NoRankHandler
+from captionflow.handlers.florence2 import Florence2Captioner, Florence2CaptionHandler
 from captionflow.handlers.registry import (
     CAPTIONERS,
     RANKERS,
@@ -25,6 +26,7 @@ from captionflow.handlers.registry import (
     register_ranker,
 )
 from captionflow.handlers.siglip import SiglipRanker, SiglipRankHandler
+from captionflow.handlers.vlm import VlmCaptioner, VlmCaptionHandler
 
 __all__ = [
     "CAPTIONERS",
@@ -40,6 +42,8 @@ __all__ = [
     "ClipRankHandler",
     "ClipRanker",
     "DecodingOptions",
+    "Florence2CaptionHandler",
+    "Florence2Captioner",
     "InferenceFailure",
     "IsolatingModelHandler",
     "NoRankHandler",
@@ -47,6 +51,8 @@ __all__ = [
     "Ranker",
     "SiglipRankHandler",
     "SiglipRanker",
+    "VlmCaptionHandler",
+    "VlmCaptioner",
     "captioner_handler",
     "captioners",
     "ranker_handler",

@@ -81,12 +81,20 @@ class WrongModelKindError(ValueError):
 
 
 def _check_kind(local: str, model_class: Any, *, trust_remote_code: bool) -> None:
+    """The folder holds a model of `model_class`: its own type, or for an `AutoModel...`
+    class, a type that class maps (remote code is left to the class to judge)."""
+    config = transformers.AutoConfig.from_pretrained(local, trust_remote_code=trust_remote_code)
+    mapping = getattr(model_class, "_model_mapping", None)
+    if mapping is not None:
+        if not trust_remote_code and type(config) not in mapping:
+            raise WrongModelKindError(
+                f"it holds a {config.model_type!r} model, which {model_class.__name__} "
+                "does not take"
+            )
+        return
     expected = model_class.config_class.model_type
-    found = transformers.AutoConfig.from_pretrained(
-        local, trust_remote_code=trust_remote_code
-    ).model_type
-    if found != expected:
-        raise WrongModelKindError(f"it holds a {found!r} model, not a {expected!r} one")
+    if config.model_type != expected:
+        raise WrongModelKindError(f"it holds a {config.model_type!r} model, not a {expected!r} one")
 
 
 def load_pretrained(

@@ -1,0 +1,106 @@
+"""Any instruction-following vision-language model as a captioner: `AutoModelForImageTextToText`
+and its chat template (LLaVA, Qwen2.5-VL / Qwen3-VL, SmolVLM, PaliGemma, ...)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from captionflow.handlers.base import CaptionModelHandler, ModelImages
+from captionflow.handlers.candidates import per_image
+from captionflow.handlers.decoding import DecodingOptions
+from captionflow.handlers.loading import load_pretrained
+from captionflow.handlers.registry import register_captioner
+from captionflow.views import ImageViews, ViewBatch
+
+INSTRUCTION = "Describe this image."  # when no --prompt is given
+
+
+class VlmCaptioner:
+    """A loaded VLM: `--prompt` is the user's instruction, put in the model's own chat template
+    with the image; the images of a batch go through its processor together (its own resizing
+    to the model's limits), prompts padded on the left, and `generate` answers K times."""
+
+    def __init__(self, model: Any, processor: Any, decoding: DecodingOptions) -> None:
+        self.model = model.eval()
+        self.processor = processor
+        processor.tokenizer.padding_side = "left"  # answers start where the prompts end
+        instruction = decoding.prompt_or(INSTRUCTION)
+        content = [{"type": "image"}, {"type": "text", "text": instruction}]
+        self.text = processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
+        self.generate_kwargs = decoding.generate_kwargs()
+        tokenizer = processor.tokenizer
+        bad_words = [
+            ids
+            for word in decoding.bad_words
+            if (ids := tokenizer(word, add_special_tokens=False).input_ids)
+        ]
+        if bad_words:
+            self.generate_kwargs["bad_words_ids"] = bad_words
+        if decoding.seed is not None:
+            torch.manual_seed(decoding.seed)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str,
+        *,
+        decoding: DecodingOptions,
+        device: str = "auto",
+        dtype: str = "auto",
+        trust_remote_code: bool = False,
+    ) -> VlmCaptioner:
+        model, processor = load_pretrained(
+            path,
+            AutoModelForImageTextToText,
+            AutoProcessor,
+            flag="captioner",
+            kind="vlm",
+            device=device,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+        )
+        return cls(model, processor, decoding)
+
+    @torch.inference_mode()
+    def caption(self, images: ModelImages) -> list[list[str]]:
+        pictures = _pictures(images)
+        inputs = self.processor(
+            images=pictures, text=[self.text] * len(pictures), padding=True, return_tensors="pt"
+        ).to(self.model.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        ids = self.model.generate(**inputs, **self.generate_kwargs)
+        answers = ids[:, inputs["input_ids"].shape[1] :]
+        texts = self.processor.batch_decode(answers, skip_special_tokens=True)
+        return per_image([" ".join(text.split()) for text in texts], len(pictures))
+
+
+def _pictures(images: ModelImages) -> Sequence[Image.Image]:
+    if isinstance(images, ViewBatch) or any(isinstance(i, ImageViews) for i in images):
+        raise ValueError("a VLM takes decoded images: its processor sizes them itself")
+    return [image if image.mode == "RGB" else image.convert("RGB") for image in images]
+
+
+@register_captioner("vlm")
+class VlmCaptionHandler(CaptionModelHandler):
+    """RunInference handler for a VLM; `model` is a hub id, a local directory or a gs:// URI.
+    It declares no view: images arrive decoded (at most `--max-side` pixels a side)."""
+
+    kind = "vlm"
+    default_model = "Qwen/Qwen2.5-VL-3B-Instruct"
+
+    def load_model(self) -> VlmCaptioner:
+        return VlmCaptioner.from_pretrained(
+            self.model_id,
+            decoding=self.decoding,
+            device=self.device,
+            dtype=self.dtype,
+            trust_remote_code=self.trust_remote_code,
+        )
