@@ -34,7 +34,7 @@ ENGINES ?= $(GPU_COUNT)
 MPS ?=
 DRY_RUN ?=
 
-.PHONY: install test lint format run-local demo clean bench-rankers docker-build docker-build-cpu docker-push run-dataflow \
+.PHONY: install test lint format run-local demo clean bench-rankers bench-captioners docker-build docker-build-cpu docker-push run-dataflow \
 	bench bench-quick bench-gpu bench-feed bench-decode bench-scale gpu-bundle
 
 install: $(VENV)/.installed
@@ -79,6 +79,9 @@ bench-decode: install  # full-size BLIP: fast loop vs generate (token ids, rates
 
 bench-scale: install  # zero-cost models, 10k to 1M images: cost growth, memory per process: about 16 minutes here
 	$(PY) -m benchmarks.scale $(ARGS)
+
+bench-captioners: install  # each captioner's s per image, full-size random weights (BLIP-2 needs ~20 GB)
+	$(PY) -m benchmarks.captioners $(ARGS)
 
 bench-rankers: install  # each ranker's ms per image, full-size random weights: about 2 minutes here
 	$(PY) -m benchmarks.rankers $(ARGS)
