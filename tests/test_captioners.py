@@ -75,3 +75,33 @@ def test_each_captioner_runs_in_caption_images(
         rows = captions | beam.Map(lambda r: (r.image_uri, r.captioner, bool(r.text)))
         assert_that(rows, equal_to([(path, f"{name}:{tiny[name]}", True) for path in paths]))
         assert_that(errors, equal_to([]), label="errors")
+
+
+class Rows:
+    """Counts the rows of the prompt passes (more than one token) a language model is given."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.rows = 0
+        module.register_forward_hook(self._count, with_kwargs=True)
+
+    def _count(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is not None and embeds.shape[1] > 1:
+            self.rows += embeds.shape[0]
+
+
+def test_a_vlm_reads_its_long_prompt_once_per_image_not_per_candidate(tiny: dict) -> None:
+    images = [random_image(64, 48 + 16 * i, seed=i) for i in range(3)]
+    # top_p that keeps one token: sampling that is greedy, so both paths must agree exactly
+    near_greedy = DecodingOptions(num_captions=4, max_new_tokens=6, min_new_tokens=2, top_p=1e-6)
+    shared = VlmCaptioner.from_pretrained(tiny["vlm"], decoding=near_greedy)
+    prompt_rows = Rows(shared.model.model.language_model)
+    assert shared.shares_prompt
+    candidates = shared.caption(images)
+    assert prompt_rows.rows == len(images)
+
+    plain = VlmCaptioner.from_pretrained(tiny["vlm"], decoding=near_greedy)
+    plain.shares_prompt = False
+    prompt_rows = Rows(plain.model.model.language_model)
+    assert plain.caption(images) == candidates
+    assert prompt_rows.rows == 4 * len(images)  # what generate alone does

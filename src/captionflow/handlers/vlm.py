@@ -3,6 +3,7 @@ and its chat template (LLaVA, Qwen2.5-VL / Qwen3-VL, SmolVLM, PaliGemma, ...).""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,7 +24,14 @@ INSTRUCTION = "Describe this image."  # when no --prompt is given
 class VlmCaptioner:
     """A loaded VLM: `--prompt` is the user's instruction, put in the model's own chat template
     with the image; the images of a batch go through its processor together (its own resizing
-    to the model's limits), prompts padded on the left, and `generate` answers K times."""
+    to the model's limits), prompts padded on the left, and `generate` answers K times.
+
+    A VLM's prompt is long (hundreds of image tokens), and `generate` would run it through the
+    language model once per candidate. When sampling, it runs once per image instead: the
+    prompt's cache is made for N rows and repeated for the K candidates of each
+    (`shares_prompt`). Models with per-batch position state (Qwen2-VL's multimodal rotary
+    deltas) and beam search take `generate`'s own path.
+    """
 
     def __init__(self, model: Any, processor: Any, decoding: DecodingOptions) -> None:
         self.model = model.eval()
@@ -45,6 +53,12 @@ class VlmCaptioner:
             self.generate_kwargs["bad_words_ids"] = bad_words
         if decoding.seed is not None:
             torch.manual_seed(decoding.seed)
+        self.k = decoding.num_captions
+        self.shares_prompt = (
+            decoding.strategy == "sample"
+            and self.k > 1
+            and not hasattr(getattr(model, "model", None), "rope_deltas")
+        )
 
     @classmethod
     def from_pretrained(
@@ -76,10 +90,39 @@ class VlmCaptioner:
         ).to(self.model.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        ids = self.model.generate(**inputs, **self.generate_kwargs)
+        if self.shares_prompt:
+            ids = self._generate_from_shared_prompt(dict(inputs))
+        else:
+            ids = self.model.generate(**inputs, **self.generate_kwargs)
         answers = ids[:, inputs["input_ids"].shape[1] :]
         texts = self.processor.batch_decode(answers, skip_special_tokens=True)
         return per_image([" ".join(text.split()) for text in texts], len(pictures))
+
+    def _generate_from_shared_prompt(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """`generate`'s K samples per image, with the prompt (all but its last token) run
+        through the model once per image and its cache repeated K times."""
+        ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
+        head_mask = mask[:, :-1]
+        positions = (head_mask.long().cumsum(-1) - 1).masked_fill(head_mask == 0, 0)
+        prefix = self.model(
+            input_ids=ids[:, :-1],
+            attention_mask=head_mask,
+            position_ids=positions,
+            use_cache=True,
+            **inputs,  # the image inputs: only this pass reads them
+        )
+        cache = prefix.past_key_values
+        cache.batch_repeat_interleave(self.k)
+        with (
+            warnings.catch_warnings()
+        ):  # transformers 5.2x renames it `cache`; older know only this
+            warnings.filterwarnings("ignore", "`past_key_values` is deprecated", FutureWarning)
+            return self.model.generate(
+                input_ids=ids.repeat_interleave(self.k, dim=0),
+                attention_mask=mask.repeat_interleave(self.k, dim=0),
+                past_key_values=cache,
+                **(self.generate_kwargs | {"num_return_sequences": 1}),
+            )
 
 
 def _pictures(images: ModelImages) -> Sequence[Image.Image]:
