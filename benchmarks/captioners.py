@@ -187,10 +187,18 @@ def llava_qwen_05b(decoding: DecodingOptions) -> Any:
     return VlmCaptioner(LlavaForConditionalGeneration(config), processor, decoding)
 
 
+def llava_qwen_05b_generate(decoding: DecodingOptions) -> Any:
+    """The same VLM through `generate` alone: its prompt run once per candidate."""
+    captioner = llava_qwen_05b(decoding)
+    captioner.shares_prompt = False
+    return captioner
+
+
 CAPTIONERS: dict[str, tuple[str, Callable[[DecodingOptions], Any]]] = {
     "blip": ("Salesforce/blip-image-captioning-base", blip_base),
     "florence2": ("florence-community/Florence-2-base", florence2_base),
     "vlm": ("llava-hf/llava-interleave-qwen-0.5b-hf", llava_qwen_05b),
+    "vlm-generate": ("llava-hf/llava-interleave-qwen-0.5b-hf", llava_qwen_05b_generate),
     "blip2": ("Salesforce/blip2-opt-2.7b", blip2_opt_27b),
 }
 
