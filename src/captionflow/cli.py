@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import re
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 
@@ -33,6 +35,7 @@ from captionflow.lock import OutputLock
 from captionflow.paths import join
 from captionflow.pipelines import build_caption_pipeline, build_export_pipeline
 from captionflow.pipelines.caption import SUMMARY_FILE
+from captionflow.progress import ProgressLine
 from captionflow.signals import Interrupted, StopSignals
 from captionflow.transforms.write import ERRORS_FILE, parts_dir
 
@@ -443,6 +446,14 @@ def check_no_orphaned_checkpoints(config: RunConfig) -> None:
         )
 
 
+def progress_folder(options: PipelineOptions) -> str | None:
+    """Where a local run on a terminal counts its progress for the live line; None elsewhere
+    (not a terminal: the log lines; a distributed runner: its counters and logs)."""
+    if options.view_as(StandardOptions).runner not in LOCAL_RUNNERS or not sys.stderr.isatty():
+        return None
+    return tempfile.mkdtemp(prefix="captionflow-progress-")
+
+
 def caption(config: RunConfig, options: PipelineOptions, stop: StopSignals) -> None:
     """Run the job, resuming it after a failure until `config.attempts`; never after a
     fatal error or a stop signal."""
@@ -450,13 +461,18 @@ def caption(config: RunConfig, options: PipelineOptions, stop: StopSignals) -> N
     for attempt in range(1, config.attempts + 1):
         resume = config.resume or attempt > 1
         pipeline = beam.Pipeline(options=options)
+        progress = progress_folder(options)
         build_caption_pipeline(
-            pipeline, config.model_copy(update={"resume": resume}), started=started
+            pipeline,
+            config.model_copy(update={"resume": resume}),
+            started=started,
+            progress=progress,
         )
         result = None
         try:
-            result = pipeline.run()  # local runners work here; remote ones submit and return
-            result.wait_until_finish()
+            with ProgressLine(progress, sys.stderr) if progress else contextlib.nullcontext():
+                result = pipeline.run()  # local runners work here; remote ones submit and return
+                result.wait_until_finish()
             return
         except BaseException as error:
             if stop.received:

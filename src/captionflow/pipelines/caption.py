@@ -6,12 +6,14 @@ import time
 
 import apache_beam as beam
 
+from captionflow import progress as counted
 from captionflow.config import RunConfig
 from captionflow.handlers.base import CaptionModelHandler, RankModelHandler
 from captionflow.handlers.registry import captioner_handler, ranker_handler
 from captionflow.paths import join
 from captionflow.records import CaptionRecord
 from captionflow.transforms import CaptionImages, LogProgress, ReadImagePaths, WriteErrors
+from captionflow.transforms.progress import CountInto
 from captionflow.transforms.resume import ReadDone, SkipDone, metadata_key
 from captionflow.transforms.scores import SplitByScore
 from captionflow.transforms.shards import SHARD_FORMATS, MetadataRows, WriteShards
@@ -50,22 +52,32 @@ def model_handlers(config: RunConfig) -> tuple[CaptionModelHandler, RankModelHan
 
 
 def build_caption_pipeline(
-    pipeline: beam.Pipeline, config: RunConfig, *, started: float | None = None
+    pipeline: beam.Pipeline,
+    config: RunConfig,
+    *,
+    started: float | None = None,
+    progress: str | None = None,
 ) -> None:
     """Add the whole job to `pipeline`. With `config.resume`, images already in the output
-    (finished file or parts of a killed run) are kept and not captioned again."""
+    (finished file or parts of a killed run) are kept and not captioned again. With
+    `progress` (a local folder), inputs, captions and errors are counted there as they pass
+    (`captionflow.progress`)."""
     captioner, ranker = model_handlers(config)
     metadata_path = join(config.output_dir, config.metadata_filename)
     rejected_path = join(config.output_dir, REJECTED_FILE)
 
     read = ReadImagePaths(config.input, limit=config.limit).with_errors()
     uris, read_errors = pipeline | "ReadImagePaths" >> read
+    if progress:
+        read_errors = read_errors | "CountReadErrors" >> CountInto(progress, counted.INPUTS)
     kept = pipeline | "NoneKept" >> beam.Create([])
     if config.resume:
         done = pipeline | "ReadDone" >> ReadDone(
             metadata_path, config.output_dir, also=[rejected_path]
         )
         uris, kept = (uris, done) | "SkipDone" >> SkipDone()
+    if progress:
+        uris = uris | "CountInputs" >> CountInto(progress, counted.INPUTS)
 
     caption_images = CaptionImages(
         captioner,
@@ -88,6 +100,9 @@ def build_caption_pipeline(
     # Nothing between the ranker and the part files but element-wise steps: a Flatten or a
     # shuffle there would make local runners hold every record until captioning ends.
     captions = captions | "Progress" >> LogProgress()
+    if progress:
+        captions = captions | "CountCaptioned" >> CountInto(progress, counted.CAPTIONED)
+        errors = errors | "CountErrors" >> CountInto(progress, counted.ERRORS)
     rejected = pipeline | "NoneRejected" >> beam.Create([])
     written = [errors | "WriteErrors" >> WriteErrors(config.output_dir)]
     if config.min_score is not None:
