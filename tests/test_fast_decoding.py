@@ -7,6 +7,7 @@ import torch
 
 from captionflow.handlers import BlipCaptioner, DecodingOptions
 from captionflow.handlers.blip_fast import Steps
+from captionflow.tiny_models import build_tiny_blip
 from tests.conftest import random_image
 
 IMAGES = 6
@@ -51,6 +52,20 @@ def test_the_fast_loop_gives_generates_token_ids(tiny_blip: str, strategy: str, 
     assert torch.equal(actual, expected)
     ended = (expected == fast.model.config.text_config.sep_token_id).any(dim=1)
     assert ended.any()  # the end-of-caption paths ran
+
+
+@pytest.mark.parametrize("strategy", ["sample", "beam"])
+def test_blip_large_shaped_models_decode_fast_too(tmp_path, strategy: str) -> None:
+    """BLIP-large's vision tower is wider than its text decoder (1024 to 768): the fast loop
+    projects each image's keys and values from the wider width as `generate` does."""
+    torch.manual_seed(4)
+    large = build_tiny_blip(str(tmp_path / "tiny-blip-large"), vision_width=48)
+    fast, reference = captioners(large, STRATEGIES[strategy])
+    assert fast.model.config.vision_config.hidden_size != fast.model.config.text_config.hidden_size
+    torch.manual_seed(0)
+    expected = reference.token_ids(pixels(0))
+    torch.manual_seed(0)
+    assert torch.equal(fast.token_ids(pixels(0)), expected)
 
 
 def test_without_a_top_k_cut_the_whole_vocabulary_is_sorted_as_generate_does(

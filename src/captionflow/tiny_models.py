@@ -24,12 +24,13 @@ SMALL = {
 }
 
 
-def build_tiny_blip(directory: str, image_size: int = 32) -> str:
+def build_tiny_blip(directory: str, image_size: int = 32, vision_width: int = 32) -> str:
     """A ~60k-parameter BLIP captioner with a real BERT tokenizer and BLIP processor; with
-    `image_size` 384, BLIP-base's input size at next to no compute."""
+    `image_size` 384, BLIP-base's input size at next to no compute. A `vision_width` wider
+    than the text decoder's 32 is BLIP-large's shape (a ViT-L of 1024 for a 768 decoder)."""
     from transformers import BlipForConditionalGeneration
 
-    config, processor = _tiny_blip_parts(image_size)
+    config, processor = _tiny_blip_parts(image_size, vision_width)
     _save(directory, BlipForConditionalGeneration(config), processor)
     return directory
 
@@ -44,7 +45,7 @@ def build_tiny_blip_itm(directory: str, image_size: int = 32) -> str:
     return directory
 
 
-def _tiny_blip_parts(image_size: int) -> tuple[object, object]:
+def _tiny_blip_parts(image_size: int, vision_width: int = 32) -> tuple[object, object]:
     from transformers import BertTokenizer, BlipConfig, BlipImageProcessorPil, BlipProcessor
 
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "[ENC]"]
@@ -54,7 +55,8 @@ def _tiny_blip_parts(image_size: int) -> tuple[object, object]:
     )
     image_processor = BlipImageProcessorPil(size={"height": image_size, "width": image_size})
     config = BlipConfig(
-        vision_config=SMALL | {"image_size": image_size, "patch_size": _patch(image_size)},
+        vision_config=SMALL
+        | {"image_size": image_size, "patch_size": _patch(image_size), "hidden_size": vision_width},
         text_config=SMALL
         | {
             "vocab_size": len(vocab),
