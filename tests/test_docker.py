@@ -62,3 +62,17 @@ def test_make_run_dataflow_sets_threads_engines_and_mps_for_the_gpu() -> None:
     shared_gpu = command("GPU_COUNT=1", "ENGINES=2", "MPS=1")
     assert "--model-copies 2" in shared_gpu
     assert "count:1;install-nvidia-driver;use_nvidia_mps" in shared_gpu
+
+
+def test_the_lavis_worker_image_uses_the_launchers_beam_and_the_lavis_environment() -> None:
+    dockerfile = (REPO / "docker" / "Dockerfile.lavis").read_text()
+    requirements = (REPO / "requirements-lavis.txt").read_text()
+    beam = pinned("apache-beam")
+    assert f"ARG BEAM_VERSION={beam}" in dockerfile
+    assert f"apache-beam[gcp]=={beam}" in requirements.splitlines()
+    assert "salesforce-lavis==1.0.2" in requirements.splitlines()
+    assert "pip install -r requirements-lavis.txt" in dockerfile
+    assert "pip install --no-deps ." in dockerfile  # never captionflow's transformers>=4.45
+    assert 'ENTRYPOINT ["/opt/apache/beam/boot"]' in dockerfile
+    makefile = (REPO / "Makefile").read_text()
+    assert "-r requirements-lavis.txt" in makefile

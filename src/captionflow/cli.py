@@ -28,7 +28,6 @@ from captionflow import __version__
 from captionflow.config import ExportConfig, FormatOptions, RunConfig
 from captionflow.fatal import FatalError, QuietFatalTracebacks, fatal_message
 from captionflow.handlers.decoding import DecodingOptions
-from captionflow.handlers.loading import check_available
 from captionflow.handlers.registry import captioners, parse_reference, rankers
 from captionflow.handlers.torch_setup import DeviceUnavailableError, check_device
 from captionflow.lock import OutputLock
@@ -409,11 +408,8 @@ def check_models(config: RunConfig) -> None:
         model = model or table[name].default_model
         if not model:  # a handler with no model to load (`--ranker none`)
             continue
-        if problem := check_available(model):
-            problems.append(
-                f"--{flag}: cannot load {model}: {problem}. Download it where the Hub can be "
-                f"reached (`hf download {model} --local-dir DIR`) and pass --{flag} {name}:DIR"
-            )
+        if problem := table[name].check_model(model, flag):
+            problems.append(f"--{flag}: cannot load {model}: {problem}")
     if problems:
         raise UsageError("\n".join(problems))
 

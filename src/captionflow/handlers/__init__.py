@@ -9,12 +9,11 @@ from captionflow.handlers.base import (
     RankModelHandler,
 )
 from captionflow.handlers.blip import BlipCaptioner, BlipCaptionHandler
-from captionflow.handlers.blip2 import Blip2Captioner, Blip2CaptionHandler
 from captionflow.handlers.blip_itm import BlipItmRanker, BlipItmRankHandler
 from captionflow.handlers.clip import ClipRanker, ClipRankHandler
 from captionflow.handlers.decoding import DecodingOptions
 from captionflow.handlers.first import NoRankHandler
-from captionflow.handlers.florence2 import Florence2Captioner, Florence2CaptionHandler
+from captionflow.handlers.lavis import LavisBlipCaptionHandler, LavisClipRankHandler
 from captionflow.handlers.registry import (
     CAPTIONERS,
     RANKERS,
@@ -24,9 +23,27 @@ from captionflow.handlers.registry import (
     rankers,
     register_captioner,
     register_ranker,
+    unavailable,
 )
-from captionflow.handlers.siglip import SiglipRanker, SiglipRankHandler
-from captionflow.handlers.vlm import VlmCaptioner, VlmCaptionHandler
+
+# Handlers whose transformers classes are newer than some environments captionflow runs in
+# (LAVIS's pins transformers<4.27): there they are left out, and asking for one says why.
+try:
+    from captionflow.handlers.blip2 import Blip2Captioner, Blip2CaptionHandler
+except ImportError as error:  # transformers < 4.27
+    unavailable("captioner", "blip2", error)
+try:
+    from captionflow.handlers.florence2 import Florence2Captioner, Florence2CaptionHandler
+except ImportError as error:  # Florence-2: native in recent transformers only
+    unavailable("captioner", "florence2", error)
+try:
+    from captionflow.handlers.siglip import SiglipRanker, SiglipRankHandler
+except ImportError as error:  # transformers < 4.37
+    unavailable("ranker", "siglip", error)
+try:
+    from captionflow.handlers.vlm import VlmCaptioner, VlmCaptionHandler
+except ImportError as error:  # AutoModelForImageTextToText: recent transformers only
+    unavailable("captioner", "vlm", error)
 
 __all__ = [
     "CAPTIONERS",
@@ -46,6 +63,8 @@ __all__ = [
     "Florence2Captioner",
     "InferenceFailure",
     "IsolatingModelHandler",
+    "LavisBlipCaptionHandler",
+    "LavisClipRankHandler",
     "NoRankHandler",
     "RankModelHandler",
     "Ranker",
@@ -60,3 +79,4 @@ __all__ = [
     "register_captioner",
     "register_ranker",
 ]
+__all__ = [name for name in __all__ if name in globals()]  # less any left out

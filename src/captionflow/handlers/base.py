@@ -163,6 +163,21 @@ class IsolatingModelHandler(ModelHandler[ExampleT, PredictionT, ModelT]):
             first = self._predict_isolating(model, batch[:half])
             return first + self._predict_isolating(model, batch[half:])
 
+    @classmethod
+    def check_model(cls, model: str, flag: str) -> str | None:
+        """Why `model` cannot be loaded from here, with what to do (`flag`: `captioner` or
+        `ranker`), or None when it can: asked before a local run starts. This default knows
+        Hugging Face references (hub id, local folder, remote URI); a handler whose models are
+        referenced otherwise overrides it."""
+        from captionflow.handlers.loading import check_available
+
+        if problem := check_available(model):
+            return (
+                f"{problem}. Download it where the Hub can be reached (`hf download {model} "
+                f"--local-dir DIR`) and pass --{flag} {cls.kind}:DIR"
+            )
+        return None
+
     def view_spec(self) -> ViewSpec | None:
         """The fixed-size view this model's images become, so that the decode step can make it
         once (`LoadImages(views=...)`); None (the default) when the model takes decoded images.

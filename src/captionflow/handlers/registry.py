@@ -25,6 +25,8 @@ RANKERS: dict[str, type[RankModelHandler]] = {}
 DEFAULT_CAPTIONER = "blip"
 DEFAULT_RANKER = "clip"
 PLUGIN_GROUPS = {"captionflow.captioners": CAPTIONERS, "captionflow.rankers": RANKERS}
+# Built-in handlers that this environment cannot import (an older transformers), with why.
+UNAVAILABLE: dict[str, str] = {}
 _plugins_loaded = False
 
 H = TypeVar("H")
@@ -46,6 +48,17 @@ def register_captioner(name: str) -> Callable[[H], H]:
 def register_ranker(name: str) -> Callable[[H], H]:
     """Class decorator: make a `RankModelHandler` subclass available as `--ranker NAME`."""
     return _register(RANKERS, name)
+
+
+def unavailable(role: str, name: str, error: Exception) -> None:
+    """Record that the built-in `role` `name` cannot be imported here, and why."""
+    import transformers
+
+    UNAVAILABLE[name] = (
+        f"the {role} {name!r} is not available with transformers {transformers.__version__} "
+        f"({type(error).__name__}: {error})"
+    )
+    logger.debug(UNAVAILABLE[name])
 
 
 def captioners() -> dict[str, type[CaptionModelHandler]]:
@@ -92,6 +105,8 @@ def parse_reference(reference: str, table: dict[str, Any], default: str) -> tupl
     name, sep, model = reference.partition(":")
     if name in table:
         return name, (model or None) if sep else None
+    if name in UNAVAILABLE:
+        raise ValueError(UNAVAILABLE[name])
     return default, reference
 
 

@@ -115,9 +115,19 @@ class SearchSettings:
 
 def generate_defaults() -> dict[str, object]:
     """What `generate` uses for a setting neither the call nor the model sets (transformers 5
-    keeps them in one private place; these are its values where it does not)."""
+    keeps them in one private place; these are its values where it does not: older versions
+    write the neutral ones, such as `typical_p=1.0`, into every generation config)."""
     defaults = getattr(GenerationConfig, "_get_default_generation_params", None)
-    return defaults() if defaults else {"top_k": 50, "length_penalty": 1.0, "early_stopping": False}
+    if defaults:
+        return defaults()
+    return {
+        "top_k": 50,
+        "length_penalty": 1.0,
+        "early_stopping": False,
+        "typical_p": 1.0,
+        "encoder_repetition_penalty": 1.0,
+        "num_beam_groups": 1,
+    }
 
 
 def not_implemented(model_config: GenerationConfig) -> list[str]:
