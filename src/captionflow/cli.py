@@ -35,6 +35,7 @@ from captionflow.paths import join
 from captionflow.pipelines import build_caption_pipeline, build_export_pipeline
 from captionflow.pipelines.caption import SUMMARY_FILE
 from captionflow.progress import ProgressLine
+from captionflow.report import build_report, write_report
 from captionflow.signals import Interrupted, StopSignals
 from captionflow.transforms.write import ERRORS_FILE, parts_dir
 
@@ -147,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_format_options(io)
 
+    run.add_argument(
+        "--report",
+        action="store_true",
+        help="write OUTPUT/report/index.html at the end (as `captionflow report OUTPUT` does)",
+    )
     recovery = run.add_argument_group("recovery")
     recovery.add_argument(
         "--resume",
@@ -254,6 +260,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated: sidecar, parquet, webdataset",
     )
     add_format_options(export)
+
+    report = commands.add_parser(
+        "report",
+        allow_abbrev=False,
+        help="write a static HTML page of an output, finished or partial: OUTPUT/report/",
+    )
+    report.add_argument("output", help="the output folder of a run (or its .jsonl path)")
+    report.add_argument("--page-size", type=int, default=200, help="cards per page")
+    report.add_argument(
+        "--thumbnail-side", type=int, default=192, help="thumbnails' longer side, in pixels"
+    )
+    report.add_argument("--workers", type=int, help="threads making thumbnails (default: CPUs)")
+    report.add_argument(
+        "--report-dir", help="where to write it (required for a gs:// output): a local folder"
+    )
 
     decoding = run.add_argument_group("decoding")
     default = DecodingOptions()
@@ -545,9 +566,38 @@ def export(argv: Sequence[str]) -> int:
     return 0
 
 
+def report(argv: Sequence[str]) -> int:
+    """`captionflow report`: the page of an output, finished or partial (a run may be writing
+    into it: no lock is taken). Prints the page's path."""
+    args = build_parser().parse_args(argv)
+    try:
+        built = build_report(
+            args.output,
+            page_size=args.page_size,
+            thumbnail_side=args.thumbnail_side,
+            workers=args.workers,
+            report_dir=args.report_dir,
+        )
+    except (FileNotFoundError, ValueError) as error:
+        raise UsageError(str(error)) from None
+    logger.info(
+        "report of %d captioned, %d rejected, %d failed images%s in %.1f s",
+        built.captions,
+        built.rejected,
+        built.failures,
+        " (a partial output)" if built.partial else "",
+        built.seconds,
+    )
+    print(f"report: {built.path}")
+    return 0
+
+
 def run(argv: Sequence[str]) -> int:
-    if build_parser().parse_known_args(argv)[0].command == "export":
+    command = build_parser().parse_known_args(argv)[0].command
+    if command == "export":
         return export(argv)
+    if command == "report":
+        return report(argv)
     config, options = prepare(argv)
     runner = options.view_as(StandardOptions).runner
     logger.info(
@@ -573,7 +623,10 @@ def run(argv: Sequence[str]) -> int:
         check_no_orphaned_checkpoints(config)
         caption(config, options, stop)
     logger.info("done: %s", config.output_dir)
-    return outcome(config)
+    code = outcome(config)
+    if config.report:
+        print(f"report: {write_report(config.output)}")
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -133,6 +133,7 @@ class RunConfig(FormatOptions):
     model_copies: int | None = Field(None, ge=1, le=64)
     accelerator_hint: str | None = None
     resume: bool = False
+    report: bool = False  # the HTML report at the end (`captionflow report`)
     attempts: int = Field(3, ge=1, le=100)
     checkpoint_every: int = Field(100, ge=1)
     max_failure_rate: float = Field(0.1, ge=0, le=1)
@@ -158,6 +159,17 @@ class RunConfig(FormatOptions):
                 raise ValueError(
                     f"--ranker {ranker} scores nothing: choose a ranker that scores, or drop it"
                 )
+        return value
+
+    @field_validator("report")
+    @classmethod
+    def _report_written_here(cls, value: bool, info: ValidationInfo) -> bool:
+        output = info.data.get("output")
+        if value and output is not None and is_remote(output):
+            raise ValueError(
+                "the page is written on this machine: for a remote output, run `captionflow "
+                "report OUTPUT --report-dir DIR` after the job"
+            )
         return value
 
     @field_validator("device")

@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"blip:{blip}",
                 "--ranker",
                 f"clip:{clip}",
+                "--report",
                 *argv[2:],
             ]
         )
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
                 row = json.loads(line)
                 print(f"  {os.path.basename(row['file_name'])}: {row['text'][:90]}")
         print(f"\nwritten: {output}/metadata.jsonl, errors.jsonl and summary.json")
+        print(f"report:  {os.path.abspath(os.path.join(output, 'report', 'index.html'))}")
     return code
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from apache_beam.io.filesystem import FileSystem
 
@@ -33,15 +33,32 @@ def pattern_variants(pattern: str) -> list[str]:
     return sorted(set(variants))
 
 
+# A file that marks a folder as captionflow's own (a report's thumbnails): listing an input
+# skips such folders, so that captioning in place (`--input X --output X`) never takes
+# X/report/thumbs/*.jpg for images of the dataset.
+SKIP_MARKER = ".captionflow-report"
+
+
 def walk_files(root: str, max_depth: int | None = None) -> Iterator[str]:
-    """Every file under `root`, or only those at most `max_depth` folders down. Symbolic links
-    to folders are not followed (as in Beam's listing: no cycles); broken links and link loops
-    are listed like files."""
+    """Every file under `root`, or only those at most `max_depth` folders down, less folders
+    marked with `SKIP_MARKER`. Symbolic links to folders are not followed (as in Beam's
+    listing: no cycles); broken links and link loops are listed like files."""
     for folder, subfolders, files in os.walk(root):
+        if SKIP_MARKER in files:
+            subfolders.clear()
+            continue
         if max_depth is not None and _depth(root, folder) >= max_depth:
             subfolders.clear()
         for name in files:
             yield os.path.join(folder, name)
+
+
+def skipping_marked(paths: Iterable[str]) -> Iterator[str]:
+    """`paths` (a listing of object URIs) less those under a folder marked with
+    `SKIP_MARKER`: the listing is held to find the marks (a subfolder's, not a whole run's)."""
+    paths = list(paths)
+    marked = tuple(p[: -len(SKIP_MARKER)] for p in paths if p.endswith("/" + SKIP_MARKER))
+    return (p for p in paths if not p.startswith(marked))
 
 
 def _depth(root: str, folder: str) -> int:

@@ -25,10 +25,12 @@ from apache_beam.pvalue import PBegin, PCollection, TaggedOutput
 from captionflow.images import looks_like_image
 from captionflow.listfile import ListLine, decode_line, is_utf16, list_lines
 from captionflow.listing import (
+    SKIP_MARKER,
     gcs_top_level,
     link_problem,
     list_local,
     pattern_variants,
+    skipping_marked,
     walk_files,
 )
 from captionflow.paths import absolute, dirname, is_remote, join, normalise
@@ -290,7 +292,8 @@ def _top_level(root: str) -> Iterator[str | TaggedOutput]:
         for name in files:
             yield from _checked(os.path.join(root, name), True)
         for name in names:
-            if not os.path.islink(path := os.path.join(root, name)):
+            path = os.path.join(root, name)
+            if not os.path.islink(path) and not os.path.exists(os.path.join(path, SKIP_MARKER)):
                 yield TaggedOutput(SUBFOLDERS, os.fsencode(path))
 
 
@@ -300,8 +303,7 @@ def _walk(folder: str) -> Iterator[str]:
         yield from walk_files(folder)
         return
     for pattern in pattern_variants(join(folder.rstrip("/"), "**")):
-        for file in FileSystems.match([pattern])[0].metadata_list:
-            yield file.path
+        yield from skipping_marked(f.path for f in FileSystems.match([pattern])[0].metadata_list)
 
 
 class _ListFolder(beam.PTransform):
