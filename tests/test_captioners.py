@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import apache_beam as beam
 import pytest
@@ -17,22 +18,40 @@ from captionflow.handlers.blip2 import Blip2Captioner
 from captionflow.handlers.decoding import DecodingOptions
 from captionflow.handlers.florence2 import Florence2Captioner
 from captionflow.handlers.vlm import VlmCaptioner
-from captionflow.tiny_models import build_tiny_blip2, build_tiny_florence2, build_tiny_llava
+from captionflow.tiny_models import (
+    build_tiny_blip2,
+    build_tiny_florence2,
+    build_tiny_llava,
+    build_tiny_paligemma,
+)
 from tests.conftest import random_image, write_images
 
-BUILDERS: dict[str, tuple[Callable[[str], str], Callable[[torch.nn.Module], torch.nn.Module]]] = {
-    "blip2": (build_tiny_blip2, lambda model: model.vision_model),
-    "florence2": (build_tiny_florence2, lambda model: model.model.vision_tower),
-    "vlm": (build_tiny_llava, lambda model: model.model.vision_tower),
+
+class Case(NamedTuple):
+    build: Callable[[str], str]
+    vision_tower: Callable[[torch.nn.Module], torch.nn.Module]
+    handler: str  # its name on the command line
+    captioner: type
+    prompt: str | None = None
+
+
+BUILDERS = {
+    "blip2": Case(build_tiny_blip2, lambda m: m.vision_model, "blip2", Blip2Captioner),
+    "florence2": Case(
+        build_tiny_florence2, lambda m: m.model.vision_tower, "florence2", Florence2Captioner
+    ),
+    "vlm-llava": Case(build_tiny_llava, lambda m: m.model.vision_tower, "vlm", VlmCaptioner),
+    "vlm-paligemma": Case(
+        build_tiny_paligemma, lambda m: m.model.vision_tower, "vlm", VlmCaptioner, "caption en"
+    ),
 }
-CAPTIONERS = {"blip2": Blip2Captioner, "florence2": Florence2Captioner, "vlm": VlmCaptioner}
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     folder = tmp_path_factory.mktemp("captioners")
     torch.manual_seed(3)
-    return {name: build(str(folder / name)) for name, (build, _) in BUILDERS.items()}
+    return {name: case.build(str(folder / name)) for name, case in BUILDERS.items()}
 
 
 class Calls:
@@ -48,9 +67,12 @@ class Calls:
 
 @pytest.mark.parametrize("name", sorted(BUILDERS))
 def test_k_candidates_come_from_one_encoding_of_each_image(name: str, tiny: dict) -> None:
-    decoding = DecodingOptions(num_captions=4, max_new_tokens=8, min_new_tokens=2, seed=0)
-    captioner = CAPTIONERS[name].from_pretrained(tiny[name], decoding=decoding)
-    encoded = Calls(BUILDERS[name][1](captioner.model))
+    case = BUILDERS[name]
+    decoding = DecodingOptions(
+        num_captions=4, max_new_tokens=8, min_new_tokens=2, seed=0, prompt=case.prompt
+    )
+    captioner = case.captioner.from_pretrained(tiny[name], decoding=decoding)
+    encoded = Calls(case.vision_tower(captioner.model))
     images = [random_image(64, 48, seed=i) for i in range(3)]
     candidates = captioner.caption(images)
     assert encoded.images == len(images)  # K candidates, one pass of the vision tower each
@@ -66,14 +88,18 @@ def test_each_captioner_runs_in_caption_images(
     name: str, tiny: dict, tiny_clip: str, tmp_path: Path
 ) -> None:
     paths = [str(p) for p in write_images(tmp_path / "images", 3)]
-    decoding = DecodingOptions(num_captions=3, max_new_tokens=8, min_new_tokens=2)
-    captioner = captioner_handler(f"{name}:{tiny[name]}", decoding=decoding, max_batch_size=2)
+    case = BUILDERS[name]
+    decoding = DecodingOptions(
+        num_captions=3, max_new_tokens=8, min_new_tokens=2, prompt=case.prompt
+    )
+    reference = f"{case.handler}:{tiny[name]}"
+    captioner = captioner_handler(reference, decoding=decoding, max_batch_size=2)
     with TestPipeline(runner="FnApiRunner") as p:
         captions, errors = (
             p | beam.Create(paths) | CaptionImages(captioner, ranker_handler(f"clip:{tiny_clip}"))
         )
         rows = captions | beam.Map(lambda r: (r.image_uri, r.captioner, bool(r.text)))
-        assert_that(rows, equal_to([(path, f"{name}:{tiny[name]}", True) for path in paths]))
+        assert_that(rows, equal_to([(path, reference, True) for path in paths]))
         assert_that(errors, equal_to([]), label="errors")
 
 
@@ -94,13 +120,13 @@ def test_a_vlm_reads_its_long_prompt_once_per_image_not_per_candidate(tiny: dict
     images = [random_image(64, 48 + 16 * i, seed=i) for i in range(3)]
     # top_p that keeps one token: sampling that is greedy, so both paths must agree exactly
     near_greedy = DecodingOptions(num_captions=4, max_new_tokens=6, min_new_tokens=2, top_p=1e-6)
-    shared = VlmCaptioner.from_pretrained(tiny["vlm"], decoding=near_greedy)
+    shared = VlmCaptioner.from_pretrained(tiny["vlm-llava"], decoding=near_greedy)
     prompt_rows = Rows(shared.model.model.language_model)
     assert shared.shares_prompt
     candidates = shared.caption(images)
     assert prompt_rows.rows == len(images)
 
-    plain = VlmCaptioner.from_pretrained(tiny["vlm"], decoding=near_greedy)
+    plain = VlmCaptioner.from_pretrained(tiny["vlm-llava"], decoding=near_greedy)
     plain.shares_prompt = False
     prompt_rows = Rows(plain.model.model.language_model)
     assert plain.caption(images) == candidates

@@ -308,6 +308,52 @@ def build_tiny_llava(directory: str, image_size: int = 32) -> str:
     return directory
 
 
+def build_tiny_paligemma(directory: str, image_size: int = 32) -> str:
+    """A tiny PaliGemma (`PaliGemmaForConditionalGeneration`: a SigLIP vision tower and a Gemma
+    language model with prefix attention), loaded by `AutoModelForImageTextToText`; its
+    processor has no chat template (prompts such as "caption en")."""
+    from transformers import (
+        GemmaConfig,
+        GemmaTokenizerFast,
+        PaliGemmaConfig,
+        PaliGemmaForConditionalGeneration,
+        PaliGemmaProcessor,
+        SiglipImageProcessorPil,
+        SiglipVisionConfig,
+    )
+
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<image>"]
+    tokens = [*specials, *letters, *("\u2581" + c for c in letters), "\u2581", "\n"]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    tokenizer = GemmaTokenizerFast(
+        vocab=vocab, merges=[], extra_special_tokens={"image_token": "<image>"}
+    )
+    image_processor = SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
+    image_processor.image_seq_length = (image_size // _patch(image_size)) ** 2
+    vision = SiglipVisionConfig(
+        **SMALL, image_size=image_size, patch_size=_patch(image_size), projection_dim=32
+    )
+    text = GemmaConfig(
+        **SMALL,
+        vocab_size=len(vocab),
+        num_key_value_heads=1,
+        head_dim=16,
+        pad_token_id=vocab["<pad>"],
+        eos_token_id=vocab["<eos>"],
+        bos_token_id=vocab["<bos>"],
+    )
+    config = PaliGemmaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=vocab["<image>"],
+        projection_dim=32,
+    )
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    _save(directory, PaliGemmaForConditionalGeneration(config), processor)
+    return directory
+
+
 def build_tiny_models(directory: str) -> tuple[str, str]:
     """Both tiny models under `directory`: `(blip_dir, clip_dir)`."""
     import torch

@@ -1,5 +1,6 @@
 """Any instruction-following vision-language model as a captioner: `AutoModelForImageTextToText`
-and its chat template (LLaVA, Qwen2.5-VL / Qwen3-VL, SmolVLM, PaliGemma, ...)."""
+and its chat template (LLaVA, Qwen2.5-VL / Qwen3-VL, SmolVLM, ...), or its plain prompt where
+the processor has no template (PaliGemma: `--prompt "caption en"`)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ class VlmCaptioner:
     language model once per candidate. When sampling, it runs once per image instead: the
     prompt's cache is made for N rows and repeated for the K candidates of each
     (`shares_prompt`). Models with per-batch position state (Qwen2-VL's multimodal rotary
-    deltas) and beam search take `generate`'s own path.
+    deltas) or per-token inputs beyond ids and mask (PaliGemma's prefix attention), and beam
+    search, take `generate`'s own path.
     """
 
     def __init__(self, model: Any, processor: Any, decoding: DecodingOptions) -> None:
@@ -39,8 +41,12 @@ class VlmCaptioner:
         processor.tokenizer.padding_side = "left"  # answers start where the prompts end
         instruction = decoding.prompt_or(INSTRUCTION)
         content = [{"type": "image"}, {"type": "text", "text": instruction}]
-        self.text = processor.apply_chat_template(
-            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        self.text = (
+            processor.apply_chat_template(
+                [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+            )
+            if getattr(processor, "chat_template", None)
+            else instruction  # the processor puts the image tokens in itself (PaliGemma)
         )
         self.generate_kwargs = decoding.generate_kwargs()
         tokenizer = processor.tokenizer
@@ -88,9 +94,10 @@ class VlmCaptioner:
         inputs = self.processor(
             images=pictures, text=[self.text] * len(pictures), padding=True, return_tensors="pt"
         ).to(self.model.device)
+        inputs.pop("labels", None)  # PaliGemma's processor makes them for training
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        if self.shares_prompt:
+        if self.shares_prompt and not _per_token_state(inputs):
             ids = self._generate_from_shared_prompt(dict(inputs))
         else:
             ids = self.model.generate(**inputs, **self.generate_kwargs)
@@ -123,6 +130,17 @@ class VlmCaptioner:
                 past_key_values=cache,
                 **(self.generate_kwargs | {"num_return_sequences": 1}),
             )
+
+
+def _per_token_state(inputs: Any) -> bool:
+    """Whether the inputs hold more than ids and mask per prompt token (PaliGemma's
+    `token_type_ids`, its prefix attention): the prompt's cache cannot be cut and shared then."""
+    ids = inputs["input_ids"]
+    return any(
+        isinstance(value, torch.Tensor) and value.shape[:2] == ids.shape
+        for name, value in inputs.items()
+        if name not in ("input_ids", "attention_mask")
+    )
 
 
 def _pictures(images: ModelImages) -> Sequence[Image.Image]:
