@@ -313,9 +313,9 @@ def child_plain(args: argparse.Namespace) -> dict:
 def child_pipeline(args: argparse.Namespace) -> dict:
     """The captionflow pipeline on the same files (`benchmarks.bench`'s run of it)."""
     from benchmarks.bench import child_ours
-    from captionflow.config import RunConfig
+    from captionflow.handlers import ClipRankHandler
 
-    rank_batch = RunConfig.model_fields["rank_batch_size"].default
+    rank_batch = ClipRankHandler.batch_size  # the CLI's default for clip
     settings = vars(args) | {"caption_batch": args.batch, "rank_batch": rank_batch}
     result = child_ours(argparse.Namespace(**settings))
     return result | {"images_per_second": result["images"] / result["seconds"]}

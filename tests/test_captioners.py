@@ -131,3 +131,24 @@ def test_a_vlm_reads_its_long_prompt_once_per_image_not_per_candidate(tiny: dict
     prompt_rows = Rows(plain.model.model.language_model)
     assert plain.caption(images) == candidates
     assert prompt_rows.rows == 4 * len(images)  # what generate alone does
+
+
+def test_each_handler_declares_its_batch_limit_and_the_flags_override_it(tmp_path: Path) -> None:
+    """Big generative models take smaller requests by default; `--caption-batch-size` and
+    `--rank-batch-size` (or `max_batch_size=`) still decide when given."""
+    from captionflow.config import RunConfig
+    from captionflow.pipelines.caption import model_handlers
+
+    def largest(handler: object) -> int:
+        return handler.batch_elements_kwargs()["max_batch_size"]  # type: ignore[attr-defined]
+
+    assert largest(captioner_handler("blip")) == 8
+    assert largest(captioner_handler("vlm")) == largest(captioner_handler("blip2")) == 4
+    assert largest(ranker_handler("clip")) == 32 and largest(ranker_handler("blip-itm")) == 16
+    assert largest(captioner_handler("vlm", max_batch_size=2)) == 2
+    write_images(tmp_path / "images", 1)
+    settings = {"input": str(tmp_path / "images"), "output": str(tmp_path / "out")}
+    captioner, ranker = model_handlers(RunConfig(**settings, captioner="vlm", ranker="blip-itm"))
+    assert (largest(captioner), largest(ranker)) == (4, 16)
+    given = RunConfig(**settings, captioner="vlm", caption_batch_size=3, rank_batch_size=5)
+    assert tuple(map(largest, model_handlers(given))) == (3, 5)

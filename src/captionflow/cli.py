@@ -205,8 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument(
         "--caption-batch-size",
         type=int,
-        default=8,
-        help="images each worker thread sends the models at once (default: %(default)s)",
+        help="images each worker thread sends the models at once (default: the captioner's "
+        "own: 8, or 4 for blip2 and vlm)",
     )
     models.add_argument(
         "--engine-batch-size",
@@ -218,8 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument(
         "--rank-batch-size",
         type=int,
-        default=32,
-        help="most images per ranking call (default: %(default)s)",
+        help="most images per ranking call (default: the ranker's own: 32, or 16 for blip-itm)",
     )
     models.add_argument(
         "--engine",

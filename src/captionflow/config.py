@@ -117,8 +117,8 @@ class RunConfig(FormatOptions):
     prefix: str = ""  # around every final caption, after ranking
     suffix: str = ""
     min_score: float | None = None  # lower-scoring images go to rejected.jsonl
-    caption_batch_size: int = Field(8, ge=1, le=4096)
-    rank_batch_size: int = Field(32, ge=1, le=4096)
+    caption_batch_size: int | None = Field(None, ge=1, le=4096)  # None: the captioner's own
+    rank_batch_size: int | None = Field(None, ge=1, le=4096)  # None: the ranker's own
     engine_batch_size: int = Field(256, ge=1, le=65536)
     engine: Literal["auto", "local", "shared"] = "auto"
     device: str = "auto"

@@ -88,6 +88,7 @@ class IsolatingModelHandler(ModelHandler[ExampleT, PredictionT, ModelT]):
 
     default_model: str = ""
     kind: str = ""
+    batch_size: int = 16  # the model's requests when none is asked for: its batch limit
     takes_images: bool = True  # False: the model never looks at the images (no view is made)
 
     def __init__(
@@ -96,12 +97,13 @@ class IsolatingModelHandler(ModelHandler[ExampleT, PredictionT, ModelT]):
         *,
         device: str = "auto",
         dtype: str = "auto",
-        max_batch_size: int = 16,
+        max_batch_size: int | None = None,
         min_batch_size: int | None = None,
         large_model: bool = False,
         model_copies: int | None = None,
         trust_remote_code: bool = False,
     ) -> None:
+        max_batch_size = max_batch_size or self.batch_size
         super().__init__(
             # Fixed-size batches by default: Beam's adaptive sizing shrinks batches that take
             # longer than ~10 s (any batch on a CPU), which costs throughput for nothing.
@@ -228,6 +230,8 @@ def _pixel_bytes(image: ModelImage) -> int:
 class CaptionModelHandler(IsolatingModelHandler[ModelImage, list[str], Captioner]):
     """Base for captioners: images in, a list of distinct candidate captions per image out."""
 
+    batch_size = 8
+
     def __init__(
         self,
         model: str | None = None,
@@ -251,6 +255,7 @@ class RankModelHandler(IsolatingModelHandler[RankExample, list[ScoredCaption], R
     """Base for rankers: (image, candidates) in, scored candidates best first out."""
 
     scores: bool = True  # False: it keeps the captioner's order and scores nothing
+    batch_size = 32
 
     @abstractmethod
     def load_model(self) -> Ranker: ...

@@ -28,5 +28,6 @@ class Blip2Captioner(GeneratingCaptioner):
 @register_captioner("blip2")
 class Blip2CaptionHandler(GeneratingCaptionHandler):
     kind = "blip2"
+    batch_size = 4  # billions of parameters: small requests, merged by the engine
     default_model = "Salesforce/blip2-opt-2.7b"
     captioner_class = Blip2Captioner

@@ -82,6 +82,7 @@ class BlipItmRankHandler(RankModelHandler):
     or a gs:// URI."""
 
     kind = "blip-itm"
+    batch_size = 16  # its text encoder runs once per candidate
     default_model = "Salesforce/blip-itm-base-coco"
 
     def view_spec(self) -> ViewSpec | None:

@@ -155,6 +155,7 @@ class VlmCaptionHandler(CaptionModelHandler):
     It declares no view: images arrive decoded (at most `--max-side` pixels a side)."""
 
     kind = "vlm"
+    batch_size = 4  # long prompts and answers: small requests, merged by the engine
     default_model = "Qwen/Qwen2.5-VL-3B-Instruct"
 
     def load_model(self) -> VlmCaptioner:
