@@ -123,6 +123,17 @@ class IsolatingModelHandler(ModelHandler[ExampleT, PredictionT, ModelT]):
         no model."""
         return f"{self.kind}:{self.model_id}" if self.model_id else self.kind
 
+    def load(self, loaded: Any, **options: Any) -> Any:
+        """`loaded.from_pretrained` of this handler's model, device, dtype and trust, with
+        `options` (a captioner's `decoding`): what most `load_model`s are."""
+        return loaded.from_pretrained(
+            self.model_id,
+            device=self.device,
+            dtype=self.dtype,
+            trust_remote_code=self.trust_remote_code,
+            **options,
+        )
+
     @abstractmethod
     def predict(self, model: ModelT, batch: Sequence[ExampleT]) -> list[PredictionT]:
         """One prediction per example, for the whole batch at once."""

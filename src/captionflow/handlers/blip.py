@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 from transformers import BlipForConditionalGeneration, BlipProcessor
@@ -12,7 +13,7 @@ from captionflow.handlers.base import CaptionModelHandler, ModelImages
 from captionflow.handlers.blip_fast import FastBlip
 from captionflow.handlers.candidates import per_image
 from captionflow.handlers.decoding import DecodingOptions
-from captionflow.handlers.loading import load_pretrained
+from captionflow.handlers.loading import Pretrained
 from captionflow.handlers.pixels import PixelValues, view_spec_of
 from captionflow.handlers.registry import register_captioner
 from captionflow.handlers.search import (
@@ -28,10 +29,15 @@ logger = logging.getLogger(__name__)
 PROMPT = "a picture of "  # BLIP's usual prompt, when none is given
 
 
-class BlipCaptioner:
+class BlipCaptioner(Pretrained):
     """A loaded BLIP: each image is encoded once and K captions decoded from it in one call,
     by `FastBlip` and `search` (same token ids as `generate`, at a fraction of its overhead),
     or by transformers' `generate` (`decoder="reference"`, or settings only it implements)."""
+
+    kind: ClassVar[str] = "blip"
+    flag: ClassVar[str] = "captioner"
+    model_class: ClassVar[Any] = BlipForConditionalGeneration
+    processor_class: ClassVar[Any] = BlipProcessor
 
     def __init__(
         self,
@@ -47,14 +53,8 @@ class BlipCaptioner:
         self.prompt = decoding.prompt_or(PROMPT)
         prompt_ids = tokenizer(self.prompt, add_special_tokens=False).input_ids
         self._prompt_text = tokenizer.decode(prompt_ids, skip_special_tokens=True).strip()
-        self._generate_kwargs = decoding.generate_kwargs()
-        bad_words = tuple(
-            tuple(ids)
-            for word in decoding.bad_words
-            if (ids := tokenizer(word, add_special_tokens=False).input_ids)
-        )
-        if bad_words:
-            self._generate_kwargs["bad_words_ids"] = [list(ids) for ids in bad_words]
+        self._generate_kwargs = decoding.generate_kwargs(tokenizer)
+        bad_words = decoding.bad_word_ids(tokenizer)
         text = model.config.text_config
         self._prompt_ids = prompt_ids_for_generate(tokenizer(self.prompt).input_ids, text)
         self._search = SearchSettings.of(
@@ -76,28 +76,6 @@ class BlipCaptioner:
                 self.fast = FastBlip(self.model, compiled=decoding.decoder == "compiled")
         if decoding.seed is not None and self.fast is None:
             torch.manual_seed(decoding.seed)  # generate has no generator of its own to give
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str,
-        *,
-        decoding: DecodingOptions,
-        device: str = "auto",
-        dtype: str = "auto",
-        trust_remote_code: bool = False,
-    ) -> BlipCaptioner:
-        model, processor = load_pretrained(
-            path,
-            BlipForConditionalGeneration,
-            BlipProcessor,
-            flag="captioner",
-            kind="blip",
-            device=device,
-            dtype=dtype,
-            trust_remote_code=trust_remote_code,
-        )
-        return cls(model, processor, decoding)
 
     @torch.inference_mode()
     def caption(self, images: ModelImages) -> list[list[str]]:
@@ -148,10 +126,4 @@ class BlipCaptionHandler(CaptionModelHandler):
         return view_spec_of(self.model_id, BlipProcessor, trust_remote_code=self.trust_remote_code)
 
     def load_model(self) -> BlipCaptioner:
-        return BlipCaptioner.from_pretrained(
-            self.model_id,
-            decoding=self.decoding,
-            device=self.device,
-            dtype=self.dtype,
-            trust_remote_code=self.trust_remote_code,
-        )
+        return self.load(BlipCaptioner, decoding=self.decoding)

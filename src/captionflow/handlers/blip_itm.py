@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 from transformers import BlipForImageTextRetrieval, BlipProcessor
 
 from captionflow.handlers.base import ModelImages, RankModelHandler
-from captionflow.handlers.loading import load_pretrained
+from captionflow.handlers.loading import Pretrained
 from captionflow.handlers.pixels import PixelValues, view_spec_of
 from captionflow.handlers.ranking import best_first
 from captionflow.handlers.registry import register_ranker
@@ -16,38 +17,22 @@ from captionflow.records import ScoredCaption
 from captionflow.views import ViewSpec
 
 
-class BlipItmRanker:
+class BlipItmRanker(Pretrained):
     """A loaded BLIP matching model. Each image is encoded once; each candidate reads it
     through the text encoder's cross-attention, and the matching head says match or not.
     `score` is the head's probability of a match (comparable across images); `probability`
     the softmax of its log-odds among one image's candidates."""
+
+    kind: ClassVar[str] = "blip-itm"
+    flag: ClassVar[str] = "ranker"
+    model_class: ClassVar[Any] = BlipForImageTextRetrieval
+    processor_class: ClassVar[Any] = BlipProcessor
 
     def __init__(self, model: BlipForImageTextRetrieval, processor: BlipProcessor) -> None:
         self.model = model.eval()
         self.processor = processor
         self.pixel_values = PixelValues(processor.image_processor)
         self.max_text_tokens = model.config.text_config.max_position_embeddings
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str,
-        *,
-        device: str = "auto",
-        dtype: str = "auto",
-        trust_remote_code: bool = False,
-    ) -> BlipItmRanker:
-        model, processor = load_pretrained(
-            path,
-            BlipForImageTextRetrieval,
-            BlipProcessor,
-            flag="ranker",
-            kind="blip-itm",
-            device=device,
-            dtype=dtype,
-            trust_remote_code=trust_remote_code,
-        )
-        return cls(model, processor)
 
     @torch.inference_mode()
     def rank(
@@ -89,9 +74,4 @@ class BlipItmRankHandler(RankModelHandler):
         return view_spec_of(self.model_id, BlipProcessor, trust_remote_code=self.trust_remote_code)
 
     def load_model(self) -> BlipItmRanker:
-        return BlipItmRanker.from_pretrained(
-            self.model_id,
-            device=self.device,
-            dtype=self.dtype,
-            trust_remote_code=self.trust_remote_code,
-        )
+        return self.load(BlipItmRanker)

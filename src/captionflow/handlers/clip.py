@@ -9,7 +9,7 @@ import torch
 from transformers import CLIPModel, CLIPProcessor
 
 from captionflow.handlers.base import ModelImages, RankModelHandler
-from captionflow.handlers.loading import load_pretrained
+from captionflow.handlers.loading import Pretrained
 from captionflow.handlers.pixels import PixelValues, view_spec_of
 from captionflow.handlers.ranking import best_first
 from captionflow.handlers.registry import register_ranker
@@ -17,12 +17,13 @@ from captionflow.records import ScoredCaption
 from captionflow.views import ViewSpec
 
 
-class ClipRanker:
+class ClipRanker(Pretrained):
     """A loaded CLIP: each image embedded once, all its candidates in the same text batch.
     `score` is the cosine of image and text; `probability` the softmax of the scaled cosines
     among one image's candidates (CLIP's own zero-shot probabilities)."""
 
     kind: ClassVar[str] = "clip"
+    flag: ClassVar[str] = "ranker"
     model_class: ClassVar[Any] = CLIPModel
     processor_class: ClassVar[Any] = CLIPProcessor
     padding: ClassVar[bool | str] = True  # to the longest text of the batch
@@ -32,27 +33,6 @@ class ClipRanker:
         self.processor = processor
         self.pixel_values = PixelValues(processor.image_processor)
         self.max_text_tokens = model.config.text_config.max_position_embeddings
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str,
-        *,
-        device: str = "auto",
-        dtype: str = "auto",
-        trust_remote_code: bool = False,
-    ) -> ClipRanker:
-        model, processor = load_pretrained(
-            path,
-            cls.model_class,
-            cls.processor_class,
-            flag="ranker",
-            kind=cls.kind,
-            device=device,
-            dtype=dtype,
-            trust_remote_code=trust_remote_code,
-        )
-        return cls(model, processor)
 
     @torch.inference_mode()
     def rank(
@@ -105,9 +85,4 @@ class ClipRankHandler(RankModelHandler):
         )
 
     def load_model(self) -> ClipRanker:
-        return self.ranker_class.from_pretrained(
-            self.model_id,
-            device=self.device,
-            dtype=self.dtype,
-            trust_remote_code=self.trust_remote_code,
-        )
+        return self.load(self.ranker_class)

@@ -68,8 +68,23 @@ class DecodingOptions(BaseModel):
         """The prompt given, else the captioner's `default`."""
         return default if self.prompt is None else self.prompt
 
-    def generate_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for `model.generate` that yield `num_captions` sequences per image."""
+    def bad_word_ids(self, tokenizer: Any) -> tuple[tuple[int, ...], ...]:
+        """`bad_words` as `tokenizer` writes them (each word or phrase a token sequence)."""
+        return tuple(
+            tuple(ids)
+            for word in self.bad_words
+            if (ids := tokenizer(word, add_special_tokens=False).input_ids)
+        )
+
+    def generate_kwargs(self, tokenizer: Any = None) -> dict[str, Any]:
+        """Keyword arguments for `model.generate` that yield `num_captions` sequences per image
+        (with `tokenizer`, the bad words barred too)."""
+        kwargs = self._generate_kwargs()
+        if tokenizer is not None and (bad := self.bad_word_ids(tokenizer)):
+            kwargs["bad_words_ids"] = [list(ids) for ids in bad]
+        return kwargs
+
+    def _generate_kwargs(self) -> dict[str, Any]:
         common = {
             "num_return_sequences": self.num_captions,
             "min_new_tokens": self.min_new_tokens,

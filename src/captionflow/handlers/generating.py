@@ -16,17 +16,15 @@ from PIL import Image
 from captionflow.handlers.base import CaptionModelHandler, ModelImages
 from captionflow.handlers.candidates import per_image
 from captionflow.handlers.decoding import DecodingOptions
-from captionflow.handlers.loading import load_pretrained
+from captionflow.handlers.loading import Pretrained
 from captionflow.handlers.pixels import PixelValues, view_spec_of
 from captionflow.views import ViewSpec
 
 
-class GeneratingCaptioner:
+class GeneratingCaptioner(Pretrained):
     """A loaded model whose `generate(pixel_values, input_ids, ...)` writes the captions."""
 
-    kind: ClassVar[str] = ""
-    model_class: ClassVar[Any] = None
-    processor_class: ClassVar[Any] = None
+    flag: ClassVar[str] = "captioner"
     default_prompt: ClassVar[str] = ""
 
     def __init__(self, model: Any, processor: Any, decoding: DecodingOptions) -> None:
@@ -40,39 +38,9 @@ class GeneratingCaptioner:
         encoded = processor(images=[blank], text=[self.prompt], return_tensors="pt")
         self.prompt_ids = encoded["input_ids"][0]
         self.prompt_mask = encoded["attention_mask"][0]
-        tokenizer = processor.tokenizer
-        self.generate_kwargs = decoding.generate_kwargs()
-        bad_words = [
-            ids
-            for word in decoding.bad_words
-            if (ids := tokenizer(word, add_special_tokens=False).input_ids)
-        ]
-        if bad_words:
-            self.generate_kwargs["bad_words_ids"] = bad_words
+        self.generate_kwargs = decoding.generate_kwargs(processor.tokenizer)
         if decoding.seed is not None:
             torch.manual_seed(decoding.seed)  # generate has no generator of its own to give
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str,
-        *,
-        decoding: DecodingOptions,
-        device: str = "auto",
-        dtype: str = "auto",
-        trust_remote_code: bool = False,
-    ) -> GeneratingCaptioner:
-        model, processor = load_pretrained(
-            path,
-            cls.model_class,
-            cls.processor_class,
-            flag="captioner",
-            kind=cls.kind,
-            device=device,
-            dtype=dtype,
-            trust_remote_code=trust_remote_code,
-        )
-        return cls(model, processor, decoding)
 
     @property
     def continues_prompt(self) -> bool:
@@ -111,10 +79,4 @@ class GeneratingCaptionHandler(CaptionModelHandler):
         )
 
     def load_model(self) -> GeneratingCaptioner:
-        return self.captioner_class.from_pretrained(
-            self.model_id,
-            decoding=self.decoding,
-            device=self.device,
-            dtype=self.dtype,
-            trust_remote_code=self.trust_remote_code,
-        )
+        return self.load(self.captioner_class, decoding=self.decoding)

@@ -8,7 +8,7 @@ import hashlib
 import logging
 import os
 import tempfile
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import transformers
 from apache_beam.io.filesystems import FileSystems
@@ -124,6 +124,42 @@ def load_pretrained(
         raise load_error(flag, kind, path, error) from error
     logger.info("%s %s %s on %s (%s)", flag, kind, path, torch_device, torch_dtype)
     return model, processor
+
+
+P = TypeVar("P", bound="Pretrained")
+
+
+class Pretrained:
+    """`from_pretrained(path, ...)` for a loaded-model class built as `cls(model, processor,
+    **options)` from the classes it names: `model_class`, `processor_class`, its `kind` and
+    `flag` (`captioner` or `ranker`) for the messages."""
+
+    kind: ClassVar[str] = ""
+    flag: ClassVar[str] = ""
+    model_class: ClassVar[Any] = None
+    processor_class: ClassVar[Any] = None
+
+    @classmethod
+    def from_pretrained(
+        cls: type[P],
+        path: str,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        trust_remote_code: bool = False,
+        **options: Any,
+    ) -> P:
+        model, processor = load_pretrained(
+            path,
+            cls.model_class,
+            cls.processor_class,
+            flag=cls.flag,
+            kind=cls.kind,
+            device=device,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+        )
+        return cls(model, processor, **options)  # type: ignore[call-arg]
 
 
 def check_available(model: str) -> str | None:

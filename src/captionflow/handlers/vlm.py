@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from PIL import Image
@@ -15,14 +15,14 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from captionflow.handlers.base import CaptionModelHandler, ModelImages
 from captionflow.handlers.candidates import per_image
 from captionflow.handlers.decoding import DecodingOptions
-from captionflow.handlers.loading import load_pretrained
+from captionflow.handlers.loading import Pretrained
 from captionflow.handlers.registry import register_captioner
 from captionflow.views import ImageViews, ViewBatch
 
 INSTRUCTION = "Describe this image."  # when no --prompt is given
 
 
-class VlmCaptioner:
+class VlmCaptioner(Pretrained):
     """A loaded VLM: `--prompt` is the user's instruction, put in the model's own chat template
     with the image; the images of a batch go through its processor together (its own resizing
     to the model's limits), prompts padded on the left, and `generate` answers K times.
@@ -34,6 +34,11 @@ class VlmCaptioner:
     deltas) or per-token inputs beyond ids and mask (PaliGemma's prefix attention), and beam
     search, take `generate`'s own path.
     """
+
+    kind: ClassVar[str] = "vlm"
+    flag: ClassVar[str] = "captioner"
+    model_class: ClassVar[Any] = AutoModelForImageTextToText
+    processor_class: ClassVar[Any] = AutoProcessor
 
     def __init__(self, model: Any, processor: Any, decoding: DecodingOptions) -> None:
         self.model = model.eval()
@@ -48,15 +53,7 @@ class VlmCaptioner:
             if getattr(processor, "chat_template", None)
             else instruction  # the processor puts the image tokens in itself (PaliGemma)
         )
-        self.generate_kwargs = decoding.generate_kwargs()
-        tokenizer = processor.tokenizer
-        bad_words = [
-            ids
-            for word in decoding.bad_words
-            if (ids := tokenizer(word, add_special_tokens=False).input_ids)
-        ]
-        if bad_words:
-            self.generate_kwargs["bad_words_ids"] = bad_words
+        self.generate_kwargs = decoding.generate_kwargs(processor.tokenizer)
         if decoding.seed is not None:
             torch.manual_seed(decoding.seed)
         self.k = decoding.num_captions
@@ -65,28 +62,6 @@ class VlmCaptioner:
             and self.k > 1
             and not hasattr(getattr(model, "model", None), "rope_deltas")
         )
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str,
-        *,
-        decoding: DecodingOptions,
-        device: str = "auto",
-        dtype: str = "auto",
-        trust_remote_code: bool = False,
-    ) -> VlmCaptioner:
-        model, processor = load_pretrained(
-            path,
-            AutoModelForImageTextToText,
-            AutoProcessor,
-            flag="captioner",
-            kind="vlm",
-            device=device,
-            dtype=dtype,
-            trust_remote_code=trust_remote_code,
-        )
-        return cls(model, processor, decoding)
 
     @torch.inference_mode()
     def caption(self, images: ModelImages) -> list[list[str]]:
@@ -159,10 +134,4 @@ class VlmCaptionHandler(CaptionModelHandler):
     default_model = "Qwen/Qwen2.5-VL-3B-Instruct"
 
     def load_model(self) -> VlmCaptioner:
-        return VlmCaptioner.from_pretrained(
-            self.model_id,
-            decoding=self.decoding,
-            device=self.device,
-            dtype=self.dtype,
-            trust_remote_code=self.trust_remote_code,
-        )
+        return self.load(VlmCaptioner, decoding=self.decoding)
