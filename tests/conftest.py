@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # no test may reach the network
@@ -29,6 +30,18 @@ def tiny_blip(tiny_models: tuple[str, str]) -> str:
 @pytest.fixture(scope="session")
 def tiny_clip(tiny_models: tuple[str, str]) -> str:
     return tiny_models[1]
+
+
+class Calls:
+    """Counts the images a module (a vision tower) is given, through a forward hook: how
+    many times each image was encoded."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.images = 0
+        module.register_forward_hook(self._count, with_kwargs=True)
+
+    def _count(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+        self.images += (args[0] if args else kwargs["pixel_values"]).shape[0]
 
 
 def random_image(width: int = 64, height: int = 48, seed: int = 0) -> Image.Image:

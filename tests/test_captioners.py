@@ -24,7 +24,7 @@ from captionflow.tiny_models import (
     build_tiny_llava,
     build_tiny_paligemma,
 )
-from tests.conftest import random_image, write_images
+from tests.conftest import Calls, random_image, write_images
 
 
 class Case(NamedTuple):
@@ -52,17 +52,6 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     folder = tmp_path_factory.mktemp("captioners")
     torch.manual_seed(3)
     return {name: case.build(str(folder / name)) for name, case in BUILDERS.items()}
-
-
-class Calls:
-    """Counts the images a module is given, through a forward hook."""
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.images = 0
-        module.register_forward_hook(self._count, with_kwargs=True)
-
-    def _count(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: object) -> None:
-        self.images += (args[0] if args else kwargs["pixel_values"]).shape[0]
 
 
 @pytest.mark.parametrize("name", sorted(BUILDERS))

@@ -18,7 +18,7 @@ from captionflow.handlers.blip_itm import BlipItmRanker
 from captionflow.handlers.decoding import DecodingOptions
 from captionflow.handlers.siglip import SiglipRanker
 from captionflow.tiny_models import build_tiny_blip_itm, build_tiny_siglip
-from tests.conftest import random_image, write_images
+from tests.conftest import Calls, random_image, write_images
 
 
 @pytest.fixture(scope="module")
@@ -39,17 +39,6 @@ def images() -> list:
 
 
 CANDIDATES = [["a dog", "a cat on a mat", "sky"], ["one"], ["red car", "blue car"]]
-
-
-class Calls:
-    """Counts the images a module is given, through a forward hook."""
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.images = 0
-        module.register_forward_hook(self._count, with_kwargs=True)
-
-    def _count(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: object) -> None:
-        self.images += (args[0] if args else kwargs["pixel_values"]).shape[0]
 
 
 def check_best_first(ranked: list, candidates: list) -> None:
