@@ -17,7 +17,7 @@ from captionflow.handlers.blip import BlipCaptioner
 from captionflow.handlers.blip_itm import BlipItmRanker
 from captionflow.handlers.decoding import DecodingOptions
 from captionflow.handlers.siglip import SiglipRanker
-from captionflow.tiny_models import build_tiny_blip_itm, build_tiny_siglip
+from captionflow.tiny_models import build_tiny_blip_itm, build_tiny_siglip, build_tiny_siglip2
 from tests.conftest import Calls, random_image, write_images
 
 
@@ -25,6 +25,12 @@ from tests.conftest import Calls, random_image, write_images
 def tiny_siglip(tmp_path_factory: pytest.TempPathFactory) -> str:
     torch.manual_seed(1)
     return build_tiny_siglip(str(tmp_path_factory.mktemp("models") / "tiny-siglip"))
+
+
+@pytest.fixture(scope="module")
+def tiny_siglip2(tmp_path_factory: pytest.TempPathFactory) -> str:
+    torch.manual_seed(5)
+    return build_tiny_siglip2(str(tmp_path_factory.mktemp("models") / "tiny-siglip2"))
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +75,32 @@ def test_siglip_scores_are_the_models_sigmoid_match_probabilities(
         assert [s.score for s in scored] == pytest.approx(expected, abs=2e-3)
 
 
+def test_siglip2_naflex_checkpoints_rank_under_the_same_name(
+    tiny_siglip2: str, images: list
+) -> None:
+    """SigLIP 2's variable-resolution checkpoints (`Siglip2Model`): `--ranker siglip:MODEL`
+    picks them by their config; their images go through their own processor (patches at the
+    image's aspect), and the scores are the model's own sigmoid, exactly."""
+    handler = ranker_handler(f"siglip:{tiny_siglip2}")
+    assert handler.view_spec() is None  # no fixed-size view: pictures reach it
+    ranker = handler.load_model()
+    encoded = Calls(ranker.model.vision_model)
+    ranked = ranker.rank(images, CANDIDATES)
+    assert encoded.images == len(images)
+    check_best_first(ranked, CANDIDATES)
+    processor, model = ranker.processor, ranker.model
+    for image, scored in zip(images, ranked, strict=True):
+        texts = [s.text for s in scored]
+        # the image processor's own settings (Siglip2Processor's call has defaults of its own)
+        pixels = processor.image_processor(images=[image], return_tensors="pt")
+        tokens = processor.tokenizer(
+            texts, padding="max_length", max_length=16, return_tensors="pt"
+        )
+        with torch.inference_mode():
+            logits = model(**pixels, **tokens).logits_per_image[0]
+        assert [s.score for s in scored] == pytest.approx(torch.sigmoid(logits).tolist(), abs=1e-5)
+
+
 def test_blip_itm_scores_are_the_matching_heads_probability(
     tiny_blip_itm: str, images: list
 ) -> None:
@@ -87,13 +119,23 @@ def test_blip_itm_scores_are_the_matching_heads_probability(
             assert candidate.score == pytest.approx(logits.softmax(-1)[1].item(), abs=2e-3)
 
 
-@pytest.mark.parametrize("kind", ["siglip", "blip-itm", "none"])
+@pytest.mark.parametrize("case", ["siglip", "siglip2", "blip-itm", "none"])
 def test_each_ranker_runs_in_caption_images(
-    kind: str, tmp_path: Path, tiny_blip: str, tiny_siglip: str, tiny_blip_itm: str
+    case: str,
+    tmp_path: Path,
+    tiny_blip: str,
+    tiny_siglip: str,
+    tiny_siglip2: str,
+    tiny_blip_itm: str,
 ) -> None:
     paths = [str(p) for p in write_images(tmp_path / "images", 3)]
-    model = {"siglip": f"siglip:{tiny_siglip}", "blip-itm": f"blip-itm:{tiny_blip_itm}"}
-    ranker = ranker_handler(model.get(kind, kind))
+    model = {
+        "siglip": f"siglip:{tiny_siglip}",
+        "siglip2": f"siglip:{tiny_siglip2}",
+        "blip-itm": f"blip-itm:{tiny_blip_itm}",
+    }
+    kind = case.removesuffix("2")
+    ranker = ranker_handler(model.get(case, case))
     decoding = DecodingOptions(num_captions=3)
     with TestPipeline(runner="FnApiRunner") as p:
         captions, errors = (

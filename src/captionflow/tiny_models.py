@@ -138,6 +138,37 @@ def build_tiny_siglip(directory: str, image_size: int = 32) -> str:
     return directory
 
 
+def build_tiny_siglip2(directory: str) -> str:
+    """A tiny SigLIP 2 NaFlex ranker (`Siglip2Model`: variable resolution, up to 16 patches of
+    8 pixels, images kept at their aspect), with a BERT word-piece tokenizer standing in."""
+    from transformers import (
+        BertTokenizer,
+        Siglip2Config,
+        Siglip2ImageProcessorPil,
+        Siglip2Model,
+        Siglip2Processor,
+    )
+
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {token: i for i, token in enumerate(special + WORDS)}
+    tokenizer = BertTokenizer(vocab=vocab, model_max_length=16)
+    image_processor = Siglip2ImageProcessorPil(patch_size=8, max_num_patches=16)
+    config = Siglip2Config(
+        vision_config=SMALL | {"patch_size": 8, "num_patches": 16},
+        text_config=SMALL
+        | {
+            "vocab_size": len(vocab),
+            "max_position_embeddings": 16,
+            "pad_token_id": vocab["[PAD]"],
+            "bos_token_id": vocab["[CLS]"],
+            "eos_token_id": vocab["[SEP]"],
+        },
+    )
+    processor = Siglip2Processor(image_processor=image_processor, tokenizer=tokenizer)
+    _save(directory, Siglip2Model(config), processor)
+    return directory
+
+
 def build_tiny_blip2(directory: str, image_size: int = 32) -> str:
     """A tiny BLIP-2 (`Blip2ForConditionalGeneration`: vision tower, Q-Former with 4 query
     tokens, an OPT language model) with a byte-level BPE tokenizer and BLIP-2's processor."""

@@ -38,7 +38,7 @@ class ClipRanker(Pretrained):
     def rank(
         self, images: ModelImages, candidates: Sequence[Sequence[str]]
     ) -> list[list[ScoredCaption]]:
-        device, dtype = self.model.device, self.model.dtype
+        device = self.model.device
         texts = [text for group in candidates for text in group]
         tokens = self.processor.tokenizer(
             texts,
@@ -47,8 +47,7 @@ class ClipRanker(Pretrained):
             max_length=self.max_text_tokens,
             return_tensors="pt",
         ).to(device)
-        pixels = self.pixel_values(images, device, dtype)
-        image_embeds = _embedding(self.model.get_image_features(pixel_values=pixels))
+        image_embeds = _embedding(self.model.get_image_features(**self.image_inputs(images)))
         text_embeds = _embedding(self.model.get_text_features(**tokens))
         image_embeds = torch.nn.functional.normalize(image_embeds.float(), dim=-1)
         text_embeds = torch.nn.functional.normalize(text_embeds.float(), dim=-1)
@@ -56,6 +55,10 @@ class ClipRanker(Pretrained):
         cosine = (text_embeds * image_embeds.repeat_interleave(counts, dim=0)).sum(dim=-1)
         logits = self.logits(cosine)
         return best_first(candidates, self.scores(cosine, logits), logits)
+
+    def image_inputs(self, images: ModelImages) -> dict[str, torch.Tensor]:
+        """The vision tower's inputs for a batch: its `pixel_values`, from the views."""
+        return {"pixel_values": self.pixel_values(images, self.model.device, self.model.dtype)}
 
     def logits(self, cosine: torch.Tensor) -> torch.Tensor:
         return cosine * self.model.logit_scale.exp().float()

@@ -1,14 +1,18 @@
-"""SigLIP ranking (google/siglip-*, and SigLIP 2's fixed-resolution google/siglip2-*)."""
+"""SigLIP ranking (google/siglip-*, and SigLIP 2: google/siglip2-*, fixed-resolution or NaFlex)."""
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
 import torch
-from transformers import AutoProcessor, SiglipModel
+from PIL import Image
+from transformers import AutoConfig, AutoProcessor, Siglip2Model, SiglipModel
 
+from captionflow.handlers.base import ModelImages
 from captionflow.handlers.clip import ClipRanker, ClipRankHandler
+from captionflow.handlers.loading import localize
 from captionflow.handlers.registry import register_ranker
+from captionflow.views import ImageViews, ViewBatch, ViewSpec
 
 
 class SiglipRanker(ClipRanker):
@@ -29,10 +33,54 @@ class SiglipRanker(ClipRanker):
         return torch.sigmoid(logits)
 
 
+class Siglip2Ranker(SiglipRanker):
+    """A loaded SigLIP 2 NaFlex (`Siglip2Model`): scored as SigLIP; its images are cut into
+    patches at their own aspect by its processor (a patch count, not a size), so they arrive
+    decoded and go through it: no fixed-size view exists for them."""
+
+    kind: ClassVar[str] = "siglip"
+    model_class: ClassVar[Any] = Siglip2Model
+
+    def image_inputs(self, images: ModelImages) -> dict[str, torch.Tensor]:
+        inputs = self.processor.image_processor(images=_pictures(images), return_tensors="pt")
+        inputs = inputs.to(self.model.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        return dict(inputs)
+
+
+def _pictures(images: ModelImages) -> list[Image.Image]:
+    if isinstance(images, ViewBatch) or any(isinstance(i, ImageViews) for i in images):
+        raise ValueError("SigLIP 2 NaFlex takes decoded images: its processor patches them")
+    return [image if image.mode == "RGB" else image.convert("RGB") for image in images]
+
+
 @register_ranker("siglip")
 class SiglipRankHandler(ClipRankHandler):
-    """RunInference handler for SigLIP; `model` is a hub id, a local directory or a gs:// URI."""
+    """RunInference handler for SigLIP and SigLIP 2; `model` is a hub id, a local directory or
+    a gs:// URI. The checkpoint's config says which (`siglip2`: NaFlex)."""
 
     kind = "siglip"
     default_model = "google/siglip-base-patch16-224"
     ranker_class = SiglipRanker
+
+    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        super().__init__(model, **kwargs)
+        self._naflex: bool | None = None
+
+    def naflex(self) -> bool:
+        """Whether the checkpoint is a SigLIP 2 NaFlex one (read from its config, once)."""
+        if self._naflex is None:
+            try:
+                config = AutoConfig.from_pretrained(
+                    localize(self.model_id), trust_remote_code=self.trust_remote_code
+                )
+                self._naflex = config.model_type == "siglip2"
+            except Exception:  # unreadable here: loading says why, with its own advice
+                return False
+        return self._naflex
+
+    def view_spec(self) -> ViewSpec | None:
+        return None if self.naflex() else super().view_spec()
+
+    def load_model(self) -> SiglipRanker:
+        return self.load(Siglip2Ranker if self.naflex() else SiglipRanker)
