@@ -3,6 +3,7 @@ run through `CaptionImages` in a real pipeline."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -36,7 +37,13 @@ class Case(NamedTuple):
 
 
 BUILDERS = {
-    "blip2": Case(build_tiny_blip2, lambda m: m.vision_model, "blip2", Blip2Captioner),
+    "blip2-opt": Case(build_tiny_blip2, lambda m: m.vision_model, "blip2", Blip2Captioner),
+    "blip2-t5": Case(
+        functools.partial(build_tiny_blip2, language="t5"),
+        lambda m: m.vision_model,
+        "blip2",
+        Blip2Captioner,
+    ),
     "florence2": Case(
         build_tiny_florence2, lambda m: m.model.vision_tower, "florence2", Florence2Captioner
     ),

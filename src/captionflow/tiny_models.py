@@ -169,21 +169,40 @@ def build_tiny_siglip2(directory: str) -> str:
     return directory
 
 
-def build_tiny_blip2(directory: str, image_size: int = 32) -> str:
+def build_tiny_blip2(directory: str, image_size: int = 32, language: str = "opt") -> str:
     """A tiny BLIP-2 (`Blip2ForConditionalGeneration`: vision tower, Q-Former with 4 query
-    tokens, an OPT language model) with a byte-level BPE tokenizer and BLIP-2's processor."""
+    tokens, and an OPT decoder or, with `language="t5"`, a Flan-T5-style encoder-decoder),
+    with a byte-level BPE (OPT) or Unigram (T5) tokenizer and BLIP-2's processor."""
     from transformers import (
         Blip2Config,
         Blip2ForConditionalGeneration,
         Blip2Processor,
         BlipImageProcessorPil,
-        GPT2TokenizerFast,
-        OPTConfig,
     )
 
+    tokenizer, text = _opt_parts() if language == "opt" else _t5_parts()
+    config = Blip2Config(
+        vision_config=SMALL | {"image_size": image_size, "patch_size": _patch(image_size)},
+        qformer_config=SMALL | {"encoder_hidden_size": 32, "vocab_size": 64},
+        text_config=text,
+        num_query_tokens=4,
+        image_token_index=text["vocab_size"] - 1,
+    )
+    image_processor = BlipImageProcessorPil(size={"height": image_size, "width": image_size})
+    processor = Blip2Processor(
+        image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=4
+    )
+    _save(directory, Blip2ForConditionalGeneration(config), processor)
+    return directory
+
+
+def _opt_parts() -> tuple[object, dict]:
+    """An OPT decoder's tokenizer and config; `<image>` is the last token."""
+    from transformers import GPT2TokenizerFast, OPTConfig
+
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    tokens = ["<pad>", "</s>", "<unk>", "<image>", *letters, *("\u0120" + c for c in letters)]
-    vocab = {token: i for i, token in enumerate([*tokens, "\u0120"])}
+    tokens = ["<pad>", "</s>", "<unk>", *letters, *("\u0120" + c for c in letters), "\u0120"]
+    vocab = {token: i for i, token in enumerate([*tokens, "<image>"])}
     tokenizer = GPT2TokenizerFast(
         vocab=vocab, merges=[], bos_token="</s>", eos_token="</s>", pad_token="<pad>"
     )
@@ -199,19 +218,31 @@ def build_tiny_blip2(directory: str, image_size: int = 32) -> str:
         bos_token_id=vocab["</s>"],
         eos_token_id=vocab["</s>"],
     )
-    config = Blip2Config(
-        vision_config=SMALL | {"image_size": image_size, "patch_size": _patch(image_size)},
-        qformer_config=SMALL | {"encoder_hidden_size": 32, "vocab_size": 64},
-        text_config=text.to_dict(),
-        num_query_tokens=4,
-        image_token_index=vocab["<image>"],
+    return tokenizer, text.to_dict()
+
+
+def _t5_parts() -> tuple[object, dict]:
+    """A T5 encoder-decoder's Unigram tokenizer and config; `<image>`, which BLIP-2's
+    processor adds, is the last token."""
+    from transformers import T5Config, T5TokenizerFast
+
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -3.0)]
+    pieces += [("\u2581" + c, -1.0) for c in letters] + [(c, -2.0) for c in letters]
+    tokenizer = T5TokenizerFast(vocab=pieces, extra_ids=0)
+    text = T5Config(
+        vocab_size=len(pieces) + 1,
+        d_model=32,
+        d_kv=16,
+        d_ff=64,
+        num_layers=1,
+        num_decoder_layers=1,
+        num_heads=2,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
     )
-    image_processor = BlipImageProcessorPil(size={"height": image_size, "width": image_size})
-    processor = Blip2Processor(
-        image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=4
-    )
-    _save(directory, Blip2ForConditionalGeneration(config), processor)
-    return directory
+    return tokenizer, text.to_dict()
 
 
 def build_tiny_florence2(directory: str, image_size: int = 64) -> str:
