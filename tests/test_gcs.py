@@ -189,3 +189,24 @@ def test_a_gcs_folders_subfolders_are_listed_by_parallel_steps(gcs: object) -> N
     result.wait_until_finish()
     found = result.metrics().query(MetricsFilter().with_name("subfolders_listed"))["counters"]
     assert sum(counter.committed for counter in found) == 3
+
+
+def test_a_reports_thumbnails_in_a_bucket_are_never_inputs(gcs: object) -> None:
+    """A report uploaded beside the images (`OUTPUT/report/`, marked): neither the folder's
+    listing nor a glob that reaches into it takes its thumbnails for images."""
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from captionflow import ReadImagePaths
+    from captionflow.listing import SKIP_MARKER
+
+    names = ["a.jpg", "sub/b.jpg"]
+    for seed, name in enumerate(names):
+        upload_image(gcs, f"out/{name}", seed=seed)
+    for report in ("out/report", "out/sub/report"):
+        upload_image(gcs, f"{report}/thumbs/0123.jpg", seed=9)
+        gcs.blob(f"{report}/{SKIP_MARKER}").upload_from_string(b"")
+    expected = [f"gs://{BUCKET}/out/{name}" for name in names]
+    for source in (f"gs://{BUCKET}/out", f"gs://{BUCKET}/out/**.jpg"):
+        with TestPipeline(runner="FnApiRunner") as pipeline:
+            assert_that(pipeline | ReadImagePaths(source), equal_to(expected))

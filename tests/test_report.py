@@ -556,7 +556,7 @@ def test_page_in_headless_chromium(report: dict[str, Any], tmp_path: Path) -> No
 
 def test_captioning_in_place_never_takes_a_reports_thumbnails_for_images(tmp_path: Path) -> None:
     """`--input X --output X`, then a report, then a run again (a resume, say): the report's
-    thumbnails are not inputs, at the top level or below, whatever the folder's depth."""
+    thumbnails are not inputs, at the top level or below, listed as a folder or by a glob."""
     from apache_beam.testing.test_pipeline import TestPipeline
     from apache_beam.testing.util import assert_that, equal_to
 
@@ -572,6 +572,9 @@ def test_captioning_in_place_never_takes_a_reports_thumbnails_for_images(tmp_pat
     assert sorted(walk_files(str(tmp_path))) == sorted(images)
     with TestPipeline(runner="FnApiRunner") as pipeline:
         paths = pipeline | ReadImagePaths(str(tmp_path))
+        assert_that(paths, equal_to(images))
+    with TestPipeline(runner="FnApiRunner") as pipeline:  # a glob that reaches into them
+        paths = pipeline | ReadImagePaths(str(tmp_path / "**" / "*.jpg"))
         assert_that(paths, equal_to(images))
 
 

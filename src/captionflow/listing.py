@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import errno
 import os
+import posixpath
 import re
 from collections.abc import Iterable, Iterator
 
 from apache_beam.io.filesystem import FileSystem
+from apache_beam.io.filesystems import FileSystems
 
 RECURSIVE_COMPONENT = re.compile(r"(?:(?<=/)|^)\*\*/")  # a `**/` that is a whole path component
 BEFORE_WILDCARD = re.compile(r"[^[*?]*")
@@ -37,6 +39,21 @@ def pattern_variants(pattern: str) -> list[str]:
 # skips such folders, so that captioning in place (`--input X --output X`) never takes
 # X/report/thumbs/*.jpg for images of the dataset.
 SKIP_MARKER = ".captionflow-report"
+
+
+MARKED_THUMBNAILS = "thumbs"  # the subfolder of a marked folder that holds images
+
+
+def is_marked_thumbnail(path: str) -> bool:
+    """Whether `path` is a report's thumbnail (`REPORT/thumbs/NAME`, REPORT marked with
+    `SKIP_MARKER`), as a glob may list it. Only files in a folder named `thumbs` cost a
+    look for the mark."""
+    folder = posixpath.dirname(path) if "://" in path else os.path.dirname(path)
+    if os.path.basename(folder.rstrip("/")) != MARKED_THUMBNAILS:
+        return False
+    report = posixpath.dirname(folder) if "://" in path else os.path.dirname(folder)
+    marker = f"{report}/{SKIP_MARKER}" if "://" in path else os.path.join(report, SKIP_MARKER)
+    return FileSystems.exists(marker)
 
 
 def walk_files(root: str, max_depth: int | None = None) -> Iterator[str]:

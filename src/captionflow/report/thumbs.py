@@ -21,8 +21,9 @@ from PIL import Image
 
 from captionflow.files import open_image_file
 from captionflow.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, decode_image
+from captionflow.listing import MARKED_THUMBNAILS
 
-THUMBS_DIR = "thumbs"
+THUMBS_DIR = MARKED_THUMBNAILS  # where listing an input knows to skip them
 SUFFIX = ".jpg"
 QUALITY = 80
 SIDE_MARKER = ".side"  # the side the thumbnails in a folder were made for

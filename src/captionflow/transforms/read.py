@@ -27,6 +27,7 @@ from captionflow.listfile import ListLine, decode_line, is_utf16, list_lines
 from captionflow.listing import (
     SKIP_MARKER,
     gcs_top_level,
+    is_marked_thumbnail,
     link_problem,
     list_local,
     pattern_variants,
@@ -346,9 +347,13 @@ def _list_checked(
 
 
 def _checked(path: str, images_only: bool) -> Iterator[str | TaggedOutput]:
-    """Of a folder, only what looks like an image; of a glob, all it matches."""
-    if not images_only or looks_like_image(path):
-        yield from checked_path(path)
+    """Of a folder, only what looks like an image; of a glob, all it matches but a report's
+    thumbnails (a folder's listing never enters a report)."""
+    if images_only and not looks_like_image(path):
+        return
+    if not images_only and is_marked_thumbnail(path):
+        return
+    yield from checked_path(path)
 
 
 def _first_error(errors: Iterable[ErrorRecord]) -> ErrorRecord:
