@@ -5,6 +5,7 @@ this sums them twice a second."""
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import time
 from collections import Counter
@@ -52,7 +53,7 @@ def _clock(seconds: float) -> str:
 class ProgressLine:
     """Redraws one line of `stream` every `every_secs` from the counts in `folder`, while
     the run goes; the rate counts from the last look that saw nothing done (the models
-    loaded by then), not from start-up."""
+    loaded by then), not from start-up. The folder is removed at the end."""
 
     def __init__(self, folder: str, stream: TextIO, every_secs: float = 0.5) -> None:
         self.folder = folder
@@ -73,6 +74,7 @@ class ProgressLine:
         self._draw()
         self.stream.write("\n")
         self.stream.flush()
+        shutil.rmtree(self.folder, ignore_errors=True)
 
     def _run(self) -> None:
         while not self._stop.wait(self.every_secs):
