@@ -6,7 +6,12 @@ from typing import Any, ClassVar
 
 import torch
 from PIL import Image
-from transformers import AutoConfig, AutoProcessor, Siglip2Model, SiglipModel
+from transformers import AutoConfig, AutoProcessor, SiglipModel
+
+try:
+    from transformers import Siglip2Model
+except ImportError:  # transformers < 4.49: SigLIP 1 only
+    Siglip2Model = None
 
 from captionflow.handlers.base import ModelImages
 from captionflow.handlers.clip import ClipRanker, ClipRankHandler
@@ -74,7 +79,7 @@ class SiglipRankHandler(ClipRankHandler):
                 config = AutoConfig.from_pretrained(
                     localize(self.model_id), trust_remote_code=self.trust_remote_code
                 )
-                self._naflex = config.model_type == "siglip2"
+                self._naflex = config.model_type == "siglip2" and Siglip2Model is not None
             except Exception:  # unreadable here: loading says why, with its own advice
                 return False
         return self._naflex
