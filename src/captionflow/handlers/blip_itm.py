@@ -9,53 +9,37 @@ import torch
 from transformers import BlipForImageTextRetrieval, BlipProcessor
 
 from captionflow.handlers.base import ModelImages, RankModelHandler
-from captionflow.handlers.loading import Pretrained
-from captionflow.handlers.pixels import PixelValues, view_spec_of
-from captionflow.handlers.ranking import best_first
+from captionflow.handlers.pixels import view_spec_of
+from captionflow.handlers.ranking import PairRanker, best_first
 from captionflow.handlers.registry import register_ranker
 from captionflow.records import ScoredCaption
 from captionflow.views import ViewSpec
 
 
-class BlipItmRanker(Pretrained):
+class BlipItmRanker(PairRanker):
     """A loaded BLIP matching model. Each image is encoded once; each candidate reads it
     through the text encoder's cross-attention, and the matching head says match or not.
     `score` is the head's probability of a match (comparable across images); `probability`
     the softmax of its log-odds among one image's candidates."""
 
     kind: ClassVar[str] = "blip-itm"
-    flag: ClassVar[str] = "ranker"
     model_class: ClassVar[Any] = BlipForImageTextRetrieval
     processor_class: ClassVar[Any] = BlipProcessor
-
-    def __init__(self, model: BlipForImageTextRetrieval, processor: BlipProcessor) -> None:
-        self.model = model.eval()
-        self.processor = processor
-        self.pixel_values = PixelValues(processor.image_processor)
-        self.max_text_tokens = model.config.text_config.max_position_embeddings
 
     @torch.inference_mode()
     def rank(
         self, images: ModelImages, candidates: Sequence[Sequence[str]]
     ) -> list[list[ScoredCaption]]:
-        device, dtype = self.model.device, self.model.dtype
-        texts = [text for group in candidates for text in group]
-        tokens = self.processor.tokenizer(
-            texts,
-            padding=True,
-            truncation=True,
-            max_length=self.max_text_tokens,
-            return_tensors="pt",
-        ).to(device)
-        pixels = self.pixel_values(images, device, dtype)
-        image_embeds = self.model.vision_model(pixel_values=pixels).last_hidden_state
-        counts = torch.tensor([len(group) for group in candidates], device=device)
-        per_text = image_embeds.repeat_interleave(counts, dim=0)
+        tokens = self.text_inputs(candidates)
+        image_embeds = self.model.vision_model(**self.image_inputs(images)).last_hidden_state
+        per_text = self.per_text(image_embeds, candidates)
         hidden = self.model.text_encoder(
             input_ids=tokens.input_ids,
             attention_mask=tokens.attention_mask,
             encoder_hidden_states=per_text,
-            encoder_attention_mask=torch.ones(per_text.shape[:-1], dtype=torch.long, device=device),
+            encoder_attention_mask=torch.ones(
+                per_text.shape[:-1], dtype=torch.long, device=per_text.device
+            ),
         ).last_hidden_state
         itm = self.model.itm_head(hidden[:, 0, :]).float()  # (no match, match) per text
         return best_first(candidates, itm.softmax(dim=-1)[:, 1], itm[:, 1] - itm[:, 0])

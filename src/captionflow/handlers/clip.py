@@ -9,56 +9,33 @@ import torch
 from transformers import CLIPModel, CLIPProcessor
 
 from captionflow.handlers.base import ModelImages, RankModelHandler
-from captionflow.handlers.loading import Pretrained
-from captionflow.handlers.pixels import PixelValues, view_spec_of
-from captionflow.handlers.ranking import best_first
+from captionflow.handlers.pixels import view_spec_of
+from captionflow.handlers.ranking import PairRanker, best_first
 from captionflow.handlers.registry import register_ranker
 from captionflow.records import ScoredCaption
 from captionflow.views import ViewSpec
 
 
-class ClipRanker(Pretrained):
+class ClipRanker(PairRanker):
     """A loaded CLIP: each image embedded once, all its candidates in the same text batch.
     `score` is the cosine of image and text; `probability` the softmax of the scaled cosines
     among one image's candidates (CLIP's own zero-shot probabilities)."""
 
     kind: ClassVar[str] = "clip"
-    flag: ClassVar[str] = "ranker"
     model_class: ClassVar[Any] = CLIPModel
     processor_class: ClassVar[Any] = CLIPProcessor
-    padding: ClassVar[bool | str] = True  # to the longest text of the batch
-
-    def __init__(self, model: Any, processor: Any) -> None:
-        self.model = model.eval()
-        self.processor = processor
-        self.pixel_values = PixelValues(processor.image_processor)
-        self.max_text_tokens = model.config.text_config.max_position_embeddings
 
     @torch.inference_mode()
     def rank(
         self, images: ModelImages, candidates: Sequence[Sequence[str]]
     ) -> list[list[ScoredCaption]]:
-        device = self.model.device
-        texts = [text for group in candidates for text in group]
-        tokens = self.processor.tokenizer(
-            texts,
-            padding=self.padding,
-            truncation=True,
-            max_length=self.max_text_tokens,
-            return_tensors="pt",
-        ).to(device)
         image_embeds = _embedding(self.model.get_image_features(**self.image_inputs(images)))
-        text_embeds = _embedding(self.model.get_text_features(**tokens))
+        text_embeds = _embedding(self.model.get_text_features(**self.text_inputs(candidates)))
         image_embeds = torch.nn.functional.normalize(image_embeds.float(), dim=-1)
         text_embeds = torch.nn.functional.normalize(text_embeds.float(), dim=-1)
-        counts = torch.tensor([len(group) for group in candidates], device=device)
-        cosine = (text_embeds * image_embeds.repeat_interleave(counts, dim=0)).sum(dim=-1)
+        cosine = (text_embeds * self.per_text(image_embeds, candidates)).sum(dim=-1)
         logits = self.logits(cosine)
         return best_first(candidates, self.scores(cosine, logits), logits)
-
-    def image_inputs(self, images: ModelImages) -> dict[str, torch.Tensor]:
-        """The vision tower's inputs for a batch: its `pixel_values`, from the views."""
-        return {"pixel_values": self.pixel_values(images, self.model.device, self.model.dtype)}
 
     def logits(self, cosine: torch.Tensor) -> torch.Tensor:
         return cosine * self.model.logit_scale.exp().float()
