@@ -383,8 +383,9 @@ def test_views_and_pictures_give_the_same_records(
     captioner = BlipCaptionHandler(tiny_blip, decoding=decoding, max_batch_size=2)
     ranker = ClipRankHandler(tiny_clip, max_batch_size=3)
 
-    def as_tuples(record: CaptionRecord) -> tuple:
-        return (record.image_uri, tuple((c.text, round(c.score, 5)) for c in record.candidates))
+    def as_tuples(record: CaptionRecord) -> tuple:  # tied scores in either order
+        scored = sorted((-round(c.score, 5), c.text) for c in record.candidates)
+        return (record.image_uri, tuple((text, -score) for score, text in scored))
 
     with TestPipeline(runner="FnApiRunner") as p:
         via_views, _ = (
