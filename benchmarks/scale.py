@@ -46,10 +46,11 @@ _TICK = os.sysconf("SC_CLK_TCK")
 # The stages alone: `python -c STAGE INPUT` lists and counts, `JOIN PARTS_DIR DESTINATION`
 # joins the parts there.
 STAGE = """
-import sys, apache_beam as beam
+import sys, tempfile, apache_beam as beam
 from captionflow import ReadImagePaths
-with beam.Pipeline("FnApiRunner") as p:
-    p | ReadImagePaths(sys.argv[1]) | beam.combiners.Count.Globally() | beam.Map(print)
+with tempfile.TemporaryDirectory() as spill, beam.Pipeline("FnApiRunner") as p:
+    paths = p | ReadImagePaths(sys.argv[1], spill_dir=spill)  # as the CLI runs it locally
+    paths | beam.combiners.Count.Globally() | beam.Map(print)
 """
 JOIN = """
 import glob, sys, apache_beam as beam

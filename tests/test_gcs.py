@@ -191,6 +191,31 @@ def test_a_gcs_folders_subfolders_are_listed_by_parallel_steps(gcs: object) -> N
     assert sum(counter.committed for counter in found) == 3
 
 
+def test_a_gcs_globs_subfolders_are_listed_by_parallel_steps(gcs: object) -> None:
+    """A glob is listed like a folder, from the folder above its first wildcard: the top
+    level with a delimiter, then each subfolder that can hold matches by its own step."""
+    from apache_beam.metrics.metric import MetricsFilter
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from captionflow import ReadImagePaths
+
+    names = ["top.jpg", "a1/x.jpg", "a1/deeper/y.jpg", "a2/z.png", "b/w.jpg"]
+    for seed, name in enumerate(names):
+        upload_image(gcs, f"globbed/{name}", seed=seed)
+    for pattern, matched, subfolders in (
+        ("globbed/a*/**", names[1:4], 2),
+        ("globbed/**.jpg", ["top.jpg", "a1/x.jpg", "a1/deeper/y.jpg", "b/w.jpg"], 3),
+    ):
+        pipeline = TestPipeline(runner="FnApiRunner")
+        paths = pipeline | ReadImagePaths(f"gs://{BUCKET}/{pattern}")
+        assert_that(paths, equal_to([f"gs://{BUCKET}/globbed/{name}" for name in matched]))
+        result = pipeline.run()
+        result.wait_until_finish()
+        found = result.metrics().query(MetricsFilter().with_name("subfolders_listed"))
+        assert sum(counter.committed for counter in found["counters"]) == subfolders, pattern
+
+
 def test_a_reports_thumbnails_in_a_bucket_are_never_inputs(gcs: object) -> None:
     """A report uploaded beside the images (`OUTPUT/report/`, marked): neither the folder's
     listing nor a glob that reaches into it takes its thumbnails for images."""

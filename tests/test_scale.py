@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import random
+import tempfile
 from pathlib import Path
 
 import apache_beam as beam
@@ -16,14 +18,22 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from captionflow import ReadImagePaths
+from captionflow.cli import main
 from captionflow.transforms import lines as lines_module
+from captionflow.transforms.grouping import GroupStrings
 from captionflow.transforms.lines import ReadLines, byte_ranges, lines_between
+from captionflow.transforms.resume import SkipDone
 from captionflow.transforms.write import WriteJsonLines, parts_dir
+from tests.conftest import write_images
 
 
 def counters(result: beam.runners.runner.PipelineResult) -> dict[str, int]:
     found = result.metrics().query(MetricsFilter().with_namespace("captionflow"))["counters"]
-    return {counter.key.metric.name: counter.committed for counter in found}
+    totals: dict[str, int] = {}
+    for counter in found:  # summed over the steps that count under one name
+        name = counter.key.metric.name
+        totals[name] = totals.get(name, 0) + counter.committed
+    return totals
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -173,3 +183,103 @@ def test_a_folders_subfolders_are_listed_by_parallel_steps(tmp_path: Path) -> No
     result = pipeline.run()
     result.wait_until_finish()
     assert counters(result)["subfolders_listed"] == 4
+
+
+@pytest.mark.parametrize(
+    ("pattern", "matched", "subfolders"),
+    [
+        ("**/*.jpg", ["top.jpg", "a1/x/p.jpg", "a1/x/deeper/t.jpg", "a1/y/q.jpg", "b/x/s.jpg"], 3),
+        ("a*/x/*", ["a1/x/p.jpg", "a2/x/r.png"], 2),  # b cannot match: not listed
+        ("*.jpg", ["top.jpg"], 0),
+    ],
+)
+def test_a_globs_subfolders_that_can_match_are_listed_by_parallel_steps(
+    tmp_path: Path, pattern: str, matched: list[str], subfolders: int
+) -> None:
+    from PIL import Image
+
+    for name in ("top.jpg", "a1/x/p.jpg", "a1/x/deeper/t.jpg", "a1/y/q.jpg", "a2/x/r.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (4, 4)).save(tmp_path / name)
+    (tmp_path / "b" / "x").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(tmp_path / "b" / "x" / "s.jpg")
+    pipeline = TestPipeline(runner="FnApiRunner")
+    paths = pipeline | ReadImagePaths(str(tmp_path / pattern))
+    assert_that(paths, equal_to([str(tmp_path / name) for name in matched]))
+    result = pipeline.run()
+    result.wait_until_finish()
+    assert counters(result).get("subfolders_listed", 0) == subfolders
+
+
+STRINGS = ["a", "a\nb", "ü/ß.jpg", "line\u2028sep", " spaced ", "gs://b/x.jpg"] + [
+    f"/images/{i:05d}.jpg" for i in range(3000)
+]
+
+
+def expected_groups() -> list[tuple[str, frozenset[str]]]:
+    done = set(STRINGS[5:20]) | {"/not/an/input.jpg"}
+    return [(s, frozenset({"todo"} | ({"done"} if s in done else set()))) for s in STRINGS] + [
+        ("/not/an/input.jpg", frozenset({"done"}))
+    ]
+
+
+def group(spill_dir: str | None) -> dict[str, int]:
+    pipeline = TestPipeline(runner="FnApiRunner")
+    todo = pipeline | "Todo" >> beam.Create(STRINGS + STRINGS[:10])  # duplicates within
+    done = pipeline | "Done" >> beam.Create([*STRINGS[5:20], "/not/an/input.jpg"])
+    grouped = {"todo": todo, "done": done} | GroupStrings(spill_dir, buckets=16)
+    assert_that(grouped, equal_to(expected_groups()))  # each once, whatever its characters
+    result = pipeline.run()
+    result.wait_until_finish()
+    return counters(result)
+
+
+def test_strings_group_through_files_as_through_the_runner(tmp_path: Path) -> None:
+    group(None)
+    spill = tmp_path / "spill"
+    counted = group(str(spill))
+    # The strings went into bucket files (only the files' names crossed the runner): each
+    # string as often as it came, in at most 16 buckets.
+    assert counted["strings_spilled"] == len(STRINGS) + 10 + 16
+    files = list(spill.iterdir())
+    written = [json.loads(line) for file in files for line in file.read_text().splitlines()]
+    assert sorted(written) == sorted([*STRINGS, *STRINGS[:10], *STRINGS[5:20], "/not/an/input.jpg"])
+    assert {file.name.split("-")[2] for file in files} <= {f"{b:05d}" for b in range(16)}
+
+
+def test_distinct_paths_and_skip_done_group_through_files_when_asked(tmp_path: Path) -> None:
+    listing = tmp_path / "dataset.txt"
+    listing.write_text("".join(f"/images/{i}.jpg\n" for i in range(50)) + "/images/3.jpg\n")
+    spill = tmp_path / "spill"
+    pipeline = TestPipeline(runner="FnApiRunner")
+    paths = pipeline | ReadImagePaths(str(listing), spill_dir=str(spill))
+    done = pipeline | beam.Create(["/images/1.jpg", "/images/2.jpg"])
+    todo, kept = (paths, done) | SkipDone(str(spill))
+    assert_that(todo, equal_to([f"/images/{i}.jpg" for i in range(50) if i not in (1, 2)]))
+    assert_that(kept, equal_to(["/images/1.jpg", "/images/2.jpg"]), label="Kept")
+    result = pipeline.run()
+    result.wait_until_finish()
+    assert counters(result)["strings_spilled"] == 51 + 50 + 2  # read, then joined with done
+
+
+def test_a_local_run_groups_its_paths_through_a_folder_it_removes_at_the_end(
+    tmp_path: Path,
+    tiny_models: tuple[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    images = write_images(tmp_path / "in", 3)
+    listing = tmp_path / "dataset.txt"
+    listing.write_text("".join(f"{path}\n" for path in [*images, images[0]]))
+    argv = ["run", "--input", str(listing), "--output", str(tmp_path / "out")]
+    models = ["--captioner", f"blip:{tiny_models[0]}", "--ranker", f"clip:{tiny_models[1]}"]
+    with caplog.at_level(logging.INFO, logger="captionflow"):
+        assert main([*argv, *models]) == 0
+
+    assert f"grouping paths through files in {temporary}" in caplog.text
+    assert not list(temporary.glob("captionflow-spill-*"))
+    rows = (tmp_path / "out" / "metadata.jsonl").read_text().splitlines()
+    assert sorted(json.loads(row)["image_uri"] for row in rows) == sorted(map(str, images))

@@ -8,10 +8,11 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -37,11 +38,11 @@ from captionflow.pipelines.caption import SUMMARY_FILE
 from captionflow.progress import ProgressLine
 from captionflow.report import build_report, write_report
 from captionflow.signals import Interrupted, StopSignals
+from captionflow.transforms.grouping import LOCAL_RUNNERS
 from captionflow.transforms.write import ERRORS_FILE, parts_dir
 
 logger = logging.getLogger("captionflow")
 
-LOCAL_RUNNERS = {"FnApiRunner", "DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner"}
 DEFAULT_RUNNER = "FnApiRunner"  # Beam's DirectRunner first tries to download Prism at run time
 
 
@@ -470,42 +471,59 @@ def progress_folder(options: PipelineOptions) -> str | None:
     return tempfile.mkdtemp(prefix="captionflow-progress-")
 
 
+@contextlib.contextmanager
+def spill_folder(options: PipelineOptions) -> Iterator[str | None]:
+    """For a local runner, which holds every shuffle in memory, a temporary folder through
+    which the job groups its paths instead (`GroupStrings`), removed when the run ends."""
+    if options.view_as(StandardOptions).runner not in LOCAL_RUNNERS:
+        yield None
+        return
+    folder = tempfile.mkdtemp(prefix="captionflow-spill-")
+    logger.info("grouping paths through files in %s (a local runner)", folder)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def caption(config: RunConfig, options: PipelineOptions, stop: StopSignals) -> None:
     """Run the job, resuming it after a failure until `config.attempts`; never after a
     fatal error or a stop signal."""
     started = time.time()
     for attempt in range(1, config.attempts + 1):
         resume = config.resume or attempt > 1
-        pipeline = beam.Pipeline(options=options)
-        progress = progress_folder(options)
-        build_caption_pipeline(
-            pipeline,
-            config.model_copy(update={"resume": resume}),
-            started=started,
-            progress=progress,
-        )
-        result = None
-        try:
-            with ProgressLine(progress, sys.stderr) if progress else contextlib.nullcontext():
-                result = pipeline.run()  # local runners work here; remote ones submit and return
-                result.wait_until_finish()
-            return
-        except BaseException as error:
-            if stop.received:
-                if result is not None:  # a remote job would run on without its launcher
-                    cancel(result)
-                raise Interrupted(stop.received) from None
-            if message := fatal_message(error):
-                raise UsageError(message) from None
-            if attempt == config.attempts or not isinstance(error, Exception):
-                raise
-            logger.warning(
-                "attempt %d of %d failed (%s: %s); resuming from what it wrote",
-                attempt,
-                config.attempts,
-                type(error).__name__,
-                str(error).splitlines()[0] if str(error) else "",
+        with spill_folder(options) as spill:
+            pipeline = beam.Pipeline(options=options)
+            progress = progress_folder(options)
+            build_caption_pipeline(
+                pipeline,
+                config.model_copy(update={"resume": resume}),
+                started=started,
+                progress=progress,
+                spill_dir=spill,
             )
+            result = None
+            try:
+                with ProgressLine(progress, sys.stderr) if progress else contextlib.nullcontext():
+                    result = pipeline.run()  # local runners work here; remote ones return
+                    result.wait_until_finish()
+                return
+            except BaseException as error:
+                if stop.received:
+                    if result is not None:  # a remote job would run on without its launcher
+                        cancel(result)
+                    raise Interrupted(stop.received) from None
+                if message := fatal_message(error):
+                    raise UsageError(message) from None
+                if attempt == config.attempts or not isinstance(error, Exception):
+                    raise
+                logger.warning(
+                    "attempt %d of %d failed (%s: %s); resuming from what it wrote",
+                    attempt,
+                    config.attempts,
+                    type(error).__name__,
+                    str(error).splitlines()[0] if str(error) else "",
+                )
 
 
 def cancel(result: PipelineResult) -> None:

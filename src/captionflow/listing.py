@@ -91,14 +91,42 @@ def list_local(pattern: str) -> Iterator[str]:
         if os.path.lexists(pattern) and not os.path.isdir(pattern):
             yield pattern
         return
-    root = os.path.dirname(prefix)
-    # Without `**`, a pattern spans a fixed number of folders: no need to walk deeper.
-    max_depth = None if "**" in pattern else pattern[len(root) :].strip("/").count("/")
-    variants = pattern_variants(pattern)
-    matchers = [re.compile(FileSystem.translate_pattern(v)).match for v in variants]
-    for path in walk_files(root, max_depth):
-        if any(match(path) for match in matchers):
+    glob = Glob(pattern)
+    for path in walk_files(glob.root, glob.depth):
+        if glob.matches(path):
             yield path
+
+
+class Glob:
+    """A pattern (Beam's syntax, Python's `**/`) split for listing in parallel: the folder
+    above its first wildcard (`root`), which of the root's subfolders can hold matches, and
+    how deep under the root a match can lie."""
+
+    def __init__(self, pattern: str) -> None:
+        self.pattern = pattern
+        self.root = posixpath.dirname(BEFORE_WILDCARD.match(pattern).group(0))
+        rest = pattern[len(self.root) :].lstrip("/")
+        first, _, deeper = rest.partition("/")
+        # Without `**`, a pattern spans a fixed number of folders: no need to walk deeper.
+        self.depth = None if "**" in rest else rest.count("/")
+        self._first = None if "**" in first else re.compile(FileSystem.translate_pattern(first))
+        self._deeper = bool(deeper) or "**" in first
+        variants = pattern_variants(pattern)
+        self._matchers = [re.compile(FileSystem.translate_pattern(v)).match for v in variants]
+
+    def matches(self, path: str) -> bool:
+        return any(match(path) for match in self._matchers)
+
+    def may_hold_matches(self, subfolder: str) -> bool:
+        """Whether a subfolder of the root can hold files the pattern matches."""
+        if not self._deeper:
+            return False
+        name = posixpath.basename(subfolder.rstrip("/"))
+        return self._first is None or self._first.fullmatch(name) is not None
+
+    def depth_below(self) -> int | None:
+        """How deep under one of the root's subfolders a match can lie (None: any depth)."""
+        return None if self.depth is None else self.depth - 1
 
 
 def link_problem(path: str) -> tuple[str, str] | None:

@@ -22,6 +22,7 @@ from captionflow.transforms.summary import (
     CAPTIONED,
     KEPT,
     REJECTED,
+    CountOutcomes,
     WriteSummary,
     outcome_of_error,
 )
@@ -57,16 +58,19 @@ def build_caption_pipeline(
     *,
     started: float | None = None,
     progress: str | None = None,
+    spill_dir: str | None = None,
 ) -> None:
     """Add the whole job to `pipeline`. With `config.resume`, images already in the output
     (finished file or parts of a killed run) are kept and not captioned again. With
     `progress` (a local folder), inputs, captions and errors are counted there as they pass
-    (`captionflow.progress`)."""
+    (`captionflow.progress`). With `spill_dir` (for local runners, which hold shuffles in
+    memory; removed by the caller after the run), paths are grouped through files there
+    (`GroupStrings`)."""
     captioner, ranker = model_handlers(config)
     metadata_path = join(config.output_dir, config.metadata_filename)
     rejected_path = join(config.output_dir, REJECTED_FILE)
 
-    read = ReadImagePaths(config.input, limit=config.limit).with_errors()
+    read = ReadImagePaths(config.input, limit=config.limit, spill_dir=spill_dir).with_errors()
     uris, read_errors = pipeline | "ReadImagePaths" >> read
     if progress:
         read_errors = read_errors | "CountReadErrors" >> CountInto(progress, counted.INPUTS)
@@ -75,7 +79,7 @@ def build_caption_pipeline(
         done = pipeline | "ReadDone" >> ReadDone(
             metadata_path, config.output_dir, also=[rejected_path]
         )
-        uris, kept = (uris, done) | "SkipDone" >> SkipDone()
+        uris, kept = (uris, done) | "SkipDone" >> SkipDone(spill_dir)
     if progress:
         uris = uris | "CountInputs" >> CountInto(progress, counted.INPUTS)
 
@@ -124,13 +128,14 @@ def build_caption_pipeline(
                 >> WriteShards(config.output_dir, name, rows_per_shard=config.rows_per_shard)
             )
 
-    outcomes = (
-        captions | "Captioned" >> beam.Map(lambda _: CAPTIONED),
-        rejected | "Rejected" >> beam.Map(lambda _: REJECTED),
-        kept | "Kept" >> beam.Map(lambda _: KEPT),
-        errors | "Failed" >> beam.Map(outcome_of_error),
+    # Each counted where it is made: a Flatten of per-image labels is held by local runners.
+    outcome_counts = (
+        captions | "Captioned" >> CountOutcomes(CAPTIONED),
+        rejected | "Rejected" >> CountOutcomes(REJECTED),
+        kept | "Kept" >> CountOutcomes(KEPT),
+        errors | "Failed" >> CountOutcomes(outcome_of_error),
     ) | "Outcomes" >> beam.Flatten()
-    outcomes | "WriteSummary" >> WriteSummary(
+    outcome_counts | "WriteSummary" >> WriteSummary(
         join(config.output_dir, SUMMARY_FILE),
         started=time.time() if started is None else started,
         settings=config.model_dump(mode="json"),

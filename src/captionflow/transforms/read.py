@@ -11,7 +11,7 @@ import codecs
 import itertools
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from enum import Enum
 from typing import BinaryIO, NamedTuple
 
@@ -26,10 +26,10 @@ from captionflow.images import looks_like_image
 from captionflow.listfile import ListLine, decode_line, is_utf16, list_lines
 from captionflow.listing import (
     SKIP_MARKER,
+    Glob,
     gcs_top_level,
     is_marked_thumbnail,
     link_problem,
-    list_local,
     pattern_variants,
     skipping_marked,
     walk_files,
@@ -37,6 +37,7 @@ from captionflow.listing import (
 from captionflow.paths import absolute, dirname, is_remote, join, normalise
 from captionflow.records import ErrorRecord
 from captionflow.transforms.errors import ERRORS, error_output
+from captionflow.transforms.grouping import GroupStrings, Strings
 from captionflow.transforms.lines import Line, ReadLines
 
 logger = logging.getLogger("captionflow")
@@ -151,6 +152,9 @@ def checked_path(path: str) -> Iterator[str | TaggedOutput]:
     yield path
 
 
+Found = tuple[tuple[PCollection[str], ...], PCollection[ErrorRecord]]
+
+
 class ReadOutputs(NamedTuple):
     """What `ReadImagePaths(...).with_errors()` returns."""
 
@@ -170,23 +174,29 @@ class ReadImagePaths(beam.PTransform):
     symbolic link to no file) are `ErrorRecord`s (stage `read`), one per input and sampled by
     `limit` like the paths: `ReadImagePaths(...).with_errors()` returns
     `ReadOutputs(paths, errors)` to route them to `errors.jsonl`; without it they are logged.
+
+    Duplicates are dropped by the runner's shuffle or, with `spill_dir`, through files there
+    (`GroupStrings`: for local runners, whose shuffles the launcher holds in memory).
     """
 
-    def __init__(self, source: str, *, limit: int | None = None) -> None:
+    def __init__(
+        self, source: str, *, limit: int | None = None, spill_dir: str | None = None
+    ) -> None:
         super().__init__()
         self.source = absolute(source)
         self.limit = limit
+        self.spill_dir = spill_dir
         self.errors_output = False
 
     def with_errors(self) -> ReadImagePaths:
         """This transform, returning `ReadOutputs(paths, errors)` instead of the paths only."""
-        transform = ReadImagePaths(self.source, limit=self.limit)
+        transform = ReadImagePaths(self.source, limit=self.limit, spill_dir=self.spill_dir)
         transform.errors_output = True
         return transform
 
     def expand(self, pbegin: PBegin) -> PCollection[str] | ReadOutputs:
         paths, errors = pbegin | "Find" >> _FindPaths(self.source, self.limit)
-        paths = paths | "Distinct" >> DistinctStrings()
+        paths = paths | "Distinct" >> DistinctStrings(self.spill_dir)
         errors = errors | "DistinctErrors" >> _DistinctErrors()
         if self.limit is not None and input_kind(self.source) != InputKind.LIST:
             paths, errors = (paths, errors) | "FirstN" >> _FirstN(self.limit)
@@ -197,16 +207,20 @@ class ReadImagePaths(beam.PTransform):
 
 
 class DistinctStrings(beam.PTransform):
-    """Each string once, spread over workers: a GroupByKey, not `beam.Distinct`, whose
-    combiner a worker pre-applies in a table of up to 100,000 keys per bundle (memory that
-    grows with the input, for duplicates that are rare here)."""
+    """Each string once, spread over workers: grouped (`GroupStrings`: by the runner, or
+    through files in `spill_dir`), not `beam.Distinct`, whose combiner a worker pre-applies
+    in a table of up to 100,000 keys per bundle (memory that grows with the input, for
+    duplicates that are rare here)."""
 
-    def expand(self, strings: PCollection[str]) -> PCollection[str]:
+    def __init__(self, spill_dir: str | None = None) -> None:
+        super().__init__()
+        self.spill_dir = spill_dir
+
+    def expand(self, strings: Strings) -> PCollection[str]:
         return (
-            strings
-            | "Keyed" >> beam.Map(lambda string: (string, None))
-            | "Group" >> beam.GroupByKey()
-            | "Keys" >> beam.Keys()
+            {"strings": strings}
+            | "Group" >> GroupStrings(self.spill_dir)
+            | "Strings" >> beam.Keys()
         )
 
 
@@ -223,14 +237,14 @@ class _ReadList(beam.PTransform):
         self.source = source
         self.limit = limit
 
-    def expand(self, pbegin: PBegin) -> tuple[PCollection[str], PCollection[ErrorRecord]]:
+    def expand(self, pbegin: PBegin) -> Found:
         listing = pbegin | "ListFile" >> beam.Create([self.source])
         if self.limit is not None:
             limit = self.limit
             first = listing | "FirstEntries" >> beam.FlatMap(
                 lambda path: itertools.islice(read_list(path), limit)
             ).with_outputs(ERRORS, main=PATHS)
-            return first[PATHS], first[ERRORS]
+            return (first[PATHS],), first[ERRORS]
         kinds = listing | "Kind" >> beam.FlatMap(_whole_if_utf16).with_outputs(UTF16, main=PATHS)
         whole = kinds[UTF16] | "Whole" >> beam.FlatMap(read_list).with_outputs(ERRORS, main=PATHS)
         ranged = (
@@ -239,20 +253,22 @@ class _ReadList(beam.PTransform):
             | "Entries" >> beam.FlatMap(read_list_line).with_outputs(ERRORS, main=PATHS)
         )
         return (
-            (whole[PATHS], ranged[PATHS]) | "Paths" >> beam.Flatten(),
+            (whole[PATHS], ranged[PATHS]),
             (whole[ERRORS], ranged[ERRORS]) | "Errors" >> beam.Flatten(),
         )
 
 
 class _FindPaths(beam.PTransform):
-    """`(paths, errors)` as found, with duplicates; a list file's first `limit` entries."""
+    """`(paths, errors)` as found, with duplicates; a list file's first `limit` entries. The
+    paths come as the collections of the steps that found them, not flattened: a Flatten
+    there would be held whole by a local runner."""
 
     def __init__(self, source: str, limit: int | None = None) -> None:
         super().__init__()
         self.source = source
         self.limit = limit
 
-    def expand(self, pbegin: PBegin) -> tuple[PCollection[str], PCollection[ErrorRecord]]:
+    def expand(self, pbegin: PBegin) -> Found:
         source, kind = self.source, input_kind(self.source)
         if kind == InputKind.LIST:
             return pbegin | "List" >> _ReadList(source, self.limit)
@@ -261,11 +277,10 @@ class _FindPaths(beam.PTransform):
         if kind == InputKind.IMAGE:
             listed = pbegin | "Image" >> beam.Create([source])
             check = beam.FlatMap(checked_path)
-        elif images_only and (not is_remote(source) or source.startswith("gs://")):
-            return pbegin | "Folder" >> _ListFolder(source)
-        elif not is_remote(source):  # listed here: Beam's local listing drops broken links
-            listed = pbegin | "Source" >> beam.Create([source])
-            check = beam.FlatMap(_list_checked, list_local, images_only)
+        elif images_only and _listed_in_parallel(source):
+            return pbegin | "Folder" >> _ListTree(source)
+        elif not images_only and _listed_in_parallel((glob := Glob(source)).root):
+            return pbegin | "Glob" >> _ListTree(glob.root, glob)
         else:
             pattern = join(source.rstrip("/"), "**") if images_only else source
             listed = (
@@ -275,75 +290,92 @@ class _FindPaths(beam.PTransform):
             )
             check = beam.FlatMap(lambda file: _checked(file.path, images_only))
         found = listed | "List" >> check.with_outputs(ERRORS, main=PATHS)
-        return found[PATHS], found[ERRORS]
+        return (found[PATHS],), found[ERRORS]
 
 
-def _top_level(root: str) -> Iterator[str | TaggedOutput]:
-    """A folder's own image files (checked), and its subfolders to be listed by other
-    workers: as bytes, so that a local name that is not UTF-8 crosses too. As in
-    `walk_files`, local symbolic links to folders are not followed."""
-    if is_remote(root):
-        files, subfolders = gcs_top_level(root)
-        for path in files:
-            yield from _checked(path, True)
-        for folder in subfolders:
-            yield TaggedOutput(SUBFOLDERS, folder.encode("utf-8"))
-        return
-    for _, names, files in itertools.islice(os.walk(root), 1):
-        for name in files:
-            yield from _checked(os.path.join(root, name), True)
-        for name in names:
-            path = os.path.join(root, name)
-            if not os.path.islink(path) and not os.path.exists(os.path.join(path, SKIP_MARKER)):
-                yield TaggedOutput(SUBFOLDERS, os.fsencode(path))
+class _Tree:
+    """What to take from a listed tree: a folder's image files, or a glob's matches (`Glob`:
+    from its root, only the subfolders that can hold matches, only as deep as they lie)."""
+
+    def __init__(self, glob: Glob | None = None) -> None:
+        self.glob = glob
+
+    def files(self, paths: Iterable[str]) -> Iterator[str | TaggedOutput]:
+        for path in paths:
+            if self.glob is None:
+                yield from _checked(path, True)
+            elif self.glob.matches(path):
+                yield from _checked(path, False)
+
+    def wants(self, subfolder: str) -> bool:
+        return self.glob is None or self.glob.may_hold_matches(subfolder)
+
+    def top_level(self, root: str) -> Iterator[str | TaggedOutput]:
+        """The root's own files (checked), and its subfolders to be listed by other workers:
+        as bytes, so that a local name that is not UTF-8 crosses too. As in `walk_files`,
+        local symbolic links to folders are not followed."""
+        if is_remote(root):
+            files, subfolders = gcs_top_level(root)
+            yield from self.files(files)
+            for folder in filter(self.wants, subfolders):
+                yield TaggedOutput(SUBFOLDERS, folder.encode("utf-8"))
+            return
+        for _, names, files in itertools.islice(os.walk(root), 1):
+            yield from self.files(os.path.join(root, name) for name in files)
+            for name in names:
+                path = os.path.join(root, name)
+                marked = os.path.exists(os.path.join(path, SKIP_MARKER))
+                if not os.path.islink(path) and not marked and self.wants(path):
+                    yield TaggedOutput(SUBFOLDERS, os.fsencode(path))
+
+    def walk(self, folder: str) -> Iterator[str | TaggedOutput]:
+        """Every file under one of the root's subfolders that is taken, at any depth a
+        match can lie."""
+        if not is_remote(folder):
+            depth = None if self.glob is None else self.glob.depth_below()
+            yield from self.files(walk_files(folder, depth))
+            return
+        for pattern in pattern_variants(join(folder.rstrip("/"), "**")):
+            listed = FileSystems.match([pattern])[0].metadata_list
+            yield from self.files(skipping_marked(file.path for file in listed))
 
 
-def _walk(folder: str) -> Iterator[str]:
-    """Every file under a folder, at any depth."""
-    if not is_remote(folder):
-        yield from walk_files(folder)
-        return
-    for pattern in pattern_variants(join(folder.rstrip("/"), "**")):
-        yield from skipping_marked(f.path for f in FileSystems.match([pattern])[0].metadata_list)
+class _ListTree(beam.PTransform):
+    """`(paths, errors)` of a local or `gs://` folder, or of a glob there: the top level
+    here, each subfolder's whole tree by whichever worker it lands on, so that a tree of
+    millions of files is listed in parallel."""
 
-
-class _ListFolder(beam.PTransform):
-    """`(paths, errors)` of a local or `gs://` folder: its top level here, each subfolder's
-    whole tree by whichever worker it lands on, so that a tree of millions of files is
-    listed in parallel."""
-
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, glob: Glob | None = None) -> None:
         super().__init__()
         self.root = root
+        self.tree = _Tree(glob)
 
-    def expand(self, pbegin: PBegin) -> tuple[PCollection[str], PCollection[ErrorRecord]]:
+    def expand(self, pbegin: PBegin) -> Found:
         listed = Metrics.counter("captionflow", "subfolders_listed")
+        tree = self.tree
 
         def walk(folder: bytes) -> Iterator[str | TaggedOutput]:
             listed.inc()
-            yield from _list_checked(os.fsdecode(folder), _walk, True)
+            yield from tree.walk(os.fsdecode(folder))
 
-        top = (
-            pbegin
-            | "Root" >> beam.Create([self.root])
-            | "TopLevel" >> beam.FlatMap(_top_level).with_outputs(ERRORS, SUBFOLDERS, main=PATHS)
-        )
+        top_level = beam.FlatMap(tree.top_level).with_outputs(ERRORS, SUBFOLDERS, main=PATHS)
+        top = pbegin | "Root" >> beam.Create([self.root]) | "TopLevel" >> top_level
         deeper = (
             top[SUBFOLDERS]
             | "Spread" >> beam.Reshuffle()
             | "Walk" >> beam.FlatMap(walk).with_outputs(ERRORS, main=PATHS)
         )
         return (
-            (top[PATHS], deeper[PATHS]) | "Paths" >> beam.Flatten(),
+            (top[PATHS], deeper[PATHS]),
             (top[ERRORS], deeper[ERRORS]) | "Errors" >> beam.Flatten(),
         )
 
 
-def _list_checked(
-    source: str, list_files: Callable[[str], Iterable[str]], images_only: bool
-) -> Iterator[str | TaggedOutput]:
-    for path in list_files(source):
-        yield from _checked(path, images_only)
+def _listed_in_parallel(folder: str) -> bool:
+    """Local folders (listed here: Beam's local listing drops broken links) and `gs://`
+    folders (a delimited listing of the top level) are; other object stores are paged
+    through by Beam's matching, one worker per pattern."""
+    return not is_remote(folder) or (folder.startswith("gs://") and folder[5:].strip("/") != "")
 
 
 def _checked(path: str, images_only: bool) -> Iterator[str | TaggedOutput]:

@@ -10,6 +10,7 @@ import apache_beam as beam
 from apache_beam.pvalue import PBegin, PCollection, TaggedOutput
 
 from captionflow.paths import absolute, is_remote, join
+from captionflow.transforms.grouping import Grouped, GroupStrings
 from captionflow.transforms.lines import Line, ReadLines
 from captionflow.transforms.write import ResumeError, earlier_files, earlier_record
 
@@ -66,26 +67,28 @@ class ReadDone(beam.PTransform):
         )
 
 
-def _still_to_do(grouped: tuple[str, dict[str, list]]) -> Iterator[str | TaggedOutput]:
+def _still_to_do(grouped: Grouped) -> Iterator[str | TaggedOutput]:
     uri, found = grouped
-    if found["todo"]:
-        yield TaggedOutput(KEPT, uri) if found["done"] else uri
+    if "todo" in found:
+        yield TaggedOutput(KEPT, uri) if "done" in found else uri
 
 
 class SkipDone(beam.PTransform):
     """`(uris, done_uris) | SkipDone()`: the URIs still to caption (main output), and on `kept`
     the input URIs an earlier run already captioned. Done images that are not among the
-    inputs are neither: their records stay in the output, but this run does not count them."""
+    inputs are neither: their records stay in the output, but this run does not count them.
+    Joined by the runner's shuffle, or through files in `spill_dir` (`GroupStrings`)."""
+
+    def __init__(self, spill_dir: str | None = None) -> None:
+        super().__init__()
+        self.spill_dir = spill_dir
 
     def expand(
         self, inputs: tuple[PCollection[str], PCollection[str]]
     ) -> beam.pvalue.DoOutputsTuple:
         uris, done = inputs
         return (
-            {
-                "todo": uris | "KeyTodo" >> beam.Map(lambda uri: (uri, None)),
-                "done": done | "KeyDone" >> beam.Map(lambda uri: (uri, None)),
-            }
-            | "Join" >> beam.CoGroupByKey()
+            {"todo": uris, "done": done}
+            | "Join" >> GroupStrings(self.spill_dir)
             | "Todo" >> beam.FlatMap(_still_to_do).with_outputs(KEPT, main="todo")
         )

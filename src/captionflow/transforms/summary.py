@@ -7,6 +7,7 @@ import logging
 import platform
 import time
 from collections import Counter
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -86,8 +87,25 @@ def _write(
     return path
 
 
+class CountOutcomes(beam.PTransform):
+    """Records in; `(outcome, count)` pairs out, the outcome a label or a function of the
+    record. Count each collection where it is made, before any Flatten: the runner lifts the
+    combiner into the producing step, so only counts cross it (a Flatten of per-image labels
+    makes local runners hold them all)."""
+
+    def __init__(self, outcome: str | Callable[[Any], str]) -> None:
+        super().__init__()
+        self.outcome = outcome
+
+    def expand(self, records: PCollection[Any]) -> PCollection[tuple[str, int]]:
+        outcome = self.outcome
+        label = outcome if callable(outcome) else lambda _: outcome
+        return records | "Label" >> beam.Map(label) | "Count" >> beam.combiners.Count.PerElement()
+
+
 class WriteSummary(beam.PTransform):
-    """Outcome labels in; `summary.json` out, written after the `after` outputs are complete.
+    """`(outcome, count)` pairs in (`CountOutcomes`); `summary.json` out, written after the
+    `after` outputs are complete.
 
     `started` is the wall-clock time the job was launched, so the rate covers the whole job.
     """
@@ -106,12 +124,8 @@ class WriteSummary(beam.PTransform):
         self.settings = settings
         self.after = after
 
-    def expand(self, outcomes: PCollection[str]) -> PCollection[str]:
-        counts = (
-            outcomes
-            | "Count" >> beam.combiners.Count.PerElement()
-            | "ToDict" >> beam.combiners.ToDict()
-        )
+    def expand(self, counted: PCollection[tuple[str, int]]) -> PCollection[str]:
+        counts = counted | "Sum" >> beam.CombinePerKey(sum) | "ToDict" >> beam.combiners.ToDict()
         return counts | "Write" >> beam.Map(
             _write,
             *(AsSingleton(done) for done in self.after),
