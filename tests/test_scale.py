@@ -131,22 +131,32 @@ def test_parts_are_joined_in_parallel_groups_then_into_one_file(tmp_path: Path) 
     assert not Path(parts_dir(str(destination))).exists()
 
 
-def test_resume_keeps_each_earlier_record_once_and_adds_the_new_ones(tmp_path: Path) -> None:
+@pytest.mark.parametrize("spilled", [False, True])
+def test_resume_keeps_each_earlier_record_once_and_adds_the_new_ones(
+    tmp_path: Path, spilled: bool
+) -> None:
     destination = tmp_path / "out.jsonl"
+    spill = tmp_path / "spill" if spilled else None
     destination.write_text("\n".join(rows(3)) + "\n")  # a finished file...
     parts = Path(parts_dir(str(destination)))
     parts.mkdir()
     (parts / "part-a.jsonl").write_text("\n".join(rows(4, start=2)) + "\n")  # ...parts after it
     (parts / "part-b.jsonl").write_text("\n".join(rows(2, start=4)) + "\n")  # a retried bundle's
-    with TestPipeline(runner="FnApiRunner") as pipeline:
-        _ = (
-            pipeline
-            | beam.Create(rows(2, start=6))
-            | WriteJsonLines(str(destination), key="k", lines_per_part=1, resume=True)
+    pipeline = TestPipeline(runner="FnApiRunner")
+    _ = (
+        pipeline
+        | beam.Create(rows(2, start=6))
+        | WriteJsonLines(
+            str(destination), key="k", lines_per_part=1, resume=True, spill_dir=spill and str(spill)
         )
+    )
+    result = pipeline.run()
+    result.wait_until_finish()
     keys = [json.loads(line)["k"] for line in destination.read_text().splitlines()]
     assert sorted(keys) == [f"image-{i:03d}" for i in range(8)]
     assert not parts.exists()
+    # Through files, the earlier lines' keys only crossed the runner as file names.
+    assert counters(result).get("pairs_spilled", 0) == (3 + 4 + 2 if spilled else 0)
 
 
 def test_resume_never_reads_this_runs_own_parts_as_an_earlier_runs(tmp_path: Path) -> None:
@@ -240,9 +250,9 @@ def test_strings_group_through_files_as_through_the_runner(tmp_path: Path) -> No
     counted = group(str(spill))
     # The strings went into bucket files (only the files' names crossed the runner): each
     # string as often as it came, in at most 16 buckets.
-    assert counted["strings_spilled"] == len(STRINGS) + 10 + 16
+    assert counted["pairs_spilled"] == len(STRINGS) + 10 + 16
     files = list(spill.iterdir())
-    written = [json.loads(line) for file in files for line in file.read_text().splitlines()]
+    written = [json.loads(line)[0] for file in files for line in file.read_text().splitlines()]
     assert sorted(written) == sorted([*STRINGS, *STRINGS[:10], *STRINGS[5:20], "/not/an/input.jpg"])
     assert {file.name.split("-")[2] for file in files} <= {f"{b:05d}" for b in range(16)}
 
@@ -259,7 +269,7 @@ def test_distinct_paths_and_skip_done_group_through_files_when_asked(tmp_path: P
     assert_that(kept, equal_to(["/images/1.jpg", "/images/2.jpg"]), label="Kept")
     result = pipeline.run()
     result.wait_until_finish()
-    assert counters(result)["strings_spilled"] == 51 + 50 + 2  # read, then joined with done
+    assert counters(result)["pairs_spilled"] == 51 + 50 + 2  # read, then joined with done
 
 
 def test_a_local_run_groups_its_paths_through_a_folder_it_removes_at_the_end(

@@ -111,12 +111,14 @@ def build_caption_pipeline(
     written = [errors | "WriteErrors" >> WriteErrors(config.output_dir)]
     if config.min_score is not None:
         captions, rejected = captions | "MinScore" >> SplitByScore(config.min_score)
-        written.append(rejected | "WriteRejected" >> _WriteRecords(rejected_path, config))
+        written.append(
+            rejected | "WriteRejected" >> _WriteRecords(rejected_path, config, spill_dir)
+        )
     if "sidecar" in config.formats:  # before the metadata: a record there has its file
         captions = captions | "WriteSidecars" >> WriteSidecars(
             extension=config.sidecar_extension, overwrite=config.overwrite_captions
         )
-    metadata_written = captions | "WriteMetadata" >> _WriteRecords(metadata_path, config)
+    metadata_written = captions | "WriteMetadata" >> _WriteRecords(metadata_path, config, spill_dir)
     written.append(metadata_written)
     shard_formats = [name for name in config.formats if name in SHARD_FORMATS]
     if shard_formats:  # from the finished file: a resumed run's shards hold every image
@@ -147,10 +149,11 @@ class _WriteRecords(beam.PTransform):
     """Records as ImageFolder rows into one JSON-lines file of the output, checkpointed in
     parts, resumable."""
 
-    def __init__(self, destination: str, config: RunConfig) -> None:
+    def __init__(self, destination: str, config: RunConfig, spill_dir: str | None) -> None:
         super().__init__()
         self.destination = destination
         self.config = config
+        self.spill_dir = spill_dir
 
     def expand(self, records: beam.PCollection[CaptionRecord]) -> beam.PCollection[str]:
         output_dir = self.config.output_dir
@@ -163,5 +166,6 @@ class _WriteRecords(beam.PTransform):
                 key=metadata_key(output_dir),
                 lines_per_part=self.config.checkpoint_every,
                 resume=self.config.resume,
+                spill_dir=self.spill_dir,
             )
         )

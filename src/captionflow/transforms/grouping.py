@@ -1,12 +1,13 @@
-"""Grouping strings (image paths) by value, through the runner's shuffle or through files.
+"""Grouping strings (image paths, an earlier run's records) by key, through the runner's
+shuffle or through files.
 
 Distributed runners (Dataflow) shuffle in a service: a GroupByKey of 100 million paths costs
 the workers nothing. Beam's local runners hold every shuffled element, and each stage's
 output, in the launcher's memory, and hand each worker its whole share of the next stage at
-once: memory that grows with the input. With `spill_dir`, the strings go instead into bucket
-files (by a hash of the string, flushed every few MB), only the files' names cross the runner,
-and each bucket is grouped by the worker that reads it, in a set of its own strings only:
-memory set by the bucket count, not the input.
+once: memory that grows with the input. With `spill_dir`, the pairs go instead into bucket
+files (by a hash of the key, flushed every few MB), only the files' names cross the runner,
+and each bucket is grouped by the worker that reads it: memory set by the bucket count, not
+the input.
 """
 
 from __future__ import annotations
@@ -35,50 +36,44 @@ FLUSH_BYTES = 4 << 20  # what a bundle buffers before writing its buckets' files
 
 Grouped = tuple[str, frozenset[str]]  # a string, and the tags of the inputs it came in
 Strings = PCollection[str] | Sequence[PCollection[str]]
+Pairs = PCollection[tuple[str, str]] | Sequence[PCollection[tuple[str, str]]]
 
 
 def bucket_of(string: str, buckets: int) -> int:
     return zlib.crc32(string.encode("utf-8", "surrogatepass")) % buckets
 
 
-class GroupStrings(beam.PTransform):
-    """`{tag: strings, ...} | GroupStrings(spill_dir)`: each distinct string once, with the tags
-    of the inputs it is in (`(string, frozenset(tags))`), spread over workers. A tag's strings
-    may come as several collections: each is spilled where it is made, since a Flatten of
-    them would be held whole by a local runner.
+class GroupPairs(beam.PTransform):
+    """A GroupByKey of `(key, value)` string pairs: `(key, [values])` once per key, spread over
+    workers. Takes one collection or several: each is spilled where it is made, since a
+    Flatten of them would be held whole by a local runner.
 
-    Without `spill_dir`, a CoGroupByKey (the runner's shuffle: for distributed runners). With
-    it, through bucket files in `spill_dir` (any Beam filesystem the workers share; the caller
-    removes it after the job): for local runners, whose shuffles grow the launcher's memory
-    with the input. Only files that successful bundles report are read, and a retried
-    bundle's strings are grouped away with their first copies."""
+    Without `spill_dir`, the runner's shuffle (for distributed runners). With it, bucket files
+    in `spill_dir` (any Beam filesystem the workers share; the caller removes it after the
+    job): for local runners, whose shuffles grow the launcher's memory with the input. Only
+    files that successful bundles report are read."""
 
     def __init__(self, spill_dir: str | None = None, *, buckets: int = BUCKETS) -> None:
         super().__init__()
         self.spill_dir = spill_dir
         self.buckets = buckets
 
-    def expand(self, tagged: Mapping[str, Strings]) -> PCollection[Grouped]:
-        inputs = {
-            tag: strings if isinstance(strings, Sequence) else (strings,)
-            for tag, strings in tagged.items()
-        }
+    def expand(self, pairs: Pairs) -> PCollection[tuple[str, list[str]]]:
+        collections = tuple(pairs) if isinstance(pairs, Sequence) else (pairs,)
         if self.spill_dir is None:
-            keyed = {
-                tag: collections
-                | f"All {tag}" >> beam.Flatten()
-                | f"Key {tag}" >> beam.Map(lambda string: (string, None))
-                for tag, collections in inputs.items()
-            }
-            return keyed | "Group" >> beam.CoGroupByKey() | "Tags" >> beam.Map(_tags_present)
+            return (
+                collections
+                | "All" >> beam.Flatten()
+                | "Group" >> beam.GroupByKey()
+                | "Lists" >> beam.MapTuple(lambda key, values: (key, list(values)))
+            )
         run = uuid.uuid4().hex[:8]  # two groupings may share a folder
-        spilled = [
-            strings
-            | f"Spill {tag} {index}"
-            >> beam.ParDo(_SpillBuckets(self.spill_dir, f"{run}-{tag}", tag, self.buckets))
-            for tag, collections in inputs.items()
-            for index, strings in enumerate(collections)
-        ]
+        spilled = tuple(
+            collection
+            | f"Spill {index}"
+            >> beam.ParDo(_SpillBuckets(self.spill_dir, f"{run}-{index}", self.buckets))
+            for index, collection in enumerate(collections)
+        )
         return (
             spilled
             | "Files" >> beam.Flatten()
@@ -87,30 +82,51 @@ class GroupStrings(beam.PTransform):
         )
 
 
-def _tags_present(grouped: tuple[str, Mapping[str, Iterable[None]]]) -> Grouped:
-    string, found = grouped
-    return string, frozenset(tag for tag, values in found.items() if list(values))
+class GroupStrings(beam.PTransform):
+    """`{tag: strings, ...} | GroupStrings(spill_dir)`: each distinct string once, with the tags
+    of the inputs it is in (`(string, frozenset(tags))`), spread over workers; grouped by
+    `GroupPairs` (the runner's shuffle, or bucket files in `spill_dir`). A tag's strings may
+    come as several collections."""
+
+    def __init__(self, spill_dir: str | None = None, *, buckets: int = BUCKETS) -> None:
+        super().__init__()
+        self.spill_dir = spill_dir
+        self.buckets = buckets
+
+    def expand(self, tagged: Mapping[str, Strings]) -> PCollection[Grouped]:
+        pairs = tuple(  # a tuple: Beam takes a list piped into a transform for data
+            strings | f"Tag {tag} {index}" >> beam.Map(lambda string, tag: (string, tag), tag)
+            for tag, collections in tagged.items()
+            for index, strings in enumerate(
+                collections if isinstance(collections, Sequence) else (collections,)
+            )
+        )
+        return (
+            pairs
+            | "Group" >> GroupPairs(self.spill_dir, buckets=self.buckets)
+            | "Tags" >> beam.MapTuple(lambda string, tags: (string, frozenset(tags)))
+        )
 
 
 class _SpillBuckets(beam.DoFn):
-    """A bundle's strings, by bucket, into files (a JSON string a line: any character of a
-    file name survives); `(bucket, (tag, file))` out for each file written."""
+    """A bundle's pairs, by the bucket of their key, into files (a JSON pair a line: any
+    character of a file name survives); `(bucket, file)` out for each file written."""
 
-    def __init__(self, directory: str, prefix: str, tag: str, buckets: int) -> None:
+    def __init__(self, directory: str, prefix: str, buckets: int) -> None:
         self.directory = directory
         self.prefix = prefix
-        self.tag = tag
         self.buckets = buckets
-        self.spilled = Metrics.counter("captionflow", "strings_spilled")
+        self.spilled = Metrics.counter("captionflow", "pairs_spilled")
 
     def start_bundle(self) -> None:
         self._pending: defaultdict[int, list[str]] = defaultdict(list)
         self._bytes = 0
 
-    def process(self, string: str) -> Iterator[tuple[int, tuple[str, str]]]:
-        self._pending[bucket_of(string, self.buckets)].append(string)
+    def process(self, pair: tuple[str, str]) -> Iterator[tuple[int, str]]:
+        line = json.dumps(pair) + "\n"
+        self._pending[bucket_of(pair[0], self.buckets)].append(line)
+        self._bytes += len(line)
         self.spilled.inc()
-        self._bytes += len(string) + 3
         if self._bytes >= FLUSH_BYTES:
             yield from self._flush()
 
@@ -118,22 +134,22 @@ class _SpillBuckets(beam.DoFn):
         for written in self._flush():
             yield GlobalWindows.windowed_value(written)
 
-    def _flush(self) -> Iterator[tuple[int, tuple[str, str]]]:
-        for bucket, strings in sorted(self._pending.items()):
+    def _flush(self) -> Iterator[tuple[int, str]]:
+        for bucket, lines in sorted(self._pending.items()):
             path = join(self.directory, f"{self.prefix}-{bucket:05d}-{uuid.uuid4().hex}.jsonl")
             with FileSystems.create(path) as file:
-                file.write("".join(json.dumps(s) + "\n" for s in strings).encode("ascii"))
-            yield bucket, (self.tag, path)
+                file.write("".join(lines).encode("ascii"))
+            yield bucket, path
         self._pending.clear()
         self._bytes = 0
 
 
-def _group_bucket(bucket: tuple[int, Iterable[tuple[str, str]]]) -> Iterator[Grouped]:
-    """One bucket's strings, each once, with the tags of the files it was in."""
-    tags: dict[str, set[str]] = {}
-    for tag, path in sorted(set(bucket[1])):
+def _group_bucket(bucket: tuple[int, Iterable[str]]) -> Iterator[tuple[str, list[str]]]:
+    """One bucket's pairs, grouped by key: the memory of one bucket, not of the input."""
+    grouped: dict[str, list[str]] = {}
+    for path in sorted(set(bucket[1])):
         with FileSystems.open(path, compression_type="uncompressed") as file:
             for line in file.read().splitlines():
-                tags.setdefault(json.loads(line), set()).add(tag)
-    for string, found in tags.items():
-        yield string, frozenset(found)
+                key, value = json.loads(line)
+                grouped.setdefault(key, []).append(value)
+    yield from grouped.items()

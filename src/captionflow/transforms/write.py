@@ -7,8 +7,8 @@ copies bytes: nothing holds the records, or one of their keys, in memory.
 
 Only the parts that successful bundles report are joined, so a retried bundle's first attempt
 adds nothing. With `resume`, an earlier run's lines (its file and the parts it left, which may
-repeat a record) are read in parallel, kept once per key by the runner, and rewritten as parts
-of this run.
+repeat a record) are read in parallel, kept once per key (by the runner, or through spill
+files: `GroupPairs`), and rewritten as parts of this run.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from captionflow.fatal import FatalError
 from captionflow.jsonl import dumps
 from captionflow.paths import absolute, is_remote, join, split
 from captionflow.records import CaptionRecord, ErrorRecord
+from captionflow.transforms.grouping import GroupPairs
 from captionflow.transforms.lines import Line, ReadLines
 
 METADATA_FILE = "metadata.jsonl"
@@ -181,13 +182,15 @@ def _keyed(line: Line, key: Key) -> tuple[str, str]:
 class _ReadEarlier(beam.PTransform):
     """An earlier run's lines of `destination`, once per key; this run's parts (named with
     `run`) excluded, as they may already exist when the earlier ones are listed. Grouped
-    without a combiner, which workers would pre-apply in tables of up to a million lines."""
+    (`GroupPairs`: by the runner, or through files in `spill_dir`) without a combiner, which
+    workers would pre-apply in tables of up to a million lines."""
 
-    def __init__(self, destination: str, key: Key, run: str) -> None:
+    def __init__(self, destination: str, key: Key, run: str, spill_dir: str | None) -> None:
         super().__init__()
         self.destination = destination
         self.key = key
         self.mine = join(parts_dir(destination), f"part-{run}-")
+        self.spill_dir = spill_dir
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> PCollection[str]:
         return (
@@ -196,7 +199,7 @@ class _ReadEarlier(beam.PTransform):
             | "Read" >> ReadLines(exclude=self.mine)
             | "NotBlank" >> beam.Filter(lambda line: line.data.strip())
             | "Keyed" >> beam.Map(_keyed, self.key)
-            | "ByKey" >> beam.GroupByKey()  # not a combiner: workers would table the lines
+            | "ByKey" >> GroupPairs(self.spill_dir)
             | "OnePerKey" >> beam.MapTuple(lambda _, lines: min(lines))
         )
 
@@ -207,7 +210,8 @@ class WriteJsonLines(beam.PTransform):
     Parts appear while the job runs, every `lines_per_part` lines per worker: they are its
     checkpoints. With `resume`, the lines an earlier run of the same destination wrote (its
     file and its parts) are kept too, one per `key` (a field's name, or a function of the
-    record). Parts are joined in groups of about `parts_per_group`, in parallel, then into the file.
+    record), grouped by the runner or, with `spill_dir`, through files there (`GroupPairs`).
+    Parts are joined in groups of about `parts_per_group`, in parallel, then into the file.
     Returns a one-element PCollection with the destination path once it is complete.
     """
 
@@ -219,9 +223,11 @@ class WriteJsonLines(beam.PTransform):
         lines_per_part: int = 1000,
         resume: bool = False,
         parts_per_group: int = PARTS_PER_GROUP,
+        spill_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.destination = absolute(destination)
+        self.spill_dir = spill_dir
         self.key: Key = (lambda record: record[key]) if isinstance(key, str) else key
         self.lines_per_part = lines_per_part
         self.resume = resume
@@ -237,7 +243,8 @@ class WriteJsonLines(beam.PTransform):
         if self.resume:
             earlier = (
                 lines.pipeline
-                | "ReadEarlier" >> _ReadEarlier(self.destination, self.key, self.run)
+                | "ReadEarlier"
+                >> _ReadEarlier(self.destination, self.key, self.run, self.spill_dir)
                 # Bigger parts: these hold finished work, not checkpoints of new work.
                 | "WriteEarlier"
                 >> beam.ParDo(_WriteParts(directory, self.lines_per_part * 10, prefix))
