@@ -105,7 +105,7 @@ bench-gpu: install  # every GPU figure in one run, under 8 minutes (offline box:
 bench-decode: install  # full-size BLIP: fast loop vs generate (token ids, rates): about 8 minutes
 	$(PY) -m benchmarks.decoding $(ARGS)
 
-bench-scale: install  # zero-cost models, 10k to 1M images: cost growth, memory per process: about 16 minutes here
+bench-scale: install  # zero-cost models, 10k to 1M images: cost growth, memory per process: about 18 minutes here
 	$(PY) -m benchmarks.scale $(ARGS)
 
 bench-captioners: install  # each captioner's s per image, full-size random weights (BLIP-2 needs ~20 GB)

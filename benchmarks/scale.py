@@ -180,15 +180,30 @@ def split_into_parts(metadata: Path, parts: Path) -> int:
     return count
 
 
+def input_stages(size: int, root: Path, listing: Path, work: Path) -> dict:
+    """`ReadImagePaths` alone, of the list file, the folder and a glob over it."""
+    stage = [sys.executable, "-c", STAGE]
+    return {
+        "list_stage": measured([*stage, str(listing)], size, work / "list.log"),
+        "folder_stage": measured([*stage, str(root)], size, work / "folder.log"),
+        "glob_stage": measured([*stage, str(root / "**" / "*.jpg")], size, work / "glob.log"),
+    }
+
+
 def one_size(
-    size: int, pool: list[Path], work: Path, models: tuple[str, str], workers: int
+    size: int,
+    pool: list[Path],
+    work: Path,
+    models: tuple[str, str],
+    workers: int,
+    stages_only: bool,
 ) -> dict:
     root = work / f"inputs-{size}"
     listing = linked_inputs(pool, root, size)
-    result: dict = {"images": size}
-    stage = [sys.executable, "-c", STAGE]
-    result["list_stage"] = measured([*stage, str(listing)], size, work / "list.log")
-    result["folder_stage"] = measured([*stage, str(root)], size, work / "folder.log")
+    result: dict = {"images": size, **input_stages(size, root, listing, work)}
+    if stages_only:
+        print(json.dumps(result), flush=True)
+        return result
     out = work / f"out-{size}"
     subprocess.run(["rm", "-rf", str(out)], check=True)
     result["job"] = measured(job_argv(listing, out, models, workers), size, work / "job.log")
@@ -300,9 +315,23 @@ def main() -> None:
     parser.add_argument(
         "--report", action="store_true", help="only print and plot the saved results again"
     )
+    parser.add_argument(
+        "--stages-only", action="store_true", help="only the input stages (list, folder, glob)"
+    )
     args = parser.parse_args()
     saved = RESULTS / f"{args.name}.json"
     report = json.loads(saved.read_text()) if args.report else measure(args)
+    if args.stages_only:
+        saved.write_text(json.dumps(report, indent=2) + "\n")
+        for r in report["results"]:
+            print(
+                f"{r['images']:>9} images: "
+                + ", ".join(
+                    f"{name} {r[name]['seconds']:.1f} s, {r[name]['peak_rss_mb']['launcher']} MB"
+                    for name in ("list_stage", "folder_stage", "glob_stage")
+                )
+            )
+        return
     report["growth"] = growth(report["results"])
     saved.write_text(json.dumps(report, indent=2) + "\n")
     results = report["results"]
@@ -335,7 +364,9 @@ def measure(args: argparse.Namespace) -> dict:
     models = build_tiny_models(str(work / "models"))
     pool = pool_images(work / "pool")
     started = time.perf_counter()
-    results = [one_size(size, pool, work, models, args.workers) for size in args.sizes]
+    results = [
+        one_size(size, pool, work, models, args.workers, args.stages_only) for size in args.sizes
+    ]
     RESULTS.mkdir(exist_ok=True)
     return {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
