@@ -404,6 +404,20 @@ def test_views_and_pictures_give_the_same_records(
         )
 
 
+def _all_labels(pipeline: beam.Pipeline) -> list[str]:
+    labels: list[str] = []
+
+    class Visitor(beam.pipeline.PipelineVisitor):
+        def enter_composite_transform(self, node: beam.pipeline.AppliedPTransform) -> None:
+            labels.append(node.full_label)
+
+        def visit_transform(self, node: beam.pipeline.AppliedPTransform) -> None:
+            labels.append(node.full_label)
+
+    pipeline.visit(Visitor())
+    return labels
+
+
 def _same_records(tagged: list[tuple[str, tuple]]) -> None:
     routes: dict[str, list] = {"views": [], "pictures": []}
     for route, record in tagged:
@@ -440,8 +454,9 @@ def test_write_sidecars_composes_in_a_pipeline_and_passes_records_on(tmp_path: P
     assert (tmp_path / "kept.txt").read_text() == "theirs\n"
 
 
+@pytest.mark.parametrize("spread", [True, False])
 @pytest.mark.parametrize("kind", ["parquet", "webdataset"])
-def test_write_shards_composes_in_a_pipeline(tmp_path: Path, kind: str) -> None:
+def test_write_shards_composes_in_a_pipeline(tmp_path: Path, kind: str, spread: bool) -> None:
     import tarfile
 
     import pyarrow.parquet as pq
@@ -457,8 +472,11 @@ def test_write_shards_composes_in_a_pipeline(tmp_path: Path, kind: str) -> None:
         for i, p in enumerate(images)
     ]
     with TestPipeline(runner="FnApiRunner") as pipeline:
-        shards = pipeline | beam.Create(rows) | WriteShards(str(tmp_path), kind, rows_per_shard=2)
+        write = WriteShards(str(tmp_path), kind, rows_per_shard=2, spread=spread)
+        shards = pipeline | beam.Create(rows) | write
         assert_that(shards | beam.Map(len), equal_to([2]))
+        # Not spread, the rows never cross a shuffle (a local runner would hold them all).
+        assert any("Spread" in label for label in _all_labels(pipeline)) == spread
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # a killed run's too
     if kind == "parquet":
         table = pq.read_table(tmp_path / "data")

@@ -577,8 +577,9 @@ def export(argv: Sequence[str]) -> int:
         raise UsageError("\n".join(_line(e) for e in error.errors())) from None
     options = pipeline_options(beam_args)
     logger.info("exporting %s as %s", config.metadata_path, ", ".join(config.formats))
+    local = options.view_as(StandardOptions).runner in LOCAL_RUNNERS
     with OutputLock(config.output_dir), beam.Pipeline(options=options) as pipeline:
-        build_export_pipeline(pipeline, config)
+        build_export_pipeline(pipeline, config, spread=not local)
     logger.info("done: %s", config.output_dir)
     return 0
 

@@ -65,7 +65,7 @@ def build_caption_pipeline(
     `progress` (a local folder), inputs, captions and errors are counted there as they pass
     (`captionflow.progress`). With `spill_dir` (for local runners, which hold shuffles in
     memory; removed by the caller after the run), paths are grouped through files there
-    (`GroupStrings`)."""
+    (`GroupStrings`), and shards are made where the rows are read (`WriteShards`)."""
     captioner, ranker = model_handlers(config)
     metadata_path = join(config.output_dir, config.metadata_filename)
     rejected_path = join(config.output_dir, REJECTED_FILE)
@@ -127,7 +127,12 @@ def build_caption_pipeline(
             written.append(
                 rows
                 | f"Write {name}"
-                >> WriteShards(config.output_dir, name, rows_per_shard=config.rows_per_shard)
+                >> WriteShards(
+                    config.output_dir,
+                    name,
+                    rows_per_shard=config.rows_per_shard,
+                    spread=spill_dir is None,  # a local runner would hold the rows
+                )
             )
 
     # Each counted where it is made: a Flatten of per-image labels is held by local runners.

@@ -9,8 +9,11 @@ from captionflow.transforms.shards import MetadataRows, WriteShards
 from captionflow.transforms.sidecars import WriteSidecars
 
 
-def build_export_pipeline(pipeline: beam.Pipeline, config: ExportConfig) -> None:
-    """Read the output's metadata rows once; write each asked-for format from them."""
+def build_export_pipeline(
+    pipeline: beam.Pipeline, config: ExportConfig, *, spread: bool = True
+) -> None:
+    """Read the output's metadata rows once; write each asked-for format from them. Without
+    `spread` (local runners), shards are made where the rows are read (`WriteShards`)."""
     rows = pipeline | "Metadata" >> beam.Create([config.metadata_path]) | "Rows" >> MetadataRows()
     for name in config.formats:
         if name == "sidecar":
@@ -19,5 +22,5 @@ def build_export_pipeline(pipeline: beam.Pipeline, config: ExportConfig) -> None
             )
         else:
             rows | f"Write {name}" >> WriteShards(
-                config.output_dir, name, rows_per_shard=config.rows_per_shard
+                config.output_dir, name, rows_per_shard=config.rows_per_shard, spread=spread
             )

@@ -166,20 +166,28 @@ class WriteShards(beam.PTransform):
     """Metadata rows (dicts, as in `metadata.jsonl`) to shards of one `kind` (`parquet`:
     `<output_dir>/data/*.parquet`, loads with `datasets.load_dataset("parquet", ...)`;
     `webdataset`: `<output_dir>/shards/*.tar`), at most `rows_per_shard` images a shard.
-    Returns the shard paths."""
+    Returns the shard paths.
 
-    def __init__(self, output_dir: str, kind: str, *, rows_per_shard: int = 1000) -> None:
+    With `spread` (the default), the rows are reshuffled first, so that every worker reads
+    images for its shards. Without it, each worker makes shards of the rows it holds: for
+    local runners, which would hold every reshuffled row in the launcher's memory."""
+
+    def __init__(
+        self, output_dir: str, kind: str, *, rows_per_shard: int = 1000, spread: bool = True
+    ) -> None:
         super().__init__()
         self.output_dir = output_dir
         self.format = SHARD_FORMATS[kind]
         self.rows_per_shard = rows_per_shard
+        self.spread = spread
 
     def expand(self, rows: PCollection[dict[str, Any]]) -> PCollection[list[str]]:
         staging = join(self.output_dir, f".{self.format.folder}.tmp-{uuid.uuid4().hex}")
         size = self.rows_per_shard
+        if self.spread:
+            rows = rows | "Spread" >> beam.Reshuffle()
         return (
             rows
-            | "Spread" >> beam.Reshuffle()
             | "Shards" >> beam.BatchElements(min_batch_size=size, max_batch_size=size)
             | "WriteShard" >> beam.ParDo(_WriteShard(staging, self.format))
             | "Staged" >> beam.combiners.ToList()
