@@ -631,3 +631,59 @@ def test_the_same_command_with_a_seed_gives_the_same_captions(
         rows = read_jsonl(tmp_path / name / "metadata.jsonl")
         outputs.append({row["file_name"]: row["captions"] for row in rows})
     assert outputs[0] == outputs[1] and len(outputs[0]) == 4
+
+
+@pytest.mark.parametrize(
+    ("file_name", "folder"),
+    [
+        ("train/x.jpg", "train"),
+        ("a/val-2024/b/x.jpg", "a/val-2024"),
+        ("my_test/x.jpg", "my_test"),
+        ("2024validation/x.jpg", "2024validation"),
+        ("train/test/x.jpg", "train"),  # the shallowest
+        ("trainer/x.jpg", None),
+        ("latest/x.jpg", None),
+        ("train.jpg", None),  # a file name, not a folder
+        ("gs://b/train/x.jpg", None),  # outside the output
+    ],
+)
+def test_split_folders_are_those_datasets_takes_for_splits(
+    file_name: str, folder: str | None
+) -> None:
+    from captionflow.transforms.splits import split_folder
+
+    assert split_folder(file_name) == folder
+
+
+def test_images_in_split_folders_get_metadata_files_that_datasets_reads_as_splits(
+    tmp_path: Path, tiny_models: tuple[str, str]
+) -> None:
+    import datasets
+
+    write_images(tmp_path / "train" / "cats", 2)
+    write_images(tmp_path / "validation", 1)
+    write_images(tmp_path / "extra", 1)  # outside any split: in the root file only
+    argv = ["run", "--input", str(tmp_path), "--output", str(tmp_path), *models(*tiny_models)]
+    assert main(argv) == 0
+
+    root = {row["file_name"]: row for row in read_jsonl(tmp_path / "metadata.jsonl")}
+    assert len(root) == 4
+    train = read_jsonl(tmp_path / "train" / "metadata.jsonl")
+    assert sorted(row["file_name"] for row in train) == ["cats/image_000.jpg", "cats/image_001.jpg"]
+    assert all(row == {**root[f"train/{row['file_name']}"], **row} for row in train)
+    loaded = datasets.load_dataset("imagefolder", data_dir=str(tmp_path))
+    assert sorted(loaded) == ["train", "validation"]
+    assert sorted(loaded["train"]["text"]) == sorted(
+        root[f"train/{r['file_name']}"]["text"] for r in train
+    )
+    assert loaded["validation"]["text"] == [root["validation/image_000.jpg"]["text"]]
+    assert not list(tmp_path.glob("**/.metadata.jsonl.parts"))
+
+
+def test_no_split_folders_no_split_metadata(tmp_path: Path, tiny_models: tuple[str, str]) -> None:
+    write_images(tmp_path / "photos", 2)
+    argv = ["run", "--input", str(tmp_path), "--output", str(tmp_path), *models(*tiny_models)]
+    assert main(argv) == 0
+    assert [p.relative_to(tmp_path) for p in tmp_path.glob("**/metadata.jsonl")] == [
+        Path("metadata.jsonl")
+    ]

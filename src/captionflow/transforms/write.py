@@ -55,7 +55,7 @@ def earlier_files(destination: str) -> list[str]:
     return [destination, join(parts_dir(destination), "part-*.jsonl")]
 
 
-class _WriteParts(beam.DoFn):
+class WriteParts(beam.DoFn):
     """Part files of at most `lines_per_part` lines, each visible under its final name only
     once complete. Small parts are checkpoints: a killed job keeps what they hold."""
 
@@ -238,7 +238,7 @@ class WriteJsonLines(beam.PTransform):
         directory = parts_dir(self.destination)
         prefix = f"{self.run}-"
         parts = lines | "WriteParts" >> beam.ParDo(
-            _WriteParts(directory, self.lines_per_part, prefix)
+            WriteParts(directory, self.lines_per_part, prefix)
         )
         if self.resume:
             earlier = (
@@ -247,24 +247,31 @@ class WriteJsonLines(beam.PTransform):
                 >> _ReadEarlier(self.destination, self.key, self.run, self.spill_dir)
                 # Bigger parts: these hold finished work, not checkpoints of new work.
                 | "WriteEarlier"
-                >> beam.ParDo(_WriteParts(directory, self.lines_per_part * 10, prefix))
+                >> beam.ParDo(WriteParts(directory, self.lines_per_part * 10, prefix))
             )
             parts = (parts, earlier) | "AllParts" >> beam.Flatten()
         return parts | "Join" >> JoinParts(self.destination, self.parts_per_group)
 
 
-def imagefolder_row(output_dir: str) -> Callable[[CaptionRecord], str]:
-    """A record as a Hugging Face ImageFolder metadata line: `file_name` relative to the
-    output folder when the image lies under it, else its full URI."""
+def file_name_in(output_dir: str) -> Callable[[str], str]:
+    """An image URI as ImageFolder's `file_name`: relative to the output folder (with `/`)
+    when the image lies under it, else the full URI."""
     prefix = absolute(output_dir).rstrip("/" if is_remote(output_dir) else os.sep)
     prefix += "/" if is_remote(output_dir) else os.sep
 
+    def file_name(uri: str) -> str:
+        name = uri[len(prefix) :] if uri.startswith(prefix) else uri
+        return name if is_remote(uri) else name.replace(os.sep, "/")
+
+    return file_name
+
+
+def imagefolder_row(output_dir: str) -> Callable[[CaptionRecord], str]:
+    """A record as a Hugging Face ImageFolder metadata line (`file_name` from `file_name_in`)."""
+    file_name = file_name_in(output_dir)
+
     def row(record: CaptionRecord) -> str:
-        uri = record.image_uri
-        file_name = uri[len(prefix) :] if uri.startswith(prefix) else uri
-        if not is_remote(uri):
-            file_name = file_name.replace(os.sep, "/")
-        return dumps({"file_name": file_name, **record.to_dict()})
+        return dumps({"file_name": file_name(record.image_uri), **record.to_dict()})
 
     return row
 
