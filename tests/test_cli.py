@@ -13,7 +13,7 @@ import torch
 
 from captionflow.cli import main, prepare
 from captionflow.pipelines.caption import model_handlers
-from tests.conftest import image_like_zoo, write_images
+from tests.conftest import image_like_zoo, random_image, write_images
 
 
 def models(tiny_blip: str, tiny_clip: str) -> list[str]:
@@ -678,6 +678,7 @@ def test_images_in_split_folders_get_metadata_files_that_datasets_reads_as_split
     )
     assert loaded["validation"]["text"] == [root["validation/image_000.jpg"]["text"]]
     assert not list(tmp_path.glob("**/.metadata.jsonl.parts"))
+    assert json.loads((tmp_path / "summary.json").read_text())["warnings"] == []
 
 
 def test_no_split_folders_no_split_metadata(tmp_path: Path, tiny_models: tuple[str, str]) -> None:
@@ -687,3 +688,46 @@ def test_no_split_folders_no_split_metadata(tmp_path: Path, tiny_models: tuple[s
     assert [p.relative_to(tmp_path) for p in tmp_path.glob("**/metadata.jsonl")] == [
         Path("metadata.jsonl")
     ]
+
+
+@pytest.mark.parametrize(
+    ("file_name", "like_split"),
+    [
+        ("test.jpg", True),
+        ("photo_val_2.png", True),
+        ("a/b/train-01.jpg", True),
+        ("latest.jpg", False),
+        ("contest.jpg", False),
+        ("testimony.jpg", False),
+        ("gs://b/test.jpg", False),  # outside the output
+    ],
+)
+def test_file_names_that_datasets_takes_for_splits(file_name: str, like_split: bool) -> None:
+    from captionflow.transforms.splits import named_like_split
+
+    assert named_like_split(file_name) == like_split
+
+
+def test_file_names_like_splits_warn_with_the_way_to_load_them(
+    tmp_path: Path, tiny_models: tuple[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    import datasets
+
+    write_images(tmp_path, 2)
+    random_image().save(tmp_path / "photo_test.jpg")
+    argv = ["run", "--input", str(tmp_path), "--output", str(tmp_path), *models(*tiny_models)]
+    with caplog.at_level(logging.WARNING, logger="captionflow"):
+        assert main(argv) == 0
+
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert len(summary["warnings"]) == 1 and "1 image file name(s)" in summary["warnings"][0]
+    assert f"data_files={{'train': '{tmp_path}/**'}}" in caplog.text
+    # The warning is true, and its way works: by file names, `datasets` drops the captions.
+    by_names = datasets.load_dataset("imagefolder", data_dir=str(tmp_path))
+    assert "text" not in by_names[next(iter(by_names))].column_names
+    loaded = datasets.load_dataset(
+        "imagefolder", data_files={"train": f"{tmp_path}/**"}, split="train"
+    )
+    assert loaded.num_rows == 3 and "text" in loaded.column_names

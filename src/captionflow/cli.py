@@ -544,6 +544,8 @@ def outcome(config: RunConfig) -> int:
     with FileSystems.open(path, compression_type="uncompressed") as file:
         summary = json.loads(file.read())
     images, failed = summary["images"], summary["failed"]
+    for warning in summary.get("warnings", []):
+        logger.warning("%s", warning.replace("OUTPUT", config.output_dir))
     if summary["captioned"] + summary.get("rejected", 0) + summary["kept_from_earlier_run"] == 0:
         logger.error(
             "no image was captioned (%d images, %d failed: %s); see %s",

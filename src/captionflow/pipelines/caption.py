@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import apache_beam as beam
-from apache_beam.pvalue import AsSingleton
 
 from captionflow import progress as counted
 from captionflow.config import RunConfig
@@ -19,7 +18,7 @@ from captionflow.transforms.resume import ReadDone, SkipDone, metadata_key
 from captionflow.transforms.scores import SplitByScore
 from captionflow.transforms.shards import SHARD_FORMATS, MetadataRows, WriteShards
 from captionflow.transforms.sidecars import WriteSidecars
-from captionflow.transforms.splits import CountInSplitFolders, WriteSplitMetadata
+from captionflow.transforms.splits import ForSplits
 from captionflow.transforms.summary import (
     CAPTIONED,
     KEPT,
@@ -122,21 +121,11 @@ def build_caption_pipeline(
         )
     metadata_written = captions | "WriteMetadata" >> _WriteRecords(metadata_path, config, spill_dir)
     written.append(metadata_written)
-    # Images in split folders (`train/`, `val/`, ...): `datasets` reads only the metadata
-    # files inside those, so write them too, from the finished file, if any image is there.
-    in_splits = (
-        captions
-        | "CaptionedUris" >> beam.Map(lambda record: record.image_uri)
-        | "CaptionedInSplits" >> CountInSplitFolders(config.output_dir),
-        kept | "KeptInSplits" >> CountInSplitFolders(config.output_dir),
+    captioned_uris = captions | "CaptionedUris" >> beam.Map(lambda record: record.image_uri)
+    split_files, warnings = (metadata_written, captioned_uris, kept) | "ForSplits" >> ForSplits(
+        config.output_dir
     )
-    written.append(
-        metadata_written
-        | "IfSplitFolders"
-        >> beam.Filter(lambda _, *counts: sum(counts) > 0, *map(AsSingleton, in_splits))
-        | "WriteSplitMetadata" >> WriteSplitMetadata(config.output_dir)
-        | "SplitFiles" >> beam.combiners.ToList()
-    )
+    written.append(split_files)
     shard_formats = [name for name in config.formats if name in SHARD_FORMATS]
     if shard_formats:  # from the finished file: a resumed run's shards hold every image
         rows = metadata_written | "MetadataRows" >> MetadataRows()
@@ -164,6 +153,7 @@ def build_caption_pipeline(
         started=time.time() if started is None else started,
         settings=config.model_dump(mode="json"),
         after=tuple(written),
+        warnings=warnings,
     )
 
 

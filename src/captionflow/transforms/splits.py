@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import apache_beam as beam
-from apache_beam.pvalue import PCollection
+from apache_beam.pvalue import AsSingleton, PCollection
 from apache_beam.utils.windowed_value import WindowedValue
 
 from captionflow.jsonl import dumps
@@ -35,7 +35,9 @@ from captionflow.transforms.write import (
 # `datasets.data_files.SPLIT_KEYWORDS` and the separators of its folder patterns.
 SPLIT_WORDS = ("train", "training", "validation", "valid", "dev", "val", "test", "testing")
 SPLIT_WORDS += ("eval", "evaluation")
-_SPLIT_NAME = re.compile(rf"(?:.*[-._ 0-9])?(?:{'|'.join(SPLIT_WORDS)})(?:[-._ 0-9].*)?", re.S)
+_WORDS = "|".join(SPLIT_WORDS)
+_SPLIT_NAME = re.compile(rf"(?:.*[-._ 0-9])?(?:{_WORDS})(?:[-._ 0-9].*)?", re.S)
+_SPLIT_FILE_NAME = re.compile(rf"(?:.*[-._ 0-9])?(?:{_WORDS})[-._ 0-9].*", re.S)
 
 
 def split_folder(file_name: str) -> str | None:
@@ -51,6 +53,25 @@ def split_folder(file_name: str) -> str | None:
     return None
 
 
+def named_like_split(file_name: str) -> bool:
+    """Whether `datasets` would take this file's name for a split's (`test.jpg`,
+    `photo_val_2.png`): with no split folder, one such name makes it split the folder by file
+    names and drop every metadata file."""
+    local = "://" not in file_name and not file_name.startswith("/")
+    return local and _SPLIT_FILE_NAME.fullmatch(file_name.rsplit("/", 1)[-1]) is not None
+
+
+def split_names_warning(in_folders: int, named: int) -> list[str]:
+    """The summary's warning when `datasets` would split the output by file names."""
+    if in_folders or not named:
+        return []
+    return [
+        f"{named} image file name(s) look like split names to `datasets` (e.g. `test.jpg`, "
+        "`photo_val_2.png`): `load_dataset('imagefolder', data_dir=...)` would split by file "
+        "names and drop the captions; load with data_files={'train': 'OUTPUT/**'} instead"
+    ]
+
+
 def _in_split(line: Line) -> Iterator[tuple[str, str]]:
     if not line.data.strip():
         return
@@ -59,19 +80,20 @@ def _in_split(line: Line) -> Iterator[tuple[str, str]]:
         yield folder, dumps({**row, "file_name": row["file_name"][len(folder) + 1 :]})
 
 
-class CountInSplitFolders(beam.PTransform):
-    """Image URIs in; how many lie in split folders of `output_dir` out (one count, combined
-    where the URIs are made)."""
+class CountFileNames(beam.PTransform):
+    """Image URIs in; how many have a `file_name` in `output_dir` that passes `test` out (one
+    count, combined where the URIs are made)."""
 
-    def __init__(self, output_dir: str) -> None:
+    def __init__(self, output_dir: str, test: Callable[[str], object]) -> None:
         super().__init__()
         self.output_dir = output_dir
+        self.test = test
 
     def expand(self, uris: PCollection[str]) -> PCollection[int]:
-        file_name = file_name_in(self.output_dir)
+        file_name, test = file_name_in(self.output_dir), self.test
         return (
             uris
-            | "InSplitFolder" >> beam.Filter(lambda uri: split_folder(file_name(uri)) is not None)
+            | "Passing" >> beam.Filter(lambda uri: bool(test(file_name(uri))))
             | "Count" >> beam.combiners.Count.Globally()
         )
 
@@ -126,3 +148,43 @@ class WriteSplitMetadata(beam.PTransform):
         concatenate(sorted(set(parts)), destination)
         remove_folder(parts_dir(destination))
         return destination
+
+
+class ForSplits(beam.PTransform):
+    """What `datasets` needs of an output whose images lie in split folders or have names
+    like splits': `(finished metadata path, captioned image URIs, kept image URIs)` in;
+    `(split files, warnings)` out, one list each. The split folders' metadata files
+    (`WriteSplitMetadata`) are written only if some image lies in one, and the file is read
+    again only then."""
+
+    def __init__(self, output_dir: str) -> None:
+        super().__init__()
+        self.output_dir = output_dir
+
+    def expand(
+        self, inputs: tuple[PCollection[str], PCollection[str], PCollection[str]]
+    ) -> tuple[PCollection[list[str]], PCollection[list[str]]]:
+        metadata, *uris = inputs
+
+        def how_many(name: str, test: Callable[[str], object]) -> list[AsSingleton]:
+            return [
+                AsSingleton(each | f"{name} {i}" >> CountFileNames(self.output_dir, test))
+                for i, each in enumerate(uris)
+            ]
+
+        in_folders = how_many("InSplitFolders", split_folder)
+        named = how_many("NamedLikeSplits", named_like_split)
+        files = (
+            metadata
+            | "IfSplitFolders" >> beam.Filter(lambda _, *counts: sum(counts) > 0, *in_folders)
+            | "Write" >> WriteSplitMetadata(self.output_dir)
+            | "Files" >> beam.combiners.ToList()
+        )
+        warnings = metadata | "Warnings" >> beam.Map(
+            lambda _, *counts: split_names_warning(
+                sum(counts[: len(in_folders)]), sum(counts[len(in_folders) :])
+            ),
+            *in_folders,
+            *named,
+        )
+        return files, warnings

@@ -65,9 +65,15 @@ def summarize(counts: dict[str, int], seconds: float, settings: dict[str, Any]) 
 
 
 def _write(
-    counts: dict[str, int], *written: str, path: str, started: float, settings: dict[str, Any]
+    counts: dict[str, int],
+    warnings: list[str],
+    *written: str,
+    path: str,
+    started: float,
+    settings: dict[str, Any],
 ) -> str:
     summary = summarize(counts, time.time() - started, settings)
+    summary["warnings"] = warnings
     staging = f"{path}.tmp"
     with FileSystems.create(staging) as file:
         file.write(json.dumps(summary, indent=2).encode("utf-8") + b"\n")
@@ -105,7 +111,8 @@ class CountOutcomes(beam.PTransform):
 
 class WriteSummary(beam.PTransform):
     """`(outcome, count)` pairs in (`CountOutcomes`); `summary.json` out, written after the
-    `after` outputs are complete.
+    `after` outputs are complete, with `warnings` (a one-element collection of lines) for the
+    user.
 
     `started` is the wall-clock time the job was launched, so the rate covers the whole job.
     """
@@ -117,17 +124,23 @@ class WriteSummary(beam.PTransform):
         started: float,
         settings: dict[str, Any],
         after: tuple[PCollection[str], ...] = (),
+        warnings: PCollection[list[str]] | None = None,
     ) -> None:
         super().__init__()
         self.path = path
         self.started = started
         self.settings = settings
         self.after = after
+        self.warnings = warnings
 
     def expand(self, counted: PCollection[tuple[str, int]]) -> PCollection[str]:
         counts = counted | "Sum" >> beam.CombinePerKey(sum) | "ToDict" >> beam.combiners.ToDict()
+        warnings = self.warnings
+        if warnings is None:
+            warnings = counted.pipeline | "NoWarnings" >> beam.Create([[]])
         return counts | "Write" >> beam.Map(
             _write,
+            AsSingleton(warnings),
             *(AsSingleton(done) for done in self.after),
             path=self.path,
             started=self.started,
