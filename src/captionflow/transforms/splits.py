@@ -33,8 +33,18 @@ from captionflow.transforms.write import (
 )
 
 # `datasets.data_files.SPLIT_KEYWORDS` and the separators of its folder patterns.
-SPLIT_WORDS = ("train", "training", "validation", "valid", "dev", "val", "test", "testing")
-SPLIT_WORDS += ("eval", "evaluation")
+SPLIT_WORDS = (
+    "train",
+    "training",
+    "validation",
+    "valid",
+    "dev",
+    "val",
+    "test",
+    "testing",
+    "eval",
+    "evaluation",
+)
 _WORDS = "|".join(SPLIT_WORDS)
 _SPLIT_NAME = re.compile(rf"(?:.*[-._ 0-9])?(?:{_WORDS})(?:[-._ 0-9].*)?", re.S)
 _SPLIT_FILE_NAME = re.compile(rf"(?:.*[-._ 0-9])?(?:{_WORDS})[-._ 0-9].*", re.S)
