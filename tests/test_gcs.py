@@ -235,3 +235,34 @@ def test_a_reports_thumbnails_in_a_bucket_are_never_inputs(gcs: object) -> None:
     for source in (f"gs://{BUCKET}/out", f"gs://{BUCKET}/out/**.jpg"):
         with TestPipeline(runner="FnApiRunner") as pipeline:
             assert_that(pipeline | ReadImagePaths(source), equal_to(expected))
+
+
+def test_limit_on_a_gcs_folder_or_glob_pages_no_further_than_its_first_paths(
+    gcs: object,
+) -> None:
+    """`--limit N` on a bucket folder of millions (a trial run) reads the listing in its
+    sorted order and stops at the N-th input; a report's thumbnails are still skipped."""
+    from apache_beam.metrics.metric import MetricsFilter
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from captionflow import ReadImagePaths
+    from captionflow.listing import SKIP_MARKER
+
+    names = ["a-b.jpg", "a/notes.txt", "a/z.jpg", "a0.png", "b.jpg", "c/d.jpg"]
+    for seed, name in enumerate(names):
+        upload_image(gcs, f"many/{name}", seed=seed)
+    gcs.blob(f"many/a/report/{SKIP_MARKER}").upload_from_string(b"")
+    upload_image(gcs, "many/a/report/thumbs/t.jpg", seed=9)
+    root = f"gs://{BUCKET}/many"
+    for source, limit, first, looked_at in (
+        (root, 2, ["a-b.jpg", "a/z.jpg"], 3),
+        (f"{root}/**.jpg", 3, ["a-b.jpg", "a/z.jpg", "b.jpg"], 5),
+    ):
+        pipeline = TestPipeline(runner="FnApiRunner")
+        paths = pipeline | ReadImagePaths(source, limit=limit)
+        assert_that(paths, equal_to([f"{root}/{name}" for name in first]))
+        result = pipeline.run()
+        result.wait_until_finish()
+        found = result.metrics().query(MetricsFilter().with_name("files_listed"))["counters"]
+        assert sum(counter.committed for counter in found) == looked_at, source

@@ -293,3 +293,59 @@ def test_a_local_run_groups_its_paths_through_a_folder_it_removes_at_the_end(
     assert not list(temporary.glob("captionflow-spill-*"))
     rows = (tmp_path / "out" / "metadata.jsonl").read_text().splitlines()
     assert sorted(json.loads(row)["image_uri"] for row in rows) == sorted(map(str, images))
+
+
+# Names whose sorted order a walk that lists a folder's files before its subfolders gets wrong
+# (`a/z.jpg` < `b.jpg`, `a-b.jpg` < `a/z.jpg` < `a0.jpg`).
+ORDER_TREE = ["b.jpg", "a/z.jpg", "a-b.jpg", "a.jpg", "a0.jpg", "a/b/c.png", "c d/e.jpg"]
+
+
+def order_tree(root: Path) -> list[str]:
+    """`ORDER_TREE` under `root` with things no listing takes: a text file, a report's marked
+    folder, a link to a folder; returns the images' paths, sorted."""
+    for i, name in enumerate(ORDER_TREE):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(bytes([i]))
+    (root / "a" / "notes.txt").write_text("not an image")
+    (root / "report" / "thumbs").mkdir(parents=True)
+    (root / "report" / ".captionflow-report").write_text("")
+    (root / "report" / "thumbs" / "t.jpg").write_bytes(b"")
+    (root / "link").symlink_to(root / "a")
+    return sorted(str(root / name) for name in ORDER_TREE)
+
+
+def test_a_tree_walked_in_order_gives_its_files_sorted_lazily(tmp_path: Path) -> None:
+    from captionflow.listing import walk_files, walk_in_order
+
+    order_tree(tmp_path)
+    root = str(tmp_path)
+    everything = sorted(walk_files(root))
+    assert len(everything) == len(ORDER_TREE) + 1  # and notes.txt; no link followed
+    assert list(walk_in_order(root)) == everything
+    relative = {path: os.path.relpath(path, root) for path in everything}
+    shallow = [p for p in everything if relative[p].count(os.sep) <= 1]
+    assert list(walk_in_order(root, max_depth=1)) == shallow
+    only_a = [p for p in everything if relative[p].startswith("a/") or "/" not in relative[p]]
+    assert list(walk_in_order(root, enter=lambda folder: folder.endswith("/a"))) == only_a
+
+
+@pytest.mark.parametrize("pattern", ["", "**/*.jpg"])
+def test_limit_on_a_folder_or_glob_lists_no_further_than_its_first_paths(
+    tmp_path: Path, pattern: str
+) -> None:
+    """`--limit N` on a folder or glob (a trial run on a bucket of millions) walks the tree in
+    sorted order and stops at the N-th input, instead of listing it all to sort it."""
+    from captionflow.listing import walk_files
+
+    images = order_tree(tmp_path)
+    everything = sorted(walk_files(str(tmp_path)))
+    source = str(tmp_path / pattern) if pattern else str(tmp_path)
+    expected = [p for p in images if p.endswith(".jpg")] if pattern else images
+    for limit in (1, 3):
+        pipeline = TestPipeline(runner="FnApiRunner")
+        paths = pipeline | ReadImagePaths(source, limit=limit)
+        assert_that(paths, equal_to(expected[:limit]))
+        result = pipeline.run()
+        result.wait_until_finish()
+        looked_at = everything.index(expected[limit - 1]) + 1  # the files up to the N-th
+        assert counters(result)["files_listed"] == looked_at, (pattern, limit)

@@ -12,7 +12,7 @@ import errno
 import os
 import posixpath
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from apache_beam.io.filesystem import FileSystem
 from apache_beam.io.filesystems import FileSystems
@@ -68,6 +68,44 @@ def walk_files(root: str, max_depth: int | None = None) -> Iterator[str]:
             subfolders.clear()
         for name in files:
             yield os.path.join(folder, name)
+
+
+def walk_in_order(
+    root: str, max_depth: int | None = None, enter: Callable[[str], bool] = lambda _: True
+) -> Iterator[str]:
+    """`walk_files`'s files in sorted order of their paths, listed lazily (a folder at a time,
+    depth first): what lets `--limit` stop at the first N. A subfolder sorts as its name and
+    `/`, so `a-b.jpg` < `a/z.jpg` < `a0.jpg`, as whole paths do. `enter` says which of the
+    root's subfolders to walk; folders below the root that are marked are skipped."""
+
+    def walk(folder: str, depth: int) -> Iterator[str]:
+        try:
+            with os.scandir(folder) as scan:
+                entries = list(scan)
+        except OSError:
+            return  # as `os.walk`: an unreadable folder lists nothing
+        if depth > 0 and any(entry.name == SKIP_MARKER for entry in entries):
+            return
+        named = ((_sort_name(entry), entry.path) for entry in entries)
+        for name, path in sorted((name, path) for name, path in named if name is not None):
+            if not name.endswith("/"):
+                yield path
+            elif (max_depth is None or depth < max_depth) and (depth > 0 or enter(path)):
+                yield from walk(path, depth + 1)
+
+    return walk(root, 0)
+
+
+def _sort_name(entry: os.DirEntry) -> str | None:
+    """A folder's name and `/`; a file's name; None for a link to a folder (not followed,
+    not listed: as in `os.walk`)."""
+    try:
+        is_folder = entry.is_dir()
+    except OSError:
+        is_folder = False  # a link loop: listed like a file
+    if not is_folder:
+        return entry.name
+    return None if entry.is_symlink() else entry.name + "/"
 
 
 def skipping_marked(paths: Iterable[str]) -> Iterator[str]:
@@ -157,3 +195,19 @@ def gcs_top_level(folder: str) -> tuple[list[str], list[str]]:
     page = GcsIO().client.list_blobs(bucket, prefix=prefix, delimiter="/")
     files = [f"gs://{bucket}/{blob.name}" for blob in page]  # prefixes come after the pages
     return files, [f"gs://{bucket}/{sub}" for sub in sorted(page.prefixes)]
+
+
+def gcs_in_order(folder: str) -> Iterator[str]:
+    """Every object under a `gs://` folder, in the sorted order the listing pages through
+    them, less those in marked folders (the mark sorts before a report's `thumbs/`): lazily,
+    so that `--limit` stops at the first N."""
+    from apache_beam.io.gcp.gcsio import GcsIO, parse_gcs_path
+
+    bucket, prefix = parse_gcs_path(folder.rstrip("/") + "/", object_optional=True)
+    marked: tuple[str, ...] = ()
+    for blob in GcsIO().client.list_blobs(bucket, prefix=prefix):
+        path = f"gs://{bucket}/{blob.name}"
+        if path.endswith("/" + SKIP_MARKER):
+            marked += (path[: -len(SKIP_MARKER)],)
+        elif not path.startswith(marked):
+            yield path

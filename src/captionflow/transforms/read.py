@@ -27,12 +27,14 @@ from captionflow.listfile import ListLine, decode_line, is_utf16, list_lines
 from captionflow.listing import (
     SKIP_MARKER,
     Glob,
+    gcs_in_order,
     gcs_top_level,
     is_marked_thumbnail,
     link_problem,
     pattern_variants,
     skipping_marked,
     walk_files,
+    walk_in_order,
 )
 from captionflow.paths import absolute, dirname, is_remote, join, normalise
 from captionflow.records import ErrorRecord
@@ -48,6 +50,7 @@ PATHS = "paths"
 UTF16 = "utf16"
 SUBFOLDERS = "subfolders"
 UNDECODABLE = "UndecodablePath"
+FILES_LISTED = Metrics.counter("captionflow", "files_listed")  # by a folder's or glob's walk
 # Stripped from both ends of a list line: ASCII spaces and a stray BOM (lists joined with
 # `cat`), never the Unicode spaces and separators that may end a file name.
 LINE_SPACE = " \t\r\v\f\ufeff"
@@ -168,7 +171,7 @@ class ReadImagePaths(beam.PTransform):
     `source` is a `dataset.txt`-style list (`.txt`/`.lst`), a glob, a single image, or a folder
     (searched recursively for image files). `limit` keeps a list's first N entries (read no
     further), or a folder's or glob's first N paths in sorted order: a reproducible sample for
-    trial runs.
+    trial runs (a local or `gs://` tree is walked in that order and listed no further).
 
     Inputs that fail before any image is read (a list line or file name that is not text, a
     symbolic link to no file) are `ErrorRecord`s (stage `read`), one per input and sampled by
@@ -278,9 +281,9 @@ class _FindPaths(beam.PTransform):
             listed = pbegin | "Image" >> beam.Create([source])
             check = beam.FlatMap(checked_path)
         elif images_only and _listed_in_parallel(source):
-            return pbegin | "Folder" >> _ListTree(source)
+            return pbegin | "Folder" >> _ListTree(source, limit=self.limit)
         elif not images_only and _listed_in_parallel((glob := Glob(source)).root):
-            return pbegin | "Glob" >> _ListTree(glob.root, glob)
+            return pbegin | "Glob" >> _ListTree(glob.root, glob, self.limit)
         else:
             pattern = join(source.rstrip("/"), "**") if images_only else source
             listed = (
@@ -302,6 +305,7 @@ class _Tree:
 
     def files(self, paths: Iterable[str]) -> Iterator[str | TaggedOutput]:
         for path in paths:
+            FILES_LISTED.inc()
             if self.glob is None:
                 yield from _checked(path, True)
             elif self.glob.matches(path):
@@ -328,6 +332,15 @@ class _Tree:
                 if not os.path.islink(path) and not marked and self.wants(path):
                     yield TaggedOutput(SUBFOLDERS, os.fsencode(path))
 
+    def in_order(self, root: str) -> Iterator[str | TaggedOutput]:
+        """The whole tree's inputs in sorted order, listed lazily: for `--limit`, which takes
+        the first N and lists no further."""
+        if is_remote(root):
+            yield from self.files(gcs_in_order(root))
+            return
+        depth = None if self.glob is None else self.glob.depth
+        yield from self.files(walk_in_order(root, depth, self.wants))
+
     def walk(self, folder: str) -> Iterator[str | TaggedOutput]:
         """Every file under one of the root's subfolders that is taken, at any depth a
         match can lie."""
@@ -343,23 +356,31 @@ class _Tree:
 class _ListTree(beam.PTransform):
     """`(paths, errors)` of a local or `gs://` folder, or of a glob there: the top level
     here, each subfolder's whole tree by whichever worker it lands on, so that a tree of
-    millions of files is listed in parallel."""
+    millions of files is listed in parallel. With a `limit`, the first `limit` inputs in
+    sorted order, walked in that order by one worker that stops there."""
 
-    def __init__(self, root: str, glob: Glob | None = None) -> None:
+    def __init__(self, root: str, glob: Glob | None = None, limit: int | None = None) -> None:
         super().__init__()
         self.root = root
         self.tree = _Tree(glob)
+        self.limit = limit
 
     def expand(self, pbegin: PBegin) -> Found:
         listed = Metrics.counter("captionflow", "subfolders_listed")
-        tree = self.tree
+        tree, limit = self.tree, self.limit
+        root = pbegin | "Root" >> beam.Create([self.root])
+        if limit is not None:
+            first = root | "FirstInOrder" >> beam.FlatMap(
+                lambda root: itertools.islice(tree.in_order(root), limit)
+            ).with_outputs(ERRORS, main=PATHS)
+            return (first[PATHS],), first[ERRORS]
 
         def walk(folder: bytes) -> Iterator[str | TaggedOutput]:
             listed.inc()
             yield from tree.walk(os.fsdecode(folder))
 
         top_level = beam.FlatMap(tree.top_level).with_outputs(ERRORS, SUBFOLDERS, main=PATHS)
-        top = pbegin | "Root" >> beam.Create([self.root]) | "TopLevel" >> top_level
+        top = root | "TopLevel" >> top_level
         deeper = (
             top[SUBFOLDERS]
             | "Spread" >> beam.Reshuffle()
