@@ -40,3 +40,29 @@ def test_caption_images_inside_another_pipeline(
             equal_to([(str(image_dir / "missing.jpg"), "read")]),
             label="errors",
         )
+
+
+def test_errors_taken_apart_are_written_each_where_it_is_made(
+    image_dir: Path, tiny_blip: str, tiny_clip: str, tmp_path: Path
+) -> None:
+    """`with_errors_apart()`: the decode and inference steps' error records as a tuple, which
+    `WriteErrors` writes without flattening them (a local runner would hold the Flatten)."""
+    import json
+
+    from captionflow.transforms import WriteErrors
+
+    uris = [str(path) for path in sorted(image_dir.iterdir())] + [str(image_dir / "gone.jpg")]
+    with TestPipeline(runner="FnApiRunner") as p:
+        captions, errors = (
+            p
+            | beam.Create(uris)
+            | CaptionImages(
+                captioner_handler(f"blip:{tiny_blip}", max_batch_size=4),
+                ranker_handler(f"clip:{tiny_clip}"),
+            ).with_errors_apart()
+        )
+        assert isinstance(errors, tuple) and len(errors) == 2
+        _ = errors | WriteErrors(str(tmp_path))
+        assert_that(captions | beam.combiners.Count.Globally(), equal_to([len(uris) - 1]))
+    (line,) = (tmp_path / "errors.jsonl").read_text().splitlines()
+    assert json.loads(line)["image_uri"] == uris[-1]

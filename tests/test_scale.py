@@ -349,3 +349,42 @@ def test_limit_on_a_folder_or_glob_lists_no_further_than_its_first_paths(
         result.wait_until_finish()
         looked_at = everything.index(expected[limit - 1]) + 1  # the files up to the N-th
         assert counters(result)["files_listed"] == looked_at, (pattern, limit)
+
+
+FLATTEN = "beam:transform:flatten:v1"
+
+
+def test_failed_images_records_are_written_where_they_are_made(
+    tmp_path: Path, tiny_models: tuple[str, str]
+) -> None:
+    """A local runner holds a Flatten's whole output: a run in which most of a million images
+    fail would hold their error records. Each step's failures (decode, inference) are
+    written and counted where they are made; no Flatten takes them."""
+    from captionflow.cli import prepare
+    from captionflow.pipelines import build_caption_pipeline
+
+    write_images(tmp_path / "in", 1)
+    config, options = prepare(
+        ["run", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+         "--captioner", f"blip:{tiny_models[0]}", "--ranker", f"clip:{tiny_models[1]}",
+         "--format", "metadata", "--format", "parquet", "--min-score", "0.1"]
+    )  # fmt: skip
+    pipeline = beam.Pipeline(options=options)
+    build_caption_pipeline(
+        pipeline, config, progress=str(tmp_path / "progress"), spill_dir=str(tmp_path / "spill")
+    )
+    transforms = pipeline.to_runner_api().components.transforms
+    made_by = {
+        collection: transform.unique_name
+        for transform in transforms.values()
+        if not transform.subtransforms
+        for collection in transform.outputs.values()
+    }
+    flattened = {
+        made_by[collection]
+        for transform in transforms.values()
+        if transform.spec.urn == FLATTEN
+        for collection in transform.inputs.values()
+    }
+    assert flattened  # the counts and the part files' names are
+    assert [name for name in flattened if name.startswith("CaptionImages/")] == []

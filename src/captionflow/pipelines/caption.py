@@ -93,7 +93,7 @@ def build_caption_pipeline(
         engine=config.engine,
         engine_batch_size=config.engine_batch_size,
         engines=config.model_copies,
-    )
+    ).with_errors_apart()
     if config.accelerator_hint:  # decoding stays fused with inference: images never shuffle
         caption_images = caption_images.with_resource_hints(accelerator=config.accelerator_hint)
     captions, caption_errors = uris | "CaptionImages" >> caption_images
@@ -101,13 +101,17 @@ def build_caption_pipeline(
         captions = captions | "PrefixAndSuffix" >> beam.Map(
             CaptionRecord.with_text_around, config.prefix, config.suffix
         )
-    errors = (read_errors, caption_errors) | "AllErrors" >> beam.Flatten()
     # Nothing between the ranker and the part files but element-wise steps: a Flatten or a
-    # shuffle there would make local runners hold every record until captioning ends.
+    # shuffle there would make local runners hold every record until captioning ends. The
+    # same for failures: each step's are counted and written where they are made.
+    errors = (read_errors, *caption_errors)
     captions = captions | "Progress" >> LogProgress()
     if progress:
         captions = captions | "CountCaptioned" >> CountInto(progress, counted.CAPTIONED)
-        errors = errors | "CountErrors" >> CountInto(progress, counted.ERRORS)
+        errors = tuple(
+            failed | f"CountErrors{i}" >> CountInto(progress, counted.ERRORS)
+            for i, failed in enumerate(errors)
+        )
     rejected = pipeline | "NoneRejected" >> beam.Create([])
     written = [errors | "WriteErrors" >> WriteErrors(config.output_dir)]
     if config.min_score is not None:
@@ -146,7 +150,10 @@ def build_caption_pipeline(
         captions | "Captioned" >> CountOutcomes(CAPTIONED),
         rejected | "Rejected" >> CountOutcomes(REJECTED),
         kept | "Kept" >> CountOutcomes(KEPT),
-        errors | "Failed" >> CountOutcomes(outcome_of_error),
+        *(
+            failed | f"Failed{i}" >> CountOutcomes(outcome_of_error)
+            for i, failed in enumerate(errors)
+        ),
     ) | "Outcomes" >> beam.Flatten()
     outcome_counts | "WriteSummary" >> WriteSummary(
         join(config.output_dir, SUMMARY_FILE),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import NamedTuple
 
 import apache_beam as beam
@@ -12,17 +13,19 @@ from captionflow.handlers.base import CaptionModelHandler, RankModelHandler
 from captionflow.handlers.captionrank import CaptionRankHandler
 from captionflow.handlers.registry import captioner_handler, ranker_handler
 from captionflow.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
-from captionflow.records import CaptionRecord, ErrorRecord
-from captionflow.transforms.errors import ERRORS
+from captionflow.records import CaptionRecord
+from captionflow.transforms.errors import ERRORS, ErrorRecords
 from captionflow.transforms.inference import CAPTIONS, CaptionAndRank
 from captionflow.transforms.load import IMAGES, LoadImages
 
 
 class CaptionOutputs(NamedTuple):
-    """What `CaptionImages` returns: one `CaptionRecord` or one `ErrorRecord` per input URI."""
+    """What `CaptionImages` returns: one `CaptionRecord` or one `ErrorRecord` per input URI
+    (`errors`: one collection; with `with_errors_apart()`, the decode step's and the
+    inference step's)."""
 
     captions: PCollection[CaptionRecord]
-    errors: PCollection[ErrorRecord]
+    errors: ErrorRecords
 
 
 class CaptionImages(beam.PTransform):
@@ -33,6 +36,10 @@ class CaptionImages(beam.PTransform):
     Each image is read and decoded once into the views its models take (when they say which:
     `view_spec`), captioned in batches, ranked in batches, and never shuffled. A failing image
     becomes an `ErrorRecord` with its stage and reason.
+
+    `.with_errors_apart()` returns each step's error records as they are made, not
+    flattened into one collection: for writers that take them so (`WriteErrors`), since a
+    local runner holds a Flatten's whole output.
     """
 
     def __init__(
@@ -60,6 +67,13 @@ class CaptionImages(beam.PTransform):
         self.max_side = max_side
         self.max_pixels = max_pixels
         self.max_bytes = max_bytes
+        self.errors_apart = False
+
+    def with_errors_apart(self) -> CaptionImages:
+        """This transform, returning the decode and inference steps' errors as a tuple."""
+        transform = copy.copy(self)
+        transform.errors_apart = True
+        return transform
 
     def expand(self, uris: PCollection[str]) -> CaptionOutputs:
         loaded = uris | "Load" >> LoadImages(
@@ -73,5 +87,7 @@ class CaptionImages(beam.PTransform):
             ),
         )
         ranked = loaded[IMAGES] | "CaptionAndRank" >> CaptionAndRank(self.engine)
-        errors = (loaded[ERRORS], ranked[ERRORS]) | "Errors" >> beam.Flatten()
-        return CaptionOutputs(ranked[CAPTIONS], errors)
+        errors = loaded[ERRORS], ranked[ERRORS]
+        if self.errors_apart:
+            return CaptionOutputs(ranked[CAPTIONS], errors)
+        return CaptionOutputs(ranked[CAPTIONS], errors | "Errors" >> beam.Flatten())

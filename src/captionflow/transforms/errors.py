@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
-from apache_beam.pvalue import TaggedOutput
+from apache_beam.pvalue import PCollection, TaggedOutput
 
 from captionflow.records import ErrorRecord
 
 ERRORS = "errors"
 NAMESPACE = "captionflow"
+# Failed images' records: one collection, or those of the steps that made them, unflattened
+# (a local runner holds a Flatten's whole output).
+ErrorRecords = PCollection[ErrorRecord] | tuple[PCollection[ErrorRecord], ...]
 
 
 def error_output(record: ErrorRecord) -> TaggedOutput:

@@ -33,6 +33,7 @@ from captionflow.fatal import FatalError
 from captionflow.jsonl import dumps
 from captionflow.paths import absolute, is_remote, join, split
 from captionflow.records import CaptionRecord, ErrorRecord
+from captionflow.transforms.errors import ErrorRecords
 from captionflow.transforms.grouping import GroupPairs
 from captionflow.transforms.lines import Line, ReadLines
 
@@ -90,6 +91,7 @@ class WriteParts(beam.DoFn):
 
 
 Key = Callable[[dict[str, Any]], str]
+Lines = PCollection[str] | tuple[PCollection[str], ...]
 
 
 def concatenate(sources: Iterable[str], destination: str) -> str:
@@ -208,7 +210,9 @@ class WriteJsonLines(beam.PTransform):
     """JSON lines to exactly one file at `destination`, written atomically.
 
     Parts appear while the job runs, every `lines_per_part` lines per worker: they are its
-    checkpoints. With `resume`, the lines an earlier run of the same destination wrote (its
+    checkpoints. `lines` may be a tuple of collections, each written where it is made (a
+    local runner holds a Flatten's whole output; only the parts' names are flattened). With
+    `resume`, the lines an earlier run of the same destination wrote (its
     file and its parts) are kept too, one per `key` (a field's name, or a function of the
     record), grouped by the runner or, with `spill_dir`, through files there (`GroupPairs`).
     Parts are joined in groups of about `parts_per_group`, in parallel, then into the file.
@@ -234,23 +238,28 @@ class WriteJsonLines(beam.PTransform):
         self.parts_per_group = parts_per_group
         self.run = uuid.uuid4().hex[:12]  # names this run's parts
 
-    def expand(self, lines: PCollection[str]) -> PCollection[str]:
+    def expand(self, lines: Lines) -> PCollection[str]:
         directory = parts_dir(self.destination)
         prefix = f"{self.run}-"
-        parts = lines | "WriteParts" >> beam.ParDo(
-            WriteParts(directory, self.lines_per_part, prefix)
+        sources = lines if isinstance(lines, tuple) else (lines,)
+        parts = tuple(  # each written where it is made: a Flatten would be held whole locally
+            source
+            | ("WriteParts" if i == 0 else f"WriteParts{i}")
+            >> beam.ParDo(WriteParts(directory, self.lines_per_part, prefix))
+            for i, source in enumerate(sources)
         )
         if self.resume:
             earlier = (
-                lines.pipeline
+                sources[0].pipeline
                 | "ReadEarlier"
                 >> _ReadEarlier(self.destination, self.key, self.run, self.spill_dir)
                 # Bigger parts: these hold finished work, not checkpoints of new work.
                 | "WriteEarlier"
                 >> beam.ParDo(WriteParts(directory, self.lines_per_part * 10, prefix))
             )
-            parts = (parts, earlier) | "AllParts" >> beam.Flatten()
-        return parts | "Join" >> JoinParts(self.destination, self.parts_per_group)
+            parts += (earlier,)
+        joined = parts[0] if len(parts) == 1 else parts | "AllParts" >> beam.Flatten()
+        return joined | "Join" >> JoinParts(self.destination, self.parts_per_group)
 
 
 def file_name_in(output_dir: str) -> Callable[[str], str]:
@@ -310,16 +319,24 @@ class WriteMetadata(beam.PTransform):
 
 
 class WriteErrors(beam.PTransform):
-    """`ErrorRecord`s to `<output_dir>/errors.jsonl`, one line per failed image."""
+    """`ErrorRecord`s to `<output_dir>/errors.jsonl`, one line per failed image: one
+    collection, or a tuple of them (`CaptionImages(...).with_errors_apart()`), each written
+    where it is made."""
 
     def __init__(self, output_dir: str, *, filename: str = ERRORS_FILE) -> None:
         super().__init__()
         self.output_dir = absolute(output_dir)
         self.filename = filename
 
-    def expand(self, errors: PCollection[ErrorRecord]) -> PCollection[str]:
-        return (
-            errors
-            | "ToRow" >> beam.Map(lambda e: dumps(e.to_dict()))
-            | "Write" >> WriteJsonLines(join(self.output_dir, self.filename), key="image_uri")
+    def expand(self, errors: ErrorRecords) -> PCollection[str]:
+        rows = tuple(
+            source | ("ToRow" if i == 0 else f"ToRow{i}") >> beam.Map(_error_row)
+            for i, source in enumerate(errors if isinstance(errors, tuple) else (errors,))
         )
+        return rows | "Write" >> WriteJsonLines(
+            join(self.output_dir, self.filename), key="image_uri"
+        )
+
+
+def _error_row(error: ErrorRecord) -> str:
+    return dumps(error.to_dict())
