@@ -11,7 +11,8 @@ At each size, each in a fresh process tree, sampled from /proc every `SAMPLE_S`:
 - the join of its part files alone (the metadata split back into parts of
   `--checkpoint-every` lines, joined by `WriteJsonLines`' own join step),
 with wall seconds, CPU milliseconds per image (every process, by kind) and the peak memory
-(RSS) of each kind of process.
+(RSS) of each kind of process. `--failing` runs only the job, on one image and N missing
+files: the memory of a run in which nearly every image fails.
 """
 
 from __future__ import annotations
@@ -224,6 +225,28 @@ def one_size(
     return result
 
 
+def failing_job(
+    size: int, pool: list[Path], work: Path, models: tuple[str, str], workers: int
+) -> dict:
+    """The job on one image (a run that captions nothing fails) and `size` missing files."""
+    listing = work / f"missing-{size}.txt"
+    if not listing.exists():
+        missing = (
+            work / "missing" / f"d{i // PER_FOLDER:04d}" / f"{i:07d}.jpg" for i in range(size)
+        )
+        listing.write_text("".join(f"{path}\n" for path in [pool[0], *missing]))
+    out = work / f"out-failing-{size}"
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    job = measured(job_argv(listing, out, models, workers), size, work / "failing.log")
+    summary = json.loads((out / "summary.json").read_text())
+    if summary["failed"] != size:
+        raise SystemExit(f"{size} missing files, {summary['failed']} failed: {summary}")
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    result = {"images": size, "failed": summary["failed"], "failing_job": job}
+    print(json.dumps(result), flush=True)
+    return result
+
+
 def plot(results: list[dict], growth_rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -318,9 +341,19 @@ def main() -> None:
     parser.add_argument(
         "--stages-only", action="store_true", help="only the input stages (list, folder, glob)"
     )
+    parser.add_argument(
+        "--failing", action="store_true", help="only the job, on one image and N missing files"
+    )
     args = parser.parse_args()
-    saved = RESULTS / f"{args.name}.json"
+    saved = RESULTS / f"{args.name}{'-failing' if args.failing else ''}.json"
     report = json.loads(saved.read_text()) if args.report else measure(args)
+    if args.failing:
+        saved.write_text(json.dumps(report, indent=2) + "\n")
+        for r in report["results"]:
+            job = r["failing_job"]
+            seconds, memory = job["seconds"], job["peak_rss_mb"]
+            print(f"{r['images']:>9} failing: {seconds:.1f} s, peak RSS {memory} MB")
+        return
     if args.stages_only:
         saved.write_text(json.dumps(report, indent=2) + "\n")
         for r in report["results"]:
@@ -364,9 +397,13 @@ def measure(args: argparse.Namespace) -> dict:
     models = build_tiny_models(str(work / "models"))
     pool = pool_images(work / "pool")
     started = time.perf_counter()
-    results = [
-        one_size(size, pool, work, models, args.workers, args.stages_only) for size in args.sizes
-    ]
+    if args.failing:
+        results = [failing_job(size, pool, work, models, args.workers) for size in args.sizes]
+    else:
+        results = [
+            one_size(size, pool, work, models, args.workers, args.stages_only)
+            for size in args.sizes
+        ]
     RESULTS.mkdir(exist_ok=True)
     return {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
