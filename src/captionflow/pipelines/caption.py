@@ -13,6 +13,7 @@ from captionflow.handlers.registry import captioner_handler, ranker_handler
 from captionflow.paths import join
 from captionflow.records import CaptionRecord
 from captionflow.transforms import CaptionImages, LogProgress, ReadImagePaths, WriteErrors
+from captionflow.transforms.grouping import each
 from captionflow.transforms.progress import CountInto
 from captionflow.transforms.resume import ReadDone, SkipDone, metadata_key
 from captionflow.transforms.scores import SplitByScore
@@ -108,10 +109,7 @@ def build_caption_pipeline(
     captions = captions | "Progress" >> LogProgress()
     if progress:
         captions = captions | "CountCaptioned" >> CountInto(progress, counted.CAPTIONED)
-        errors = tuple(
-            failed | f"CountErrors{i}" >> CountInto(progress, counted.ERRORS)
-            for i, failed in enumerate(errors)
-        )
+        errors = each(errors, "CountErrors", lambda: CountInto(progress, counted.ERRORS))
     rejected = pipeline | "NoneRejected" >> beam.Create([])
     written = [errors | "WriteErrors" >> WriteErrors(config.output_dir)]
     if config.min_score is not None:
@@ -150,10 +148,7 @@ def build_caption_pipeline(
         captions | "Captioned" >> CountOutcomes(CAPTIONED),
         rejected | "Rejected" >> CountOutcomes(REJECTED),
         kept | "Kept" >> CountOutcomes(KEPT),
-        *(
-            failed | f"Failed{i}" >> CountOutcomes(outcome_of_error)
-            for i, failed in enumerate(errors)
-        ),
+        *each(errors, "Failed", lambda: CountOutcomes(outcome_of_error)),
     ) | "Outcomes" >> beam.Flatten()
     outcome_counts | "WriteSummary" >> WriteSummary(
         join(config.output_dir, SUMMARY_FILE),

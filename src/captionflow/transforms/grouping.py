@@ -16,7 +16,7 @@ import json
 import uuid
 import zlib
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -37,6 +37,21 @@ FLUSH_BYTES = 4 << 20  # what a bundle buffers before writing its buckets' files
 Grouped = tuple[str, frozenset[str]]  # a string, and the tags of the inputs it came in
 Strings = PCollection[str] | Sequence[PCollection[str]]
 Pairs = PCollection[tuple[str, str]] | Sequence[PCollection[tuple[str, str]]]
+
+
+def each(
+    collections: PCollection | Sequence[PCollection],
+    label: str,
+    transform: Callable[[], beam.PTransform],
+) -> tuple[PCollection, ...]:
+    """A new `transform()` applied to each of `collections` (or to the one) where it is made,
+    labelled `label`, `label 1`, `label 2`, ...: what stands in for a Flatten first, which a
+    local runner would hold whole."""
+    collections = tuple(collections) if isinstance(collections, Sequence) else (collections,)
+    return tuple(
+        collection | (f"{label} {index}" if index else label) >> transform()
+        for index, collection in enumerate(collections)
+    )
 
 
 def bucket_of(string: str, buckets: int) -> int:

@@ -34,7 +34,7 @@ from captionflow.jsonl import dumps
 from captionflow.paths import absolute, is_remote, join, split
 from captionflow.records import CaptionRecord, ErrorRecord
 from captionflow.transforms.errors import ErrorRecords
-from captionflow.transforms.grouping import GroupPairs
+from captionflow.transforms.grouping import GroupPairs, each
 from captionflow.transforms.lines import Line, ReadLines
 
 METADATA_FILE = "metadata.jsonl"
@@ -241,16 +241,14 @@ class WriteJsonLines(beam.PTransform):
     def expand(self, lines: Lines) -> PCollection[str]:
         directory = parts_dir(self.destination)
         prefix = f"{self.run}-"
-        sources = lines if isinstance(lines, tuple) else (lines,)
-        parts = tuple(  # each written where it is made: a Flatten would be held whole locally
-            source
-            | ("WriteParts" if i == 0 else f"WriteParts{i}")
-            >> beam.ParDo(WriteParts(directory, self.lines_per_part, prefix))
-            for i, source in enumerate(sources)
+        parts = each(
+            lines,
+            "WriteParts",
+            lambda: beam.ParDo(WriteParts(directory, self.lines_per_part, prefix)),
         )
         if self.resume:
             earlier = (
-                sources[0].pipeline
+                parts[0].pipeline
                 | "ReadEarlier"
                 >> _ReadEarlier(self.destination, self.key, self.run, self.spill_dir)
                 # Bigger parts: these hold finished work, not checkpoints of new work.
@@ -329,10 +327,7 @@ class WriteErrors(beam.PTransform):
         self.filename = filename
 
     def expand(self, errors: ErrorRecords) -> PCollection[str]:
-        rows = tuple(
-            source | ("ToRow" if i == 0 else f"ToRow{i}") >> beam.Map(_error_row)
-            for i, source in enumerate(errors if isinstance(errors, tuple) else (errors,))
-        )
+        rows = each(errors, "ToRow", lambda: beam.Map(_error_row))
         return rows | "Write" >> WriteJsonLines(
             join(self.output_dir, self.filename), key="image_uri"
         )
