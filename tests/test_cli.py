@@ -387,6 +387,44 @@ def test_sidecar_caption_files_beside_the_images_kept_unless_overwritten(
     ]
 
 
+@pytest.mark.parametrize("extension", [".jpg", ".PNG", ".webp", ".heic"])
+def test_a_sidecar_extension_that_names_images_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture, extension: str
+) -> None:
+    """Caption files named like images would overwrite the images (`--overwrite-captions`)
+    or be read as images by the next run."""
+    images = write_images(tmp_path, 2)
+    argv = ["run", "--input", str(tmp_path), "--output", str(tmp_path), "--format", "sidecar"]
+    assert main([*argv, "--sidecar-extension", extension, "--overwrite-captions"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("captionflow: error: --sidecar-extension: ")
+    assert f"{extension} is an image extension" in line
+    assert all(image.read_bytes()[:2] == b"\xff\xd8" for image in images)  # still JPEGs
+
+
+def test_caption_files_never_take_the_runs_own_names_nor_are_shared(
+    tmp_path: Path, tiny_models: tuple[str, str]
+) -> None:
+    """`metadata.png`'s caption file would be the run's `metadata.jsonl` (and a `metadata.jsonl`
+    in any folder is read by `datasets`); `a.jpg` and `a.png` would share `a.jsonl`, which
+    trainers pair with both. The first is not written, and both are warned about."""
+    for name in ("metadata.png", "a.jpg", "a.png", "sub/metadata.jpg", "b.jpg"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        random_image(40, 32, seed=len(name)).save(tmp_path / name)
+    argv = ["run", "--input", str(tmp_path), "--output", str(tmp_path), *models(*tiny_models)]
+    assert main([*argv, "--format", "imagefolder,sidecar", "--sidecar-extension", ".jsonl"]) == 0
+    rows = read_jsonl(tmp_path / "metadata.jsonl")  # the run's own, whole
+    assert len(rows) == 5
+    assert not (tmp_path / "sub" / "metadata.jsonl").exists()
+    assert (tmp_path / "b.jsonl").read_text() == next(
+        r["text"] for r in rows if r["file_name"] == "b.jpg"
+    ) + "\n"
+    assert (tmp_path / "a.jsonl").exists()
+    warnings = json.loads((tmp_path / "summary.json").read_text())["warnings"]
+    assert any("metadata.png" in w and "sub/metadata.jpg" in w for w in warnings), warnings
+    assert any("a.jpg" in w and "a.png" in w and "a.jsonl" in w for w in warnings), warnings
+
+
 @pytest.mark.parametrize("where", ["list file", "folder elsewhere"])
 def test_sidecar_is_refused_before_any_work_for_images_outside_the_output(
     tmp_path: Path, capsys: pytest.CaptureFixture, where: str

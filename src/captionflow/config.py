@@ -102,6 +102,18 @@ class FormatOptions(BaseModel):
     sidecar_extension: str = Field(".txt", pattern=r"^\.[^./\\]+$")
     overwrite_captions: bool = False
 
+    @field_validator("sidecar_extension")
+    @classmethod
+    def _not_an_image_extension(cls, value: str) -> str:
+        """Caption files named like images would overwrite them (`--overwrite-captions`), or
+        be taken for images by the next run."""
+        if looks_like_image(f"caption{value}"):
+            raise ValueError(
+                f"{value} is an image extension: caption files would overwrite the images or "
+                "be read as images; use .txt or .caption"
+            )
+        return value
+
 
 class RunConfig(FormatOptions):
     """What `captionflow run` does, validated as one unit."""

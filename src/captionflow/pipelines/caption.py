@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 
 import apache_beam as beam
 
@@ -18,19 +19,18 @@ from captionflow.transforms.progress import CountInto
 from captionflow.transforms.resume import ReadDone, SkipDone, metadata_key
 from captionflow.transforms.scores import SplitByScore
 from captionflow.transforms.shards import SHARD_FORMATS, MetadataRows, WriteShards
-from captionflow.transforms.sidecars import WriteSidecars
+from captionflow.transforms.sidecars import RUN_FILES, CaptionFileWarnings, WriteSidecars
 from captionflow.transforms.splits import ForSplits
 from captionflow.transforms.summary import (
     CAPTIONED,
     KEPT,
     REJECTED,
+    SUMMARY_FILE,
     CountOutcomes,
     WriteSummary,
     outcome_of_error,
 )
 from captionflow.transforms.write import REJECTED_FILE, ToImageFolderRows, WriteJsonLines
-
-SUMMARY_FILE = "summary.json"
 
 
 def model_handlers(config: RunConfig) -> tuple[CaptionModelHandler, RankModelHandler]:
@@ -117,9 +117,13 @@ def build_caption_pipeline(
         written.append(
             rejected | "WriteRejected" >> _WriteRecords(rejected_path, config, spill_dir)
         )
-    if "sidecar" in config.formats:  # before the metadata: a record there has its file
+    sidecars = "sidecar" in config.formats
+    reserved = RUN_FILES | {config.metadata_filename}  # never a caption file's name
+    if sidecars:  # before the metadata: a record there has its file
         captions = captions | "WriteSidecars" >> WriteSidecars(
-            extension=config.sidecar_extension, overwrite=config.overwrite_captions
+            extension=config.sidecar_extension,
+            overwrite=config.overwrite_captions,
+            reserved=reserved,
         )
     metadata_written = captions | "WriteMetadata" >> _WriteRecords(metadata_path, config, spill_dir)
     written.append(metadata_written)
@@ -128,6 +132,18 @@ def build_caption_pipeline(
         config.output_dir
     )
     written.append(split_files)
+    if sidecars:
+        caption_files = captioned_uris | "CaptionFileWarnings" >> CaptionFileWarnings(
+            config.output_dir,
+            extension=config.sidecar_extension,
+            reserved=reserved,
+            spill_dir=spill_dir,
+        )
+        warnings = (
+            (warnings, caption_files)
+            | "Warnings" >> beam.Flatten()
+            | "AllWarnings" >> beam.CombineGlobally(_all_lines)
+        )
     shard_formats = [name for name in config.formats if name in SHARD_FORMATS]
     if shard_formats:  # from the finished file: a resumed run's shards hold every image
         rows = metadata_written | "MetadataRows" >> MetadataRows()
@@ -157,6 +173,10 @@ def build_caption_pipeline(
         after=tuple(written),
         warnings=warnings,
     )
+
+
+def _all_lines(lists: Iterable[list[str]]) -> list[str]:
+    return sorted(line for lines in lists for line in lines)
 
 
 class _WriteRecords(beam.PTransform):

@@ -3,8 +3,9 @@ OneTrainer, EveryDream2, SimpleTuner (text-file mode) and ai-toolkit read."""
 
 from __future__ import annotations
 
+import logging
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import apache_beam as beam
@@ -12,11 +13,21 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.pvalue import PCollection
 
+from captionflow.lock import LOCK_FILE
 from captionflow.records import CaptionRecord
 from captionflow.transforms.errors import NAMESPACE
+from captionflow.transforms.grouping import GroupPairs
+from captionflow.transforms.summary import SUMMARY_FILE
+from captionflow.transforms.write import ERRORS_FILE, METADATA_FILE, REJECTED_FILE, file_name_in
+
+logger = logging.getLogger("captionflow")
 
 # A `CaptionRecord`, or a row of `metadata.jsonl` (`captionflow export`).
 Record = CaptionRecord | dict[str, Any]
+# Never a caption file's name: the run's own files (and `datasets` reads a `metadata.jsonl`
+# in any folder as metadata).
+RUN_FILES = frozenset({METADATA_FILE, ERRORS_FILE, REJECTED_FILE, SUMMARY_FILE, LOCK_FILE})
+EXAMPLES = 3  # named in a warning
 
 
 def sidecar_path(image_uri: str, extension: str) -> str:
@@ -26,12 +37,19 @@ def sidecar_path(image_uri: str, extension: str) -> str:
     return f"{folder}/{stem}{extension}" if folder else f"{stem}{extension}"
 
 
+def refused(image_uri: str, path: str, reserved: frozenset[str]) -> bool:
+    """Whether a caption file at `path` would replace the image itself or a run's file."""
+    return path == image_uri or path.rpartition("/")[2] in reserved
+
+
 class _WriteSidecar(beam.DoFn):
-    def __init__(self, extension: str, overwrite: bool) -> None:
+    def __init__(self, extension: str, overwrite: bool, reserved: frozenset[str]) -> None:
         self.extension = extension
         self.overwrite = overwrite
+        self.reserved = reserved
         self.written = Metrics.counter(NAMESPACE, "caption_files_written")
         self.kept = Metrics.counter(NAMESPACE, "caption_files_kept")
+        self.refused = Metrics.counter(NAMESPACE, "caption_files_refused")
 
     def process(self, record: Record) -> Iterator[Record]:
         uri, text = (
@@ -40,7 +58,10 @@ class _WriteSidecar(beam.DoFn):
             else (record.image_uri, record.text)
         )
         path = sidecar_path(uri, self.extension)
-        if self.overwrite or not FileSystems.exists(path):
+        if refused(uri, path, self.reserved):
+            logger.warning("no caption file for %s: %s is a name the run's files take", uri, path)
+            self.refused.inc()
+        elif self.overwrite or not FileSystems.exists(path):
             staging = f"{path}.tmp-{uuid.uuid4().hex}"
             with FileSystems.create(staging) as file:
                 file.write(text.encode("utf-8") + b"\n")
@@ -55,12 +76,114 @@ class WriteSidecars(beam.PTransform):
     """Writes each record's best caption (a `CaptionRecord`, or a metadata row as a dict)
     beside its image, then passes the record on (so a
     record written after this step has its caption file). Each file appears whole, under its
-    final name only; an existing one is kept unless `overwrite`."""
+    final name only; an existing one is kept unless `overwrite`. None is written over the
+    image itself or under a name in `reserved` (the run's own files: `RUN_FILES`)."""
 
-    def __init__(self, *, extension: str = ".txt", overwrite: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        extension: str = ".txt",
+        overwrite: bool = False,
+        reserved: frozenset[str] = RUN_FILES,
+    ) -> None:
         super().__init__()
         self.extension = extension
         self.overwrite = overwrite
+        self.reserved = reserved
 
     def expand(self, records: PCollection[Record]) -> PCollection[Record]:
-        return records | "WriteSidecar" >> beam.ParDo(_WriteSidecar(self.extension, self.overwrite))
+        writer = _WriteSidecar(self.extension, self.overwrite, self.reserved)
+        return records | "WriteSidecar" >> beam.ParDo(writer)
+
+
+class _Examples(beam.CombineFn):
+    """`(kind, example)` pairs in; `{kind: (count, the first few examples, sorted)}` out."""
+
+    def create_accumulator(self) -> dict[str, tuple[int, list[str]]]:
+        return {}
+
+    def add_input(
+        self, accumulator: dict[str, tuple[int, list[str]]], found: tuple[str, str]
+    ) -> dict[str, tuple[int, list[str]]]:
+        kind, example = found
+        count, examples = accumulator.get(kind, (0, []))
+        accumulator[kind] = count + 1, sorted([*examples, example])[:EXAMPLES]
+        return accumulator
+
+    def merge_accumulators(
+        self, accumulators: Iterable[dict[str, tuple[int, list[str]]]]
+    ) -> dict[str, tuple[int, list[str]]]:
+        merged: dict[str, tuple[int, list[str]]] = {}
+        for accumulator in accumulators:
+            for kind, (count, examples) in accumulator.items():
+                total, kept = merged.get(kind, (0, []))
+                merged[kind] = total + count, sorted([*kept, *examples])[:EXAMPLES]
+        return merged
+
+    def extract_output(
+        self, accumulator: dict[str, tuple[int, list[str]]]
+    ) -> dict[str, tuple[int, list[str]]]:
+        return accumulator
+
+
+SHARED, RESERVED = "shared", "reserved"
+
+
+class CaptionFileWarnings(beam.PTransform):
+    """Captioned image URIs in; the summary's warnings about their caption files out (one
+    list): files two images would share (`a.jpg`, `a.png` -> `a.txt`: trainers pair it with
+    both, so one gets the other's caption) and files not written (`WriteSidecars`' `reserved`
+    names). The URIs are grouped by caption file (`GroupPairs`: the runner, or `spill_dir`)."""
+
+    def __init__(
+        self,
+        output_dir: str,
+        *,
+        extension: str,
+        reserved: frozenset[str] = RUN_FILES,
+        spill_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.output_dir = output_dir
+        self.extension = extension
+        self.reserved = reserved
+        self.spill_dir = spill_dir
+
+    def expand(self, uris: PCollection[str]) -> PCollection[list[str]]:
+        extension, reserved = self.extension, self.reserved
+        name = file_name_in(self.output_dir)
+
+        def problems(group: tuple[str, list[str]]) -> Iterator[tuple[str, str]]:
+            path, images = group
+            if len(images) > 1:
+                yield SHARED, f"{name(path)} ({', '.join(sorted(map(name, images)))})"
+            for image in images:
+                if refused(image, path, reserved):
+                    yield RESERVED, name(image)
+
+        return (
+            uris
+            | "ByCaptionFile" >> beam.Map(lambda uri: (sidecar_path(uri, extension), uri))
+            | "Group" >> GroupPairs(self.spill_dir)
+            | "Problems" >> beam.FlatMap(problems)
+            | "Examples" >> beam.CombineGlobally(_Examples())
+            | "Lines" >> beam.Map(_caption_file_warnings)
+        )
+
+
+def _caption_file_warnings(found: dict[str, tuple[int, list[str]]]) -> list[str]:
+    lines = []
+    if SHARED in found:
+        count, examples = found[SHARED]
+        lines.append(
+            f"{count} caption file(s) are each named for more than one image of its folder "
+            f"({'; '.join(examples)}): trainers pair the file with each of them, so all but "
+            "one get another image's caption; rename the images"
+        )
+    if RESERVED in found:
+        count, examples = found[RESERVED]
+        lines.append(
+            f"{count} image(s) got no caption file, as it would take a name of the run's own "
+            f"files ({', '.join(examples)}): rename them, or use another --sidecar-extension"
+        )
+    return lines

@@ -20,6 +20,7 @@ from captionflow.records import ErrorRecord
 logger = logging.getLogger("captionflow")
 
 CAPTIONED, KEPT, REJECTED = "captioned", "kept", "rejected"
+SUMMARY_FILE = "summary.json"
 PACKAGES = ("captionflow", "apache-beam", "torch", "transformers", "pillow")
 
 
