@@ -166,6 +166,25 @@ def test_bad_options_stop_before_any_work_with_one_clear_line(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--captioner", "clip:/models/clip"], "--captioner: unknown captioner 'clip' in"),
+        (["--captioner", "blp:org/name"], "--captioner: unknown captioner 'blp' in"),
+        (["--ranker", "blip:/models/blip"], "--ranker: unknown ranker 'blip' in"),
+        (["--captioner", "a/b/c"], "--captioner: cannot load a/b/c: neither a folder here nor"),
+    ],
+)
+def test_a_model_reference_that_names_no_handler_or_model_is_one_clear_line(
+    image_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, flags: list, message: str
+) -> None:
+    argv = ["run", "--input", str(image_dir), "--output", str(tmp_path / "out"), *flags]
+    assert main(argv) == 2
+    line = capsys.readouterr().err.strip().splitlines()[0]  # then the ranker, not here offline
+    assert line.startswith(f"captionflow: error: {message}")
+    assert "hf download" not in line and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("name", ["x.csv", "x.list", "notes"])
 def test_an_input_file_that_is_neither_a_list_nor_an_image_is_a_usage_error(
     tmp_path: Path, capsys: pytest.CaptureFixture, name: str

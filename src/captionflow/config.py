@@ -27,11 +27,15 @@ DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 
 
 def _check_model_reference(reference: str, registered: dict[str, object], role: str) -> str:
-    """`NAME`, `NAME:MODEL`, or a MODEL that is plainly a path or hub id (`org/name`)."""
-    name = reference.partition(":")[0]
-    if name in registered or "/" in reference or os.path.exists(reference):
-        return reference
+    """`NAME`, `NAME:MODEL`, or a MODEL that is plainly a path, URI or hub id (`org/name`)."""
+    name, sep, rest = reference.partition(":")
     known = ", ".join(sorted(registered))
+    if name in registered or os.path.exists(reference):
+        return reference
+    if sep and not rest.startswith("//"):  # NAME:MODEL, not a URI (gs://...)
+        raise ValueError(f"unknown {role} {name!r} in {reference!r}: use one of {known}")
+    if "/" in reference:
+        return reference
     raise ValueError(
         f"unknown {role} {reference!r}: use one of {known}, NAME:MODEL, a hub id or a directory"
     )

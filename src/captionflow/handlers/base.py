@@ -182,9 +182,12 @@ class IsolatingModelHandler(ModelHandler[ExampleT, PredictionT, ModelT]):
         `ranker`), or None when it can: asked before a local run starts. This default knows
         Hugging Face references (hub id, local folder, remote URI); a handler whose models are
         referenced otherwise overrides it."""
-        from captionflow.handlers.loading import check_available
+        from captionflow.handlers.loading import NOT_A_REFERENCE, check_available
 
-        if problem := check_available(model):
+        problem = check_available(model)
+        if problem == NOT_A_REFERENCE:
+            return problem
+        if problem:
             return (
                 f"{problem}. Download it where the Hub can be reached (`hf download {model} "
                 f"--local-dir DIR`) and pass --{flag} {cls.kind}:DIR"

@@ -162,6 +162,9 @@ class Pretrained:
         return cls(model, processor, **options)  # type: ignore[call-arg]
 
 
+NOT_A_REFERENCE = "neither a folder here nor a Hugging Face hub id (org/name)"
+
+
 def check_available(model: str) -> str | None:
     """Why `model` cannot be loaded from here, or None when it can (local, cached or reachable).
 
@@ -174,8 +177,11 @@ def check_available(model: str) -> str | None:
         return "no such directory"
     import huggingface_hub
 
-    if isinstance(huggingface_hub.try_to_load_from_cache(model, "config.json"), str):
-        return None
+    try:
+        if isinstance(huggingface_hub.try_to_load_from_cache(model, "config.json"), str):
+            return None
+    except ValueError:  # huggingface_hub's HFValidationError: not an `org/name`
+        return NOT_A_REFERENCE
     try:
         huggingface_hub.model_info(model, timeout=10)
     except Exception as error:
