@@ -32,7 +32,7 @@ def _check_model_reference(reference: str, registered: dict[str, object], role: 
     known = ", ".join(sorted(registered))
     if name in registered or os.path.exists(reference):
         return reference
-    if sep and not rest.startswith("//"):  # NAME:MODEL, not a URI (gs://...)
+    if sep and "/" not in name and not rest.startswith("//"):  # NAME:MODEL, not gs://...
         raise ValueError(f"unknown {role} {name!r} in {reference!r}: use one of {known}")
     if "/" in reference:
         return reference
