@@ -185,6 +185,24 @@ def test_a_model_reference_that_names_no_handler_or_model_is_one_clear_line(
     assert "hf download" not in line and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("output", ["a" * 300, "/proc/captionflow-out"])
+def test_an_output_folder_that_cannot_be_made_is_one_clear_line(
+    image_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    tiny_models: tuple[str, str],
+    output: str,
+) -> None:
+    """Past the checks that can be made without writing (a too long name, a folder where
+    nothing can be made): the first write, the run's lock, says why in one line."""
+    out = str(tmp_path / output) if not output.startswith("/") else output
+    argv = ["run", "--input", str(image_dir), "--output", out, *models(*tiny_models)]
+    assert main(argv) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("captionflow: error: --output: cannot write in ")
+    assert line.endswith(("File name too long", "No such file or directory"))
+
+
 @pytest.mark.parametrize("name", ["x.csv", "x.list", "notes"])
 def test_an_input_file_that_is_neither_a_list_nor_an_image_is_a_usage_error(
     tmp_path: Path, capsys: pytest.CaptureFixture, name: str

@@ -23,12 +23,16 @@ from dataclasses import asdict, dataclass
 from apache_beam.io.filesystems import FileSystems
 
 from captionflow.fatal import FatalError
-from captionflow.paths import join
+from captionflow.paths import dirname, join
 
 LOCK_FILE = ".captionflow.lock"
 HEARTBEAT_SECS = 20.0
 STALE_AFTER_SECS = 90.0  # a holder silent this long is dead, whichever machine it ran on
 SETTLE_SECS = 0.5
+
+
+class OutputUnwritableError(FatalError):
+    """The output folder cannot be made or written (a name too long, a read-only place)."""
 
 
 class OutputBusyError(FatalError):
@@ -76,7 +80,12 @@ class OutputLock:
     def acquire(self) -> None:
         if (other := self._read()) is not None and other.alive(time.time()):
             raise OutputBusyError(self._busy(other))
-        self._write()
+        try:
+            self._write()  # the run's first write: where an output that cannot be made shows
+        except OSError as error:
+            raise OutputUnwritableError(
+                f"--output: cannot write in {dirname(self.path)}: {error.strerror or error}"
+            ) from None
         time.sleep(SETTLE_SECS)
         if (now := self._read()) is None or now.run_id != self.holder.run_id:
             raise OutputBusyError(self._busy(now) if now else f"{self.path} changed under us")
