@@ -424,6 +424,22 @@ def test_sidecar_caption_files_beside_the_images_kept_unless_overwritten(
     ]
 
 
+def test_a_glob_over_the_output_never_takes_the_runs_own_files_for_images(
+    tmp_path: Path, tiny_models: tuple[str, str]
+) -> None:
+    """`--input 'DIR/**' --output DIR`: the running job's lock, and an earlier run's records,
+    summary and shards, lie where the glob looks; none of them is an input."""
+    write_images(tmp_path / "sub", 2)
+    glob = str(tmp_path / "**")
+    argv = ["run", "--input", glob, "--output", str(tmp_path), *models(*tiny_models)]
+    for more in (["--format", "imagefolder,parquet"], ["--resume", "--format", "webdataset"]):
+        assert main([*argv, *more]) == 0
+        summary = json.loads((tmp_path / "summary.json").read_text())
+        assert summary["images"] == 2 and summary["failed"] == 0, summary
+    assert (tmp_path / "errors.jsonl").read_text() == ""
+    assert len(read_jsonl(tmp_path / "metadata.jsonl")) == 2
+
+
 @pytest.mark.parametrize("extension", [".jpg", ".PNG", ".webp", ".heic"])
 def test_a_sidecar_extension_that_names_images_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture, extension: str

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import apache_beam as beam
 
 from captionflow import progress as counted
 from captionflow.config import RunConfig
+from captionflow.formats import extension
 from captionflow.handlers.base import CaptionModelHandler, RankModelHandler
 from captionflow.handlers.registry import captioner_handler, ranker_handler
 from captionflow.paths import join
@@ -30,7 +31,12 @@ from captionflow.transforms.summary import (
     WriteSummary,
     outcome_of_error,
 )
-from captionflow.transforms.write import REJECTED_FILE, ToImageFolderRows, WriteJsonLines
+from captionflow.transforms.write import (
+    REJECTED_FILE,
+    ToImageFolderRows,
+    WriteJsonLines,
+    file_name_in,
+)
 
 
 def model_handlers(config: RunConfig) -> tuple[CaptionModelHandler, RankModelHandler]:
@@ -72,8 +78,11 @@ def build_caption_pipeline(
     metadata_path = join(config.output_dir, config.metadata_filename)
     rejected_path = join(config.output_dir, REJECTED_FILE)
 
+    reserved = RUN_FILES | {config.metadata_filename}  # the run's files; no caption file's
     read = ReadImagePaths(config.input, limit=config.limit, spill_dir=spill_dir).with_errors()
     uris, read_errors = pipeline | "ReadImagePaths" >> read
+    own = own_files(config.output_dir, reserved)
+    uris = uris | "NotOwnFiles" >> beam.Filter(lambda uri: not own(uri))
     if progress:
         read_errors = read_errors | "CountReadErrors" >> CountInto(progress, counted.INPUTS)
     kept = pipeline | "NoneKept" >> beam.Create([])
@@ -118,7 +127,6 @@ def build_caption_pipeline(
             rejected | "WriteRejected" >> _WriteRecords(rejected_path, config, spill_dir)
         )
     sidecars = "sidecar" in config.formats
-    reserved = RUN_FILES | {config.metadata_filename}  # never a caption file's name
     if sidecars:  # before the metadata: a record there has its file
         captions = captions | "WriteSidecars" >> WriteSidecars(
             extension=config.sidecar_extension,
@@ -173,6 +181,26 @@ def build_caption_pipeline(
         after=tuple(written),
         warnings=warnings,
     )
+
+
+def own_files(output_dir: str, reserved: frozenset[str]) -> Callable[[str], bool]:
+    """Whether a listed path is one of the run's own files, as a glob over the output lists
+    them (`OUT/**`): its records, summary and lock (`reserved` names), checkpoint parts,
+    staged and finished shards."""
+    relative = file_name_in(output_dir)
+    shards = {(f.folder, f.suffix) for f in SHARD_FORMATS.values()}
+
+    def own(uri: str) -> bool:
+        if (name := relative(uri)) == uri:
+            return False  # not under the output
+        *folders, file = name.split("/")
+        return (
+            file in reserved
+            or any(folder.endswith(".parts") or ".tmp-" in folder for folder in folders)
+            or (len(folders) == 1 and (folders[0], extension(file)) in shards)
+        )
+
+    return own
 
 
 def _all_lines(lists: Iterable[list[str]]) -> list[str]:
