@@ -608,6 +608,12 @@ def test_min_score_sends_low_scoring_images_to_rejected_and_counts_them(
         and len(read_jsonl(out / "metadata.jsonl")) == 3
     )
 
+    # A fresh run without --min-score starts over: no earlier run's rejects stay beside its
+    # records (they would break the accounting, and a later --resume would skip them).
+    assert main([*argv, "--output", str(out)]) == 0
+    assert len(read_jsonl(out / "metadata.jsonl")) == 6
+    assert (out / "rejected.jsonl").read_text() == ""
+
 
 def test_parquet_shards_embed_the_images_and_load_with_datasets(
     tmp_path: Path, tiny_models: tuple[str, str]

@@ -120,12 +120,14 @@ def build_caption_pipeline(
         captions = captions | "CountCaptioned" >> CountInto(progress, counted.CAPTIONED)
         errors = each(errors, "CountErrors", lambda: CountInto(progress, counted.ERRORS))
     rejected = pipeline | "NoneRejected" >> beam.Create([])
-    written = [errors | "WriteErrors" >> WriteErrors(config.output_dir)]
     if config.min_score is not None:
         captions, rejected = captions | "MinScore" >> SplitByScore(config.min_score)
-        written.append(
-            rejected | "WriteRejected" >> _WriteRecords(rejected_path, config, spill_dir)
-        )
+    # Always written, if empty, as `errors.jsonl` is: an earlier run's never stays beside
+    # this run's records.
+    written = [
+        errors | "WriteErrors" >> WriteErrors(config.output_dir),
+        rejected | "WriteRejected" >> _WriteRecords(rejected_path, config, spill_dir),
+    ]
     sidecars = "sidecar" in config.formats
     if sidecars:  # before the metadata: a record there has its file
         captions = captions | "WriteSidecars" >> WriteSidecars(
