@@ -133,6 +133,7 @@ def test_zoo_of_broken_and_unusual_images_is_fully_accounted_for(
     assert sorted(p.name for p in out.iterdir()) == [
         "errors.jsonl",
         "metadata.jsonl",
+        "rejected.jsonl",
         "summary.json",
     ]
 

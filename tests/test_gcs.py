@@ -56,6 +56,7 @@ def test_caption_a_gcs_folder_into_a_single_gcs_metadata_file(
         "photos/errors.jsonl",
         "photos/metadata.jsonl",
         "photos/notes.txt",
+        "photos/rejected.jsonl",
         "photos/sub/img 0.jpg",
         "photos/sub/img 1.jpg",
         "photos/sub/img 2.jpg",
