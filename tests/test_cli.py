@@ -717,6 +717,96 @@ def test_export_refuses_a_folder_without_metadata_and_sidecars_for_images_elsewh
     assert "names an image outside the output" in capsys.readouterr().err
 
 
+def _finished_output(folder: Path, count: int) -> list[Path]:
+    """`count` images in `folder/photos` and a `metadata.jsonl` of them, as a run writes it."""
+    images = write_images(folder / "photos", count)
+    rows = [
+        {"file_name": f"photos/{p.name}", "image_uri": str(p), "text": f"caption {i}"}
+        for i, p in enumerate(images)
+    ]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return images
+
+
+def test_export_leaves_out_images_that_cannot_be_read_writes_the_rest_and_lists_them(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One image deleted since it was captioned, one replaced by text (webdataset decodes
+    to make JPEGs; parquet embeds the file's bytes as they are): exit 0, the rest written."""
+    import logging
+
+    import pyarrow.parquet as pq
+    import webdataset
+
+    images = _finished_output(tmp_path, 4)
+    images[1].unlink()
+    images[2].write_bytes(b"no longer an image")
+    exported = ["export", str(tmp_path), "--format", "parquet,webdataset", "--rows-per-shard", "2"]
+    with caplog.at_level(logging.WARNING, logger="captionflow"):
+        assert main(exported) == 0
+
+    table = pq.read_table(tmp_path / "data")
+    assert sorted(table["image_uri"].to_pylist()) == [str(images[i]) for i in (0, 2, 3)]
+    shards = [str(p) for p in sorted((tmp_path / "shards").glob("*.tar"))]
+    samples = list(webdataset.WebDataset(shards, shardshuffle=False))
+    assert sorted(json.loads(s["json"])["image_uri"] for s in samples) == [
+        str(images[i]) for i in (0, 3)
+    ]
+    left_out = read_jsonl(tmp_path / "shard-errors.jsonl")
+    assert sorted((e["image_uri"], e["stage"], e["error_type"]) for e in left_out) == sorted(
+        [
+            (str(images[1]), "parquet", "FileNotFoundError"),
+            (str(images[1]), "webdataset", "FileNotFoundError"),
+            (str(images[2]), "webdataset", "UnidentifiedImageError"),
+        ]
+    )
+    assert str(images[1]) in caplog.text and str(images[2]) in caplog.text
+    assert "1 image(s) left out of the parquet shards" in caplog.text
+    assert "2 image(s) left out of the webdataset shards" in caplog.text
+
+    images[1].write_bytes(images[0].read_bytes())  # back: a new export, nothing left out
+    images[2].write_bytes(images[0].read_bytes())
+    assert main(exported) == 0
+    assert pq.read_table(tmp_path / "data").num_rows == 4
+    assert (tmp_path / "shard-errors.jsonl").read_text() == ""
+
+
+def test_export_of_images_that_all_fail_exits_3_in_one_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    for image in _finished_output(tmp_path, 2):
+        image.unlink()
+    with caplog.at_level(logging.ERROR, logger="captionflow"):
+        assert main(["export", str(tmp_path), "--format", "parquet"]) == 3
+    assert "no image could be read for the parquet shards (2 left out)" in caplog.text
+    assert not list((tmp_path / "data").glob("*.parquet"))
+    assert len(read_jsonl(tmp_path / "shard-errors.jsonl")) == 2
+
+
+def test_a_resumed_run_leaves_an_image_deleted_since_out_of_its_shards_and_warns(
+    tmp_path: Path, tiny_models: tuple[str, str]
+) -> None:
+    """The shards of a run are made from the finished file: an earlier run's rows too."""
+    import datasets
+
+    images = write_images(tmp_path / "photos", 3)
+    out = tmp_path / "out"
+    argv = ["run", "--input", str(tmp_path / "photos"), "--output", str(out), *models(*tiny_models)]
+    assert main(argv) == 0
+    images[0].unlink()
+    assert main([*argv, "--resume", "--format", "parquet"]) == 0
+
+    loaded = datasets.load_dataset("parquet", data_dir=str(out / "data"), split="train")
+    assert sorted(loaded["image_uri"]) == [str(p) for p in images[1:]]
+    (error,) = read_jsonl(out / "shard-errors.jsonl")
+    assert error["image_uri"] == str(images[0]) and error["stage"] == "parquet"
+    (warning,) = json.loads((out / "summary.json").read_text())["warnings"]
+    assert warning.startswith("1 image(s) left out of the parquet shards")
+    assert len(read_jsonl(out / "metadata.jsonl")) == 3  # the captions are all kept
+
+
 def test_the_same_command_with_a_seed_gives_the_same_captions(
     tmp_path: Path, tiny_models: tuple[str, str]
 ) -> None:

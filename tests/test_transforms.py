@@ -492,3 +492,84 @@ def test_write_shards_composes_in_a_pipeline(tmp_path: Path, kind: str, spread: 
                     if member.name.endswith(".txt")
                 ]
         assert sorted(texts) == [f"caption {i}" for i in range(3)]
+
+
+def _read_shards(output: Path, kind: str) -> list[dict]:
+    """Every row of the shards of `kind` under `output`, read back with the real readers:
+    pyarrow for parquet, webdataset for tars (each sample's record, its `jpg` bytes added)."""
+    import pyarrow.parquet as pq
+    import webdataset
+
+    if kind == "parquet":
+        folder = output / "data"
+        return pq.read_table(folder).to_pylist() if list(folder.glob("*.parquet")) else []
+    shards = [str(p) for p in sorted((output / "shards").glob("*.tar"))]
+    samples = webdataset.WebDataset(shards, shardshuffle=False) if shards else []
+    return [{**json.loads(s["json"]), "jpg": s["jpg"]} for s in samples]
+
+
+def _write_shards_expecting(
+    rows: list[dict], output: Path, kind: str, spread: bool, left_out: dict[str, str]
+) -> int:
+    """Runs `WriteShards(...).with_errors()`, asserting that the images left out are
+    `left_out` (URI: error type), at stage `kind`, with a message; returns their counter."""
+    from apache_beam.metrics.metric import MetricsFilter
+
+    from captionflow.transforms.shards import WriteShards
+
+    pipeline = TestPipeline(runner="FnApiRunner")
+    write = WriteShards(str(output), kind, rows_per_shard=2, spread=spread).with_errors()
+    _, errors = pipeline | beam.Create(rows) | write
+    found = errors | beam.Map(lambda e: (e.image_uri, e.stage, e.error_type, bool(e.message)))
+    assert_that(found, equal_to([(uri, kind, kind_, True) for uri, kind_ in left_out.items()]))
+    result = pipeline.run()
+    result.wait_until_finish()
+    counters = result.metrics().query(MetricsFilter().with_name(f"{kind}_images_left_out"))
+    return sum(counter.committed for counter in counters["counters"])
+
+
+@pytest.mark.parametrize("spread", [True, False])
+@pytest.mark.parametrize("kind", ["parquet", "webdataset"])
+def test_write_shards_leaves_out_images_that_cannot_be_read_and_writes_the_rest(
+    tmp_path: Path, kind: str, spread: bool
+) -> None:
+    """A deleted image, a folder where it was, and (for webdataset, which decodes to make
+    JPEGs) text named `.png`: each left out of its shard, reported, counted; the rest written."""
+    images = write_images(tmp_path / "photos", 5)
+    images[1].unlink()
+    images[2].unlink()
+    images[2].mkdir()
+    text = tmp_path / "photos" / "note.png"
+    text.write_bytes(b"not an image at all")
+    uris = [*map(str, images), str(text)]
+    rows = [{"file_name": Path(u).name, "image_uri": u, "text": f"caption {u}"} for u in uris]
+
+    bad = {str(images[1]): "FileNotFoundError", str(images[2]): "NotRegularFileError"}
+    if kind == "webdataset":
+        bad[str(text)] = "UnidentifiedImageError"
+
+    assert _write_shards_expecting(rows, tmp_path, kind, spread, bad) == len(bad)
+    written = _read_shards(tmp_path, kind)
+    assert sorted(r["image_uri"] for r in written) == sorted(set(uris) - set(bad))
+    for row in written:
+        data = row["image"]["bytes"] if kind == "parquet" else row["jpg"]
+        assert data == Path(row["image_uri"]).read_bytes()
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+@pytest.mark.parametrize("kind", ["parquet", "webdataset"])
+def test_write_shards_of_images_that_all_fail_writes_no_empty_shard(
+    tmp_path: Path, kind: str
+) -> None:
+    """No shard of zero rows, and an earlier export's shards replaced by none."""
+    folder = tmp_path / ("data" if kind == "parquet" else "shards")
+    folder.mkdir()
+    (folder / ("train-00000-of-00001.parquet" if kind == "parquet" else "00000.tar")).touch()
+    rows = [
+        {"file_name": f"gone_{i}.jpg", "image_uri": str(tmp_path / f"gone_{i}.jpg"), "text": "x"}
+        for i in range(3)
+    ]
+    gone = {row["image_uri"]: "FileNotFoundError" for row in rows}
+    assert _write_shards_expecting(rows, tmp_path, kind, False, gone) == 3
+    assert list(folder.iterdir()) == []
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]

@@ -12,6 +12,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 
 import apache_beam as beam
@@ -31,6 +32,7 @@ from captionflow.fatal import FatalError, QuietFatalTracebacks, fatal_message
 from captionflow.handlers.decoding import DecodingOptions
 from captionflow.handlers.registry import captioners, parse_reference, rankers
 from captionflow.handlers.torch_setup import DeviceUnavailableError, check_device
+from captionflow.jsonl import read_json_lines
 from captionflow.lock import OutputLock
 from captionflow.paths import join
 from captionflow.pipelines import build_caption_pipeline, build_export_pipeline
@@ -39,6 +41,12 @@ from captionflow.progress import ProgressLine
 from captionflow.report import build_report, write_report
 from captionflow.signals import Interrupted, StopSignals
 from captionflow.transforms.grouping import LOCAL_RUNNERS
+from captionflow.transforms.shards import (
+    SHARD_ERRORS_FILE,
+    SHARD_FORMATS,
+    left_out_warnings,
+    published_shards,
+)
 from captionflow.transforms.write import ERRORS_FILE, parts_dir
 
 logger = logging.getLogger("captionflow")
@@ -112,6 +120,7 @@ class UsageError(Exception):
 # Exit codes (README, "Exit codes"); a stop signal exits with 128 + its number (130, 143).
 USAGE = 2
 NOTHING_CAPTIONED = 3
+NOTHING_EXPORTED = 3  # export: no image of a shard format could be read
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -583,7 +592,27 @@ def export(argv: Sequence[str]) -> int:
     with OutputLock(config.output_dir), beam.Pipeline(options=options) as pipeline:
         build_export_pipeline(pipeline, config, spread=not local)
     logger.info("done: %s", config.output_dir)
-    return 0
+    return export_outcome(config)
+
+
+def export_outcome(config: ExportConfig) -> int:
+    """From what the export wrote (any runner): a warning for each shard format that left
+    images out (`shard-errors.jsonl`); NOTHING_EXPORTED when one of them has no image at all
+    but left some out."""
+    path = join(config.output_dir, SHARD_ERRORS_FILE)
+    kinds = [kind for kind in config.formats if kind in SHARD_FORMATS]
+    if not kinds or not FileSystems.exists(path):
+        return 0
+    left_out = Counter(str(row["stage"]) for _, row in read_json_lines(path))
+    code = 0
+    for kind in kinds:
+        shards = len(published_shards(config.output_dir, SHARD_FORMATS[kind]))
+        for line in left_out_warnings(kind, left_out[kind], shards):
+            log = logger.warning if shards else logger.error
+            log("%s", line.replace("OUTPUT", config.output_dir))
+        if left_out[kind] and not shards:
+            code = NOTHING_EXPORTED
+    return code
 
 
 def report(argv: Sequence[str]) -> int:

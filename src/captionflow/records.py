@@ -74,7 +74,8 @@ class CaptionRecord:
 
 @dataclass(frozen=True)
 class ErrorRecord:
-    """Why one image is not in the output, and at which stage (one of STAGES) it failed."""
+    """Why one image is not in the output, and at which stage (one of STAGES) it failed; in
+    `shard-errors.jsonl`, why it is not in the shards of the format named by `stage`."""
 
     image_uri: str
     stage: str

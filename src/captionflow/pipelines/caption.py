@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import apache_beam as beam
+from apache_beam.pvalue import AsSingleton
 
 from captionflow import progress as counted
 from captionflow.config import RunConfig
@@ -19,7 +20,7 @@ from captionflow.transforms.grouping import each
 from captionflow.transforms.progress import CountInto
 from captionflow.transforms.resume import ReadDone, SkipDone, metadata_key
 from captionflow.transforms.scores import SplitByScore
-from captionflow.transforms.shards import SHARD_FORMATS, MetadataRows, WriteShards
+from captionflow.transforms.shards import SHARD_FORMATS, MetadataRows, WriteShardFormats
 from captionflow.transforms.sidecars import RUN_FILES, CaptionFileWarnings, WriteSidecars
 from captionflow.transforms.splits import ForSplits
 from captionflow.transforms.summary import (
@@ -149,25 +150,18 @@ def build_caption_pipeline(
             reserved=reserved,
             spill_dir=spill_dir,
         )
-        warnings = (
-            (warnings, caption_files)
-            | "Warnings" >> beam.Flatten()
-            | "AllWarnings" >> beam.CombineGlobally(_all_lines)
-        )
+        warnings = warnings | "AndCaptionFiles" >> beam.Map(_joined, AsSingleton(caption_files))
     shard_formats = [name for name in config.formats if name in SHARD_FORMATS]
     if shard_formats:  # from the finished file: a resumed run's shards hold every image
         rows = metadata_written | "MetadataRows" >> MetadataRows()
-        for name in shard_formats:
-            written.append(
-                rows
-                | f"Write {name}"
-                >> WriteShards(
-                    config.output_dir,
-                    name,
-                    rows_per_shard=config.rows_per_shard,
-                    spread=spill_dir is None,  # a local runner would hold the rows
-                )
-            )
+        shard_warnings = rows | "WriteShards" >> WriteShardFormats(
+            config.output_dir,
+            shard_formats,
+            rows_per_shard=config.rows_per_shard,
+            spread=spill_dir is None,  # a local runner would hold the rows
+        )
+        written.append(shard_warnings)
+        warnings = warnings | "AndShards" >> beam.Map(_joined, AsSingleton(shard_warnings))
 
     # Each counted where it is made: a Flatten of per-image labels is held by local runners.
     outcome_counts = (
@@ -205,8 +199,8 @@ def own_files(output_dir: str, reserved: frozenset[str]) -> Callable[[str], bool
     return own
 
 
-def _all_lines(lists: Iterable[list[str]]) -> list[str]:
-    return sorted(line for lines in lists for line in lines)
+def _joined(lines: list[str], more: list[str]) -> list[str]:
+    return lines + more
 
 
 class _WriteRecords(beam.PTransform):

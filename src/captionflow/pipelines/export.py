@@ -5,7 +5,7 @@ from __future__ import annotations
 import apache_beam as beam
 
 from captionflow.config import ExportConfig
-from captionflow.transforms.shards import MetadataRows, WriteShards
+from captionflow.transforms.shards import SHARD_FORMATS, MetadataRows, WriteShardFormats
 from captionflow.transforms.sidecars import WriteSidecars
 
 
@@ -13,14 +13,14 @@ def build_export_pipeline(
     pipeline: beam.Pipeline, config: ExportConfig, *, spread: bool = True
 ) -> None:
     """Read the output's metadata rows once; write each asked-for format from them. Without
-    `spread` (local runners), shards are made where the rows are read (`WriteShards`)."""
+    `spread` (local runners), shards are made where the rows are read (`WriteShards`); the
+    images left out of them are listed in `shard-errors.jsonl` (`WriteShardFormats`)."""
     rows = pipeline | "Metadata" >> beam.Create([config.metadata_path]) | "Rows" >> MetadataRows()
-    for name in config.formats:
-        if name == "sidecar":
-            rows | "WriteSidecars" >> WriteSidecars(
-                extension=config.sidecar_extension, overwrite=config.overwrite_captions
-            )
-        else:
-            rows | f"Write {name}" >> WriteShards(
-                config.output_dir, name, rows_per_shard=config.rows_per_shard, spread=spread
-            )
+    if "sidecar" in config.formats:
+        rows | "WriteSidecars" >> WriteSidecars(
+            extension=config.sidecar_extension, overwrite=config.overwrite_captions
+        )
+    if kinds := [name for name in config.formats if name in SHARD_FORMATS]:
+        rows | "WriteShards" >> WriteShardFormats(
+            config.output_dir, kinds, rows_per_shard=config.rows_per_shard, spread=spread
+        )

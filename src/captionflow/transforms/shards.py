@@ -3,9 +3,12 @@ and WebDataset tar files as img2dataset writes them.
 
 Shards are made from the finished `metadata.jsonl` rows (so a resumed run's shards hold every
 image, and `captionflow export` makes the same from any output), each image's file read once
-more for its bytes. Shards are written under a staging name by any number of workers, then
-moved into place together (`data/train-00000-of-00012.parquet`, `shards/00000.tar`, ...); the
-shards of an earlier export are replaced.
+more for its bytes. An image that can no longer be read (deleted or changed since it was
+captioned; for webdataset, one that cannot be decoded to make its JPEG) is left out of its
+shard, logged, counted and returned as an `ErrorRecord` (stage: the format), and the rest is
+written. Shards are written under a staging name by any number of workers, then moved into
+place together (`data/train-00000-of-00012.parquet`, `shards/00000.tar`, ...); the shards of an
+earlier export are replaced.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ import glob
 import hashlib
 import io
 import json
+import logging
 import tarfile
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -25,13 +29,19 @@ import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.pvalue import PCollection
+from apache_beam.metrics import Metrics
+from apache_beam.pvalue import AsSingleton, PCollection, TaggedOutput
 
-from captionflow.images import as_jpeg
+from captionflow.files import open_image_file
+from captionflow.images import DEFAULT_MAX_BYTES, as_jpeg
 from captionflow.jsonl import dumps
 from captionflow.paths import dirname, is_remote, join
+from captionflow.records import ErrorRecord
+from captionflow.transforms.errors import ERRORS, NAMESPACE
 from captionflow.transforms.lines import ReadLines
-from captionflow.transforms.write import remove_folder
+from captionflow.transforms.write import WriteErrors, remove_folder
+
+logger = logging.getLogger("captionflow")
 
 # The Hugging Face `Image` feature's Arrow layout, declared in the schema's metadata so that
 # `datasets` decodes the column as images; the other columns' types are inferred.
@@ -54,6 +64,7 @@ RECORD_SCHEMA = pa.schema(
         ("captions", pa.list_(pa.string())),
     ]
 )
+SHARD_ERRORS_FILE = "shard-errors.jsonl"  # the images left out of the shards, and why
 HF_METADATA = {b"huggingface": json.dumps({"info": {"features": {"image": {"_type": "Image"}}}})}
 
 
@@ -69,23 +80,32 @@ class MetadataRows(beam.PTransform):
         )
 
 
+# A metadata row with its image's bytes, as its shard holds them.
+Sample = tuple[dict[str, Any], bytes]
+
+
 def image_bytes(row: dict[str, Any]) -> bytes:
-    with FileSystems.open(row["image_uri"], compression_type="uncompressed") as file:
+    """The image file's bytes: regular files only (a FIFO put in its place would block the
+    worker forever), at most `DEFAULT_MAX_BYTES`."""
+    with open_image_file(row["image_uri"], DEFAULT_MAX_BYTES) as file:
         return file.read()
 
 
-def parquet_table(rows: list[dict[str, Any]]) -> pa.Table:
+def parquet_table(samples: list[Sample]) -> pa.Table:
     """Rows with their image bytes (`image`: {bytes, path}) first, then every record field."""
-    images = [
-        {"bytes": image_bytes(row), "path": row["file_name"].rsplit("/", 1)[-1]} for row in rows
-    ]
+    rows = [row for row, _ in samples]
+    images = [{"bytes": data, "path": row["file_name"].rsplit("/", 1)[-1]} for row, data in samples]
     table = pa.Table.from_pylist(rows, schema=RECORD_SCHEMA)
     table = table.add_column(0, pa.field("image", IMAGE_TYPE), pa.array(images, IMAGE_TYPE))
     return table.replace_schema_metadata(HF_METADATA)
 
 
-def write_parquet(rows: list[dict[str, Any]], file: IO[bytes]) -> None:
-    pq.write_table(parquet_table(rows), file)
+def write_parquet(samples: Iterable[Sample], file: IO[bytes]) -> int:
+    """The samples as one table (a shard's images are held together); how many."""
+    table = parquet_table(list(samples))
+    if table.num_rows:
+        pq.write_table(table, file)
+    return table.num_rows
 
 
 def sample_key(row: dict[str, Any]) -> str:
@@ -94,14 +114,17 @@ def sample_key(row: dict[str, Any]) -> str:
     return hashlib.sha1(row["image_uri"].encode("utf-8")).hexdigest()[:20]
 
 
-def write_webdataset(rows: list[dict[str, Any]], file: IO[bytes]) -> None:
+def write_webdataset(samples: Iterable[Sample], file: IO[bytes]) -> int:
     """Per image `KEY.jpg` (the source's bytes; other formats re-encoded), `KEY.txt` (the
-    caption) and `KEY.json` (the record), in that order."""
+    caption) and `KEY.json` (the record), in that order, one image in memory at a time; how
+    many images."""
+    count = 0
     with tarfile.open(fileobj=file, mode="w|") as tar:
-        for row in rows:
+        for row, jpeg in samples:
             key = sample_key(row)
+            count += 1
             members = {
-                "jpg": as_jpeg(image_bytes(row)),
+                "jpg": jpeg,
                 "txt": row["text"].encode("utf-8"),
                 "json": dumps(row).encode("utf-8"),
             }
@@ -110,42 +133,100 @@ def write_webdataset(rows: list[dict[str, Any]], file: IO[bytes]) -> None:
                 member.size = len(data)
                 member.mode = 0o644
                 tar.addfile(member, io.BytesIO(data))
+    return count
 
 
 @dataclass(frozen=True)
 class ShardFormat:
+    kind: str  # its `--format` name
     folder: str  # under the output
     suffix: str
-    write: Callable[[list[dict[str, Any]], IO[bytes]], None]
+    image: Callable[[bytes], bytes]  # an image file's bytes as the shard holds them
+    write: Callable[[Iterable[Sample], IO[bytes]], int]  # returns the samples written
     name: Callable[[int, int], str]  # (index, count) to the shard's file name
 
 
 PARQUET = ShardFormat(
-    "data", ".parquet", write_parquet, lambda i, n: f"train-{i:05d}-of-{n:05d}.parquet"
+    "parquet",
+    "data",
+    ".parquet",
+    bytes,
+    write_parquet,
+    lambda i, n: f"train-{i:05d}-of-{n:05d}.parquet",
 )
-WEBDATASET = ShardFormat("shards", ".tar", write_webdataset, lambda i, n: f"{i:05d}.tar")
-SHARD_FORMATS = {"parquet": PARQUET, "webdataset": WEBDATASET}
+WEBDATASET = ShardFormat(
+    "webdataset", "shards", ".tar", as_jpeg, write_webdataset, lambda i, n: f"{i:05d}.tar"
+)
+SHARD_FORMATS = {shard_format.kind: shard_format for shard_format in (PARQUET, WEBDATASET)}
 
 
 class _WriteShard(beam.DoFn):
+    """A batch of rows into one staged shard (none if no image could be read); out: its
+    path, and an `ERRORS` output for each image left out."""
+
     def __init__(self, staging: str, shard_format: ShardFormat) -> None:
         self.staging = staging
         self.format = shard_format
+        self.written = Metrics.counter(NAMESPACE, f"{shard_format.kind}_images_written")
+        self.left_out = Metrics.counter(NAMESPACE, f"{shard_format.kind}_images_left_out")
 
-    def process(self, rows: list[dict[str, Any]]) -> Iterator[str]:
+    def process(self, rows: list[dict[str, Any]]) -> Iterator[str | TaggedOutput]:
+        errors: list[ErrorRecord] = []
         path = join(self.staging, f"{uuid.uuid4().hex}{self.format.suffix}")
         with FileSystems.create(path) as file:
-            self.format.write(rows, file)
+            count = self.format.write(self._samples(rows, errors), file)
+        for error in errors:
+            yield TaggedOutput(ERRORS, error)
+        if not count:
+            FileSystems.delete([path])
+            return
+        self.written.inc(count)
         yield path
+
+    def _samples(self, rows: list[dict[str, Any]], errors: list[ErrorRecord]) -> Iterator[Sample]:
+        """Each row with its image, read once as the writer takes it; one that fails is
+        logged, counted and put in `errors` instead: one bad image never fails the batch."""
+        for row in rows:
+            try:
+                data = self.format.image(image_bytes(row))
+            except Exception as error:
+                uri = str(row.get("image_uri", row.get("file_name")))
+                errors.append(ErrorRecord.from_exception(uri, self.format.kind, error))
+                self.left_out.inc()
+                logger.warning(
+                    "%s left out of the %s shards: %s: %s",
+                    uri,
+                    self.format.kind,
+                    type(error).__name__,
+                    error,
+                )
+                continue
+            yield row, data
+
+
+def published_shards(output_dir: str, shard_format: ShardFormat) -> list[str]:
+    folder = join(output_dir, shard_format.folder)
+    found = FileSystems.match([join(folder, f"*{shard_format.suffix}")])[0].metadata_list
+    return [file.path for file in found]
+
+
+def left_out_warnings(kind: str, left_out: int, shards: int) -> list[str]:
+    """The line for the user when images were left out of the `kind` shards (`OUTPUT` stands
+    for the output folder); none when none was."""
+    if not left_out:
+        return []
+    where = f"see OUTPUT/{SHARD_ERRORS_FILE}"
+    if not shards:
+        return [f"no image could be read for the {kind} shards ({left_out} left out): {where}"]
+    return [f"{left_out} image(s) left out of the {kind} shards (could not be read): {where}"]
 
 
 def publish_shards(staged: list[str], shard_format: ShardFormat, output_dir: str) -> list[str]:
     """Move the staged shards into their folder under their final names, in place of
     whatever an earlier export left there; remove the staging areas (a killed run's too)."""
     folder = join(output_dir, shard_format.folder)
-    old = FileSystems.match([join(folder, f"*{shard_format.suffix}")])[0].metadata_list
-    if old:
-        FileSystems.delete([file.path for file in old])
+    if old := published_shards(output_dir, shard_format):
+        FileSystems.delete(old)
     count = len(staged)
     final = [join(folder, shard_format.name(i, count)) for i in range(count)]
     if staged:
@@ -166,7 +247,8 @@ class WriteShards(beam.PTransform):
     """Metadata rows (dicts, as in `metadata.jsonl`) to shards of one `kind` (`parquet`:
     `<output_dir>/data/*.parquet`, loads with `datasets.load_dataset("parquet", ...)`;
     `webdataset`: `<output_dir>/shards/*.tar`), at most `rows_per_shard` images a shard.
-    Returns the shard paths.
+    Returns the shard paths; `with_errors()`, also the `ErrorRecord`s of the images left out
+    because they could not be read (stage: `kind`).
 
     With `spread` (the default), the rows are reshuffled first, so that every worker reads
     images for its shards. Without it, each worker makes shards of the rows it holds: for
@@ -180,16 +262,77 @@ class WriteShards(beam.PTransform):
         self.format = SHARD_FORMATS[kind]
         self.rows_per_shard = rows_per_shard
         self.spread = spread
+        self.errors_output = False
 
-    def expand(self, rows: PCollection[dict[str, Any]]) -> PCollection[list[str]]:
+    def with_errors(self) -> WriteShards:
+        """This transform, returning `(shard paths, left-out images' ErrorRecords)`."""
+        transform = WriteShards(
+            self.output_dir,
+            self.format.kind,
+            rows_per_shard=self.rows_per_shard,
+            spread=self.spread,
+        )
+        transform.errors_output = True
+        return transform
+
+    def expand(
+        self, rows: PCollection[dict[str, Any]]
+    ) -> PCollection[list[str]] | tuple[PCollection[list[str]], PCollection[ErrorRecord]]:
         staging = join(self.output_dir, f".{self.format.folder}.tmp-{uuid.uuid4().hex}")
         size = self.rows_per_shard
         if self.spread:
             rows = rows | "Spread" >> beam.Reshuffle()
-        return (
+        staged, errors = (
             rows
             | "Shards" >> beam.BatchElements(min_batch_size=size, max_batch_size=size)
-            | "WriteShard" >> beam.ParDo(_WriteShard(staging, self.format))
+            | "WriteShard"
+            >> beam.ParDo(_WriteShard(staging, self.format)).with_outputs(ERRORS, main="staged")
+        )
+        shards = (
+            staged
             | "Staged" >> beam.combiners.ToList()
             | "Publish" >> beam.Map(publish_shards, self.format, self.output_dir)
         )
+        return (shards, errors) if self.errors_output else shards
+
+
+class WriteShardFormats(beam.PTransform):
+    """Metadata rows to the shards of each of `kinds` (`WriteShards`), and the images left
+    out of any to `<output_dir>/shard-errors.jsonl` (one line per image and format, as in
+    `errors.jsonl`, `stage` the format), always written (empty when none), so that no
+    earlier list outlives its shards. Returns, once all is written, the lines to warn the
+    user with (`left_out_warnings`), one list."""
+
+    def __init__(
+        self, output_dir: str, kinds: Iterable[str], *, rows_per_shard: int, spread: bool
+    ) -> None:
+        super().__init__()
+        self.output_dir = output_dir
+        self.kinds = tuple(kinds)
+        self.rows_per_shard = rows_per_shard
+        self.spread = spread
+
+    def expand(self, rows: PCollection[dict[str, Any]]) -> PCollection[list[str]]:
+        shards, counts, left_out = [], [], []
+        for kind in self.kinds:
+            write = WriteShards(
+                self.output_dir, kind, rows_per_shard=self.rows_per_shard, spread=self.spread
+            )
+            paths, errors = rows | f"Write {kind}" >> write.with_errors()
+            shards.append(AsSingleton(paths))
+            counts.append(AsSingleton(errors | f"Count {kind}" >> beam.combiners.Count.Globally()))
+            left_out.append(errors)
+        errors_file = tuple(left_out) | "WriteErrors" >> WriteErrors(
+            self.output_dir, filename=SHARD_ERRORS_FILE
+        )
+        kinds = self.kinds
+
+        def warnings(_: str, *counted: Any) -> list[str]:
+            numbers, written = counted[: len(kinds)], counted[len(kinds) :]
+            return [
+                line
+                for kind, number, paths in zip(kinds, numbers, written, strict=True)
+                for line in left_out_warnings(kind, number, len(paths))
+            ]
+
+        return errors_file | "Warnings" >> beam.Map(warnings, *counts, *shards)
