@@ -17,6 +17,7 @@ from captionflow.lock import LOCK_FILE
 from captionflow.records import CaptionRecord
 from captionflow.transforms.errors import NAMESPACE
 from captionflow.transforms.grouping import GroupPairs
+from captionflow.transforms.shards import SHARD_ERRORS_FILE
 from captionflow.transforms.summary import SUMMARY_FILE
 from captionflow.transforms.write import ERRORS_FILE, METADATA_FILE, REJECTED_FILE, file_name_in
 
@@ -26,7 +27,9 @@ logger = logging.getLogger("captionflow")
 Record = CaptionRecord | dict[str, Any]
 # Never a caption file's name: the run's own files (and `datasets` reads a `metadata.jsonl`
 # in any folder as metadata).
-RUN_FILES = frozenset({METADATA_FILE, ERRORS_FILE, REJECTED_FILE, SUMMARY_FILE, LOCK_FILE})
+RUN_FILES = frozenset(
+    {METADATA_FILE, ERRORS_FILE, REJECTED_FILE, SHARD_ERRORS_FILE, SUMMARY_FILE, LOCK_FILE}
+)
 EXAMPLES = 3  # named in a warning
 
 
