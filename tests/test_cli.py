@@ -650,6 +650,13 @@ def test_parquet_shards_embed_the_images_and_load_with_datasets(
     assert main([*argv, "--resume"]) == 0  # the shards are made again, from the whole file
     assert pq.read_table(out / "data").num_rows == 5
 
+    # A later run without parquet leaves the shards (they are not its own), and says that they
+    # no longer match the records.
+    argv[argv.index("imagefolder,parquet")] = "imagefolder"
+    assert main(argv) == 0
+    warnings = json.loads((out / "summary.json").read_text())["warnings"]
+    assert any("3 data/*.parquet" in line and "captionflow export" in line for line in warnings)
+
 
 def test_webdataset_shards_hold_image_caption_and_record_and_load_with_both_readers(
     tmp_path: Path, tiny_models: tuple[str, str]

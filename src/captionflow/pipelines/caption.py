@@ -20,7 +20,12 @@ from captionflow.transforms.grouping import each
 from captionflow.transforms.progress import CountInto
 from captionflow.transforms.resume import ReadDone, SkipDone, metadata_key
 from captionflow.transforms.scores import SplitByScore
-from captionflow.transforms.shards import SHARD_FORMATS, MetadataRows, WriteShardFormats
+from captionflow.transforms.shards import (
+    SHARD_FORMATS,
+    MetadataRows,
+    WriteShardFormats,
+    earlier_shards_warnings,
+)
 from captionflow.transforms.sidecars import RUN_FILES, CaptionFileWarnings, WriteSidecars
 from captionflow.transforms.splits import ForSplits
 from captionflow.transforms.summary import (
@@ -162,6 +167,11 @@ def build_caption_pipeline(
         )
         written.append(shard_warnings)
         warnings = warnings | "AndShards" >> beam.Map(_joined, AsSingleton(shard_warnings))
+
+    if earlier := [kind for kind in SHARD_FORMATS if kind not in config.formats]:
+        warnings = warnings | "AndEarlierShards" >> beam.Map(
+            lambda lines: lines + earlier_shards_warnings(config.output_dir, earlier)
+        )
 
     # Each counted where it is made: a Flatten of per-image labels is held by local runners.
     outcome_counts = (

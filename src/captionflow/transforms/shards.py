@@ -210,6 +210,22 @@ def published_shards(output_dir: str, shard_format: ShardFormat) -> list[str]:
     return [file.path for file in found]
 
 
+def earlier_shards_warnings(output_dir: str, kinds: Iterable[str]) -> list[str]:
+    """Lines for the shards of `kinds` that an earlier run or export left and this run does
+    not remake: they hold that run's records, not this one's."""
+    lines = []
+    for kind in kinds:
+        shard_format = SHARD_FORMATS[kind]
+        if found := published_shards(output_dir, shard_format):
+            lines.append(
+                f"{len(found)} {shard_format.folder}/*{shard_format.suffix} shard(s) are an "
+                f"earlier run's, not made from this run's records: remake them with "
+                f"`captionflow export OUTPUT --format {kind}` (or --format {kind} here), or "
+                "remove them"
+            )
+    return lines
+
+
 def left_out_warnings(kind: str, left_out: int, shards: int) -> list[str]:
     """The line for the user when images were left out of the `kind` shards (`OUTPUT` stands
     for the output folder); none when none was."""
