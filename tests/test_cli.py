@@ -495,13 +495,46 @@ def test_sidecar_is_refused_before_any_work_for_images_outside_the_output(
     assert not (tmp_path / "out").exists()
 
 
-def test_an_unknown_format_is_refused_by_name(image_dir: Path, tmp_path: Path, capsys) -> None:
-    argv = ["run", "--input", str(image_dir), "--output", str(tmp_path / "o"), "--format", "zip"]
+RUN_FORMATS = "use imagefolder, sidecar, parquet or webdataset"
+
+
+@pytest.mark.parametrize(
+    ("command", "value", "message"),
+    [
+        ("run", "zip", f"--format: 'zip' is not a format: {RUN_FORMATS}"),
+        ("run", "PARQUET", f"--format: 'PARQUET' is not a format: {RUN_FORMATS}"),
+        ("run", "", f"--format: '' is not a format: {RUN_FORMATS}"),
+        ("run", "parquet,,sidecar", f"--format: '' is not a format: {RUN_FORMATS}"),
+        (
+            "export",
+            "imagefolder",
+            "--format: 'imagefolder' is not a format export writes (metadata.jsonl is the run's "
+            "own): use sidecar, parquet or webdataset",
+        ),
+        ("export", "bogus", "--format: 'bogus' is not a format export writes"),
+    ],
+    ids=["unknown", "upper case", "empty", "empty item", "export imagefolder", "export unknown"],
+)
+def test_an_unknown_format_is_refused_in_one_line_naming_it(
+    image_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    command: str,
+    value: str,
+    message: str,
+) -> None:
+    out = tmp_path / "o"
+    if command == "run":
+        argv = ["run", "--input", str(image_dir), "--output", str(out), "--format", value]
+    else:
+        out.mkdir()
+        (out / "metadata.jsonl").write_text('{"file_name": "a.jpg", "text": "a cat"}\n')
+        argv = ["export", str(out), "--format", value]
     assert main(argv) == 2
-    assert (
-        "--format: Input should be 'imagefolder', 'sidecar', 'parquet' or 'webdataset'"
-        in capsys.readouterr().err
-    )
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"captionflow: error: {message}")
+    written = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    assert written == (["metadata.jsonl"] if command == "export" else [])
 
 
 def test_the_readmes_recipe_loads_images_kept_apart_from_the_output(

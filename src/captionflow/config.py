@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -95,6 +95,22 @@ Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 # What the run writes besides `metadata.jsonl` (always written: it is the run's record, and
 # what `--resume` reads): `imagefolder` is that file itself.
 Format = Literal["imagefolder", "sidecar", "parquet", "webdataset"]
+
+
+ExportFormat = Literal["sidecar", "parquet", "webdataset"]
+
+
+def _known_formats(value: object, allowed: type, what: str) -> object:
+    """The first unknown name, quoted, with the names allowed: pydantic's own errors come in
+    pairs for a tuple (the item, then the tuple's length) and leave out the bad value."""
+    if isinstance(value, (tuple, list)):
+        names = get_args(allowed)
+        for name in value:
+            if name not in names:
+                raise ValueError(
+                    f"{name!r} is not a {what}: use {', '.join(names[:-1])} or {names[-1]}"
+                )
+    return value
 
 
 class FormatOptions(BaseModel):
@@ -235,6 +251,11 @@ class RunConfig(FormatOptions):
             raise ValueError(f"cannot write under {existing!r}")
         return value
 
+    @field_validator("formats", mode="before")
+    @classmethod
+    def _known_run_formats(cls, value: object) -> object:
+        return _known_formats(value, Format, "format")
+
     @field_validator("formats")
     @classmethod
     def _sidecars_beside_images_under_output(
@@ -271,7 +292,7 @@ class ExportConfig(FormatOptions):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     output: str = Field(min_length=1)
-    formats: tuple[Literal["sidecar", "parquet", "webdataset"], ...] = Field(min_length=1)
+    formats: tuple[ExportFormat, ...] = Field(min_length=1)
 
     @field_validator("output")
     @classmethod
@@ -280,6 +301,13 @@ class ExportConfig(FormatOptions):
         if not is_remote(path) and not os.path.isfile(path):
             raise ValueError(f"{path} does not exist: export reads a finished run's metadata")
         return value
+
+    @field_validator("formats", mode="before")
+    @classmethod
+    def _known_export_formats(cls, value: object) -> object:
+        return _known_formats(
+            value, ExportFormat, "format export writes (metadata.jsonl is the run's own)"
+        )
 
     @field_validator("formats")
     @classmethod
