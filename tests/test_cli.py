@@ -324,6 +324,44 @@ def test_missing_required_flags_are_named(capsys: pytest.CaptureFixture) -> None
     assert "captionflow: error: --input is required" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["run", "--seed", "abc"], "--seed: invalid int value: 'abc'"),
+        (["run", "--min-score", "abc"], "--min-score: invalid float value: 'abc'"),
+        (["run", "--limit", "x"], "--limit: invalid int value: 'x'"),
+        (["run", "--engine", "gpu"], "--engine: invalid choice: 'gpu' (choose from 'auto', "),
+        (["run", "--direct_num_workers", "two"], "--direct_num_workers: invalid int value: 'two'"),
+        (["export", "out", "--rows-per-shard", "x"], "--rows-per-shard: invalid int value: 'x'"),
+        (["export", "out"], "the following arguments are required: --format"),
+        (["report", "out", "--workers", "x"], "--workers: invalid int value: 'x'"),
+        (["report"], "the following arguments are required: output"),
+        (["report", "out", "--nope"], "unrecognized arguments: --nope"),
+        (["caption"], "command: invalid choice: 'caption' (choose from 'run', 'export', "),
+        ([], "the following arguments are required: command"),
+    ],
+)
+def test_values_argparse_refuses_are_one_line_too_not_the_usage(
+    image_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, argv: list, message: str
+) -> None:
+    if argv[:1] == ["run"]:
+        argv = [*argv, "--input", str(image_dir), "--output", str(tmp_path / "out")]
+    assert main(argv) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"captionflow: error: {message}")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["export"], ["report"]])
+def test_help_still_prints_the_usage_and_exits_0(
+    command: list, capsys: pytest.CaptureFixture
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main([*command, "--help"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: captionflow")
+
+
 def test_models_shared_across_processes_through_beams_proxy(
     tmp_path: Path, tiny_models: tuple[str, str]
 ) -> None:

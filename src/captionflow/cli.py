@@ -14,6 +14,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from typing import NoReturn
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -117,6 +118,14 @@ class UsageError(Exception):
     """A bad flag or value: reported as one line each, before any work."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's own errors (a value of the wrong type, an unknown choice, a missing
+    argument) as one line, like every other usage error, not after the whole usage."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(re.sub(r"^argument ([^:]+): ", r"\1: ", message))
+
+
 # Exit codes (README, "Exit codes"); a stop signal exits with 128 + its number (130, 143).
 USAGE = 2
 NOTHING_CAPTIONED = 3
@@ -124,7 +133,7 @@ NOTHING_EXPORTED = 3  # export: no image of a shard format could be read
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="captionflow", description="Caption images with BLIP, ranked by CLIP, on Beam."
     )
     parser.add_argument("--version", action="version", version=f"captionflow {__version__}")
@@ -392,7 +401,7 @@ def to_config(args: argparse.Namespace) -> RunConfig:
 
 def unknown_beam_flags(beam_args: Sequence[str]) -> list[str]:
     """Flags that neither captionflow nor any Beam options class knows: typos, mostly."""
-    parser = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
+    parser = Parser(allow_abbrev=False, add_help=False)
     pending = [PipelineOptions]
     while pending:
         cls = pending.pop()
