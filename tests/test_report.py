@@ -598,3 +598,26 @@ def test_the_cli_writes_the_report_at_the_end_of_a_run_and_on_its_own(
     remote = ["run", "--input", str(tmp_path / "images"), "--output", "gs://b/out", "--report"]
     assert main(remote) == 2
     assert "--report" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["OUT", "--page-size", "0"], "--page-size: must be at least 1, not 0"),
+        (["OUT", "--thumbnail-side", "-5"], "--thumbnail-side: must be at least 1, not -5"),
+        (["OUT", "--workers", "0"], "--workers: must be at least 1, not 0"),
+        (["OUT", "--page-size", "x"], "--page-size: invalid int value: 'x'"),
+        (["gs://b/out"], "gs://b/out is not a local folder: give --report-dir, a local folder"),
+        (["OUT", "--report-dir", "gs://b/r"], "--report-dir must be a local folder, not gs://b/r"),
+    ],
+)
+def test_the_report_commands_bad_values_are_named_by_their_flags(
+    tmp_path: Path, capsys: pytest.CaptureFixture, args: list[str], message: str
+) -> None:
+    from captionflow.cli import main
+
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.jpg", "text": "a cat"}\n')
+    assert main(["report", *(str(tmp_path) if a == "OUT" else a for a in args)]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"captionflow: error: {message}")
+    assert not (tmp_path / "report").exists()

@@ -84,6 +84,18 @@ def _words(text: str) -> tuple[str, ...]:
     return tuple(text.split(","))
 
 
+def _at_least_one(text: str) -> int:
+    """A count or a size of at least 1, checked here so that the error names the flag
+    (`build_report`'s own check names its argument)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 # (DecodingOptions field, flag, type, help): the one list of decoding flags.
 DECODING_OPTIONS = (
     ("num_captions", "--num-captions", int, "candidate captions per image"),
@@ -285,11 +297,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="write a static HTML page of an output, finished or partial: OUTPUT/report/",
     )
     report.add_argument("output", help="the output folder of a run (or its .jsonl path)")
-    report.add_argument("--page-size", type=int, default=200, help="cards per page")
+    report.add_argument("--page-size", type=_at_least_one, default=200, help="cards per page")
     report.add_argument(
-        "--thumbnail-side", type=int, default=192, help="thumbnails' longer side, in pixels"
+        "--thumbnail-side",
+        type=_at_least_one,
+        default=192,
+        help="thumbnails' longer side, in pixels",
     )
-    report.add_argument("--workers", type=int, help="threads making thumbnails (default: CPUs)")
+    report.add_argument(
+        "--workers", type=_at_least_one, help="threads making thumbnails (default: CPUs)"
+    )
     report.add_argument(
         "--report-dir", help="where to write it (required for a gs:// output): a local folder"
     )
@@ -637,7 +654,7 @@ def report(argv: Sequence[str]) -> int:
             report_dir=args.report_dir,
         )
     except (FileNotFoundError, ValueError) as error:
-        raise UsageError(str(error)) from None
+        raise UsageError(str(error).replace("report_dir", "--report-dir")) from None
     logger.info(
         "report of %d captioned, %d rejected, %d failed images%s in %.1f s",
         built.captions,
