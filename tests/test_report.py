@@ -621,3 +621,24 @@ def test_the_report_commands_bad_values_are_named_by_their_flags(
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith(f"captionflow: error: {message}")
     assert not (tmp_path / "report").exists()
+
+
+@pytest.mark.parametrize("named", ["", "captions.jsonl"])
+def test_a_folder_that_is_not_an_output_is_refused_and_nothing_is_written_in_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture, named: str
+) -> None:
+    from captionflow.cli import main
+    from tests.conftest import write_images
+
+    write_images(tmp_path / "photos", 2)
+    before = sorted(tmp_path.rglob("*"))
+    argv = ["report", str(tmp_path / "photos" / named) if named else str(tmp_path / "photos")]
+    assert main(argv) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line == (
+        f"captionflow: error: {tmp_path / 'photos'} is not a captionflow output: it holds no "
+        f"{named or 'metadata.jsonl'} (nor its checkpoints) and no summary.json"
+    )
+    assert sorted(tmp_path.rglob("*")) == before
+    with pytest.raises(FileNotFoundError, match="is not a captionflow output"):
+        write_report(str(tmp_path / "photos"))

@@ -136,6 +136,11 @@ def build_report(
     report_dir = absolute(report_dir)
 
     output = read_output(output_dir, metadata_filename)
+    if not output.found:  # a folder of images, say: no report is written into it
+        raise FileNotFoundError(
+            f"{output_dir} is not a captionflow output: it holds no {metadata_filename} (nor its "
+            "checkpoints) and no summary.json"
+        )
     records = output.captions + output.rejected
     have, counts = make_thumbnails(
         {thumb_key(record.uri): _places(record, output_dir) for record in records},

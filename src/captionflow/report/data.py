@@ -109,6 +109,16 @@ class Output:
     running: str = ""  # the run writing into the output now, if one is
 
     @property
+    def found(self) -> bool:
+        """Anything a run writes is there: records or their parts, a summary (even one that
+        cannot be read), or a run writing now."""
+        return (
+            self.summary is not None
+            or bool(self.summary_problem or self.running)
+            or any(source.files for source in self.sources.values())
+        )
+
+    @property
     def partial(self) -> bool:
         """Records still in part files, no summary, or a run writing: not the final word."""
         return (
