@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -646,7 +647,7 @@ def test_bad_caption_controls_are_refused_by_flag(
 
 
 def test_min_score_sends_low_scoring_images_to_rejected_and_counts_them(
-    tmp_path: Path, tiny_models: tuple[str, str]
+    tmp_path: Path, tiny_models: tuple[str, str], caplog: pytest.LogCaptureFixture
 ) -> None:
     folder = tmp_path / "data"
     write_images(folder / "photos", 6)
@@ -658,7 +659,8 @@ def test_min_score_sends_low_scoring_images_to_rejected_and_counts_them(
     threshold = (scores[2] + scores[3]) / 2  # three below, three above
 
     out = tmp_path / "filtered"
-    assert main([*argv, "--output", str(out), "--min-score", str(threshold)]) == 0
+    with caplog.at_level(logging.INFO, logger="captionflow"):
+        assert main([*argv, "--output", str(out), "--min-score", str(threshold)]) == 0
     kept, rejected = read_jsonl(out / "metadata.jsonl"), read_jsonl(out / "rejected.jsonl")
     assert sorted(r["score"] for r in kept) == pytest.approx(scores[3:], rel=1e-5)
     assert sorted(r["score"] for r in rejected) == pytest.approx(scores[:3], rel=1e-5)
@@ -666,6 +668,9 @@ def test_min_score_sends_low_scoring_images_to_rejected_and_counts_them(
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["captioned"], summary["rejected"], summary["failed"]) == (3, 3, 1)
     assert summary["images"] == 7
+    assert "summary: 7 images: 3 captioned, 3 rejected, 0 kept from an earlier run, 1 failed" in (
+        caplog.text
+    )
 
     assert main([*argv, "--output", str(out), "--min-score", str(threshold), "--resume"]) == 0
     summary = json.loads((out / "summary.json").read_text())

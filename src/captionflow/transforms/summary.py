@@ -80,10 +80,11 @@ def _write(
         file.write(json.dumps(summary, indent=2).encode("utf-8") + b"\n")
     FileSystems.rename([staging], [path])
     logger.info(
-        "summary: %d images: %d captioned, %d kept from an earlier run, %d failed %s "
-        "in %.1f s (%s images/s); %s",
+        "summary: %d images: %d captioned, %d rejected, %d kept from an earlier run, %d failed "
+        "%s in %.1f s (%s images/s); %s",
         summary["images"],
         summary["captioned"],
+        summary["rejected"],  # every outcome, so that the counts add up to the images
         summary["kept_from_earlier_run"],
         summary["failed"],
         summary["errors_by_stage"],
