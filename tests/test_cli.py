@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -134,7 +135,10 @@ def test_every_file_that_looks_like_an_image_gets_a_record(
         (["--num-captions", "0"], "--num-captions: Input should be greater than or equal to 1"),
         (["--caption-batch-size", "-3"], "--caption-batch-size: Input should be greater"),
         (["--captioner", "nosuch"], "--captioner: unknown captioner 'nosuch'"),
-        (["--device", "gpu"], "--device: 'gpu' is not a device"),
+        (
+            ["--device", "gpu"],
+            "--device: 'gpu' is not a device: use auto, cpu, cuda, cuda:N or mps",
+        ),
         (["--decoding", "greedy"], "--decoding: Input should be 'sample' or 'beam'"),
         (
             ["--min-new-tokens", "9", "--max-new-tokens", "3"],
@@ -361,6 +365,34 @@ def test_help_still_prints_the_usage_and_exits_0(
         main([*command, "--help"])
     assert exited.value.code == 0
     assert capsys.readouterr().out.startswith("usage: captionflow")
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        (
+            "run",
+            {
+                "--device": "auto, cpu, cuda, cuda:N or mps (default: auto)",
+                "--dtype": "(default: auto)",
+                "--max-side": "(default: 768)",
+                "--max-pixels": "(default: 100000000)",
+                "--limit": "a list file's first N entries, a folder's or glob's first N paths in "
+                "sorted order",
+            },
+        ),
+        ("report", {"--page-size": "(default: 200)", "--thumbnail-side": "(default: 192)"}),
+    ],
+)
+def test_help_names_every_device_every_default_and_what_limit_takes(
+    capsys: pytest.CaptureFixture, command: str, expected: dict
+) -> None:
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    blocks = re.split(r"\n  (?=--)", capsys.readouterr().out)  # one a flag, then its help
+    helps = {block.split()[0]: " ".join(block.split()) for block in blocks}
+    for flag, text in expected.items():
+        assert text in helps[flag], helps[flag]
 
 
 def test_models_shared_across_processes_through_beams_proxy(

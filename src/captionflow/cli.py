@@ -167,7 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     io.add_argument("--dataset-filename", help="the original tool's name for --input")
     io.add_argument("--output-filename", help="the original tool's name for --output")
-    io.add_argument("--limit", type=int, help="caption only the first N paths (sorted)")
+    io.add_argument(
+        "--limit",
+        type=int,
+        help="caption only N inputs: a list file's first N entries, a folder's or glob's first "
+        "N paths in sorted order (default: all)",
+    )
     io.add_argument(
         "--format",
         dest="formats",
@@ -220,12 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="clip",
         help=f"NAME, NAME:MODEL or MODEL; names: {', '.join(rankers())} (default: %(default)s)",
     )
-    models.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    models.add_argument(
+        "--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)"
+    )
     models.add_argument(
         "--dtype",
         default="auto",
         help="both models' dtype: auto (float16 on GPU, float32 on CPU), float32, float16, "
-        "bfloat16",
+        "bfloat16 (default: %(default)s)",
     )
     models.add_argument(
         "--caption-dtype", help="the captioner's dtype, if not --dtype's (e.g. bfloat16)"
@@ -297,12 +304,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="write a static HTML page of an output, finished or partial: OUTPUT/report/",
     )
     report.add_argument("output", help="the output folder of a run (or its .jsonl path)")
-    report.add_argument("--page-size", type=_at_least_one, default=200, help="cards per page")
+    report.add_argument(
+        "--page-size",
+        type=_at_least_one,
+        default=200,
+        help="cards per page (default: %(default)s)",
+    )
     report.add_argument(
         "--thumbnail-side",
         type=_at_least_one,
         default=192,
-        help="thumbnails' longer side, in pixels",
+        help="thumbnails' longer side, in pixels (default: %(default)s)",
     )
     report.add_argument(
         "--workers", type=_at_least_one, help="threads making thumbnails (default: CPUs)"
@@ -348,13 +360,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=RunConfig.model_fields["max_side"].default,
         help="shrink images to this many pixels on the longer side when decoding, for models "
         "that take whole pictures (BLIP's and CLIP's views decode JPEGs at the smallest scale "
-        "that covers them)",
+        "that covers them) (default: %(default)s)",
     )
     images.add_argument(
         "--max-pixels",
         type=int,
         default=RunConfig.model_fields["max_pixels"].default,
-        help="refuse images with more pixels than this (decompression bombs)",
+        help="refuse images with more pixels than this (decompression bombs) "
+        "(default: %(default)s)",
     )
     images.add_argument(
         "--max-bytes",

@@ -208,7 +208,7 @@ class RunConfig(FormatOptions):
     @classmethod
     def _known_device(cls, value: str) -> str:
         if not DEVICE_PATTERN.match(value):
-            raise ValueError(f"{value!r} is not a device: use auto, cpu, cuda or cuda:N")
+            raise ValueError(f"{value!r} is not a device: use auto, cpu, cuda, cuda:N or mps")
         return value
 
     @field_validator("input", mode="before")
