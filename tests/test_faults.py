@@ -40,6 +40,8 @@ from tests.killer import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
+# The checkout's code in the CLI's own processes, not the one installed (another checkout's).
+PYTHONPATH = os.pathsep.join([str(REPO / "src"), str(REPO)])
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -413,7 +415,7 @@ def run_cli(argv: list[str], marker: Path) -> subprocess.CompletedProcess:
     code = (
         "import sys, tests.killer; from captionflow.cli import main; sys.exit(main(sys.argv[1:]))"
     )
-    env = os.environ | {MARKER_ENV: str(marker), "PYTHONPATH": str(REPO)}
+    env = os.environ | {MARKER_ENV: str(marker), "PYTHONPATH": PYTHONPATH}
     return subprocess.run(
         [sys.executable, "-c", code, *argv],
         cwd=REPO,
@@ -488,7 +490,7 @@ def start_cli(argv: list[str], **env: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-c", code, *argv],
         cwd=REPO,
-        env=os.environ | env | {"PYTHONPATH": str(REPO)},
+        env=os.environ | env | {"PYTHONPATH": PYTHONPATH},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -609,7 +611,11 @@ def test_a_stop_signal_stops_the_job_at_once_and_keeps_its_checkpoints(
         with contextlib.suppress(ProcessLookupError):
             os.killpg(job.pid, signal.SIGKILL)  # stalled worker processes, if any
     log = job.stdout.read()
-    assert f"stopped by {signal.Signals(signum).name}" in log
+    assert log.rstrip().endswith(
+        f"captionflow: stopped by {signal.Signals(signum).name}; what was written is kept: run "
+        "the same command with --resume to finish"
+    )
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log, log
     assert "attempt 1 of 3 failed" not in log
     if runner == "job service":  # the job runs apart from its launcher: cancelled, not left
         assert "cancelled the job" in log

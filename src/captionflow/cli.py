@@ -40,7 +40,7 @@ from captionflow.pipelines import build_caption_pipeline, build_export_pipeline
 from captionflow.pipelines.caption import SUMMARY_FILE
 from captionflow.progress import ProgressLine
 from captionflow.report import build_report, write_report
-from captionflow.signals import Interrupted, StopSignals
+from captionflow.signals import Interrupted, QuietStops, StopSignals
 from captionflow.transforms.grouping import LOCAL_RUNNERS
 from captionflow.transforms.shards import (
     SHARD_ERRORS_FILE,
@@ -721,6 +721,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     for handler in logging.getLogger().handlers:
         handler.addFilter(QuietFatalTracebacks())
+        handler.addFilter(QuietStops())
     logging.getLogger("apache_beam.typehints").setLevel(logging.WARNING)
     try:
         return run(sys.argv[1:] if argv is None else argv)
