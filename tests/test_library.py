@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import apache_beam as beam
+import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
@@ -66,3 +67,43 @@ def test_errors_taken_apart_are_written_each_where_it_is_made(
         assert_that(captions | beam.combiners.Count.Globally(), equal_to([len(uris) - 1]))
     (line,) = (tmp_path / "errors.jsonl").read_text().splitlines()
     assert json.loads(line)["image_uri"] == uris[-1]
+
+
+def test_the_readmes_library_names_import_from_where_it_says() -> None:
+    import importlib
+
+    documented = {
+        "captionflow": ["CaptionImages", "ReadImagePaths", "WriteMetadata", "captioner_handler"],
+        "captionflow.transforms": [
+            "ReadImagePaths", "LoadImages", "GenerateCaptions", "RankCaptions",
+            "CaptionAndRank", "CaptionImages", "WriteMetadata", "WriteErrors",
+            "WriteJsonLines", "WriteSidecars",
+        ],
+        "captionflow.handlers": ["CaptionRankHandler", "DecodingOptions", "register_captioner"],
+        "captionflow.engine": ["Engine", "EngineSpec", "EngineClient"],
+    }  # fmt: skip
+    for module, names in documented.items():
+        missing = [n for n in names if not hasattr(importlib.import_module(module), n)]
+        assert missing == [], module
+
+
+def test_split_by_score_refuses_records_without_scores_by_name() -> None:
+    """A ranker that scores nothing (`none`) leaves `score` None: nothing to split by."""
+    from captionflow.records import CaptionRecord
+    from captionflow.transforms.scores import SplitByScore
+
+    record = CaptionRecord("a.jpg", "a cat", None, (), "blip", "none")
+    needs = r"SplitByScore needs scores: a\.jpg has none"
+    with pytest.raises(Exception, match=needs), TestPipeline(runner="FnApiRunner") as p:
+        _ = p | beam.Create([record]) | SplitByScore(0.1)
+
+
+def test_an_unknown_engine_mode_is_refused_when_the_transform_is_made(
+    tiny_blip: str, tiny_clip: str
+) -> None:
+    with pytest.raises(ValueError, match="engine: 'off' is not one of auto, local, shared"):
+        CaptionImages(
+            captioner_handler(f"blip:{tiny_blip}"),
+            ranker_handler(f"clip:{tiny_clip}"),
+            engine="off",
+        )

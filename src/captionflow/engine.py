@@ -25,7 +25,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from apache_beam.utils.multi_process_shared import MultiProcessShared
@@ -49,6 +49,7 @@ from captionflow.views import StackSpace, ViewBatch
 logger = logging.getLogger(__name__)
 
 EngineMode = Literal["auto", "local", "shared"]
+ENGINE_MODES: tuple[str, ...] = get_args(EngineMode)
 Ranked = list[ScoredCaption]  # one image's candidates, best first; empty: no caption
 LOG_EVERY_S = float(os.environ.get("CAPTIONFLOW_ENGINE_LOG_EVERY_S", 60))
 
@@ -371,6 +372,10 @@ class EngineSpec:
     mode: EngineMode = "auto"
     copies: int | None = None  # shared engines per machine; default one per GPU
     key: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+    def __post_init__(self) -> None:
+        if self.mode not in ENGINE_MODES:  # else taken for `local`
+            raise ValueError(f"engine: {self.mode!r} is not one of {', '.join(ENGINE_MODES)}")
 
     def load(self, device: str | None = None) -> Engine:
         """Load both models (on `device`, else where their handlers say) into an engine."""

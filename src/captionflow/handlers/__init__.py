@@ -10,6 +10,7 @@ from captionflow.handlers.base import (
 )
 from captionflow.handlers.blip import BlipCaptioner, BlipCaptionHandler
 from captionflow.handlers.blip_itm import BlipItmRanker, BlipItmRankHandler
+from captionflow.handlers.captionrank import CaptionRankHandler
 from captionflow.handlers.clip import ClipRanker, ClipRankHandler
 from captionflow.handlers.decoding import DecodingOptions
 from captionflow.handlers.first import NoRankHandler
@@ -55,6 +56,7 @@ __all__ = [
     "BlipItmRankHandler",
     "BlipItmRanker",
     "CaptionModelHandler",
+    "CaptionRankHandler",
     "Captioner",
     "ClipRankHandler",
     "ClipRanker",

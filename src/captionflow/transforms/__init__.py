@@ -1,7 +1,7 @@
 """Composable Beam transforms: read paths, load images, caption, rank, write."""
 
 from captionflow.transforms.caption import CaptionImages, CaptionOutputs
-from captionflow.transforms.inference import GenerateCaptions, RankCaptions
+from captionflow.transforms.inference import CaptionAndRank, GenerateCaptions, RankCaptions
 from captionflow.transforms.load import LoadImages
 from captionflow.transforms.progress import LogProgress
 from captionflow.transforms.read import ReadImagePaths
@@ -9,6 +9,7 @@ from captionflow.transforms.sidecars import WriteSidecars
 from captionflow.transforms.write import WriteErrors, WriteJsonLines, WriteMetadata
 
 __all__ = [
+    "CaptionAndRank",
     "CaptionImages",
     "CaptionOutputs",
     "GenerateCaptions",

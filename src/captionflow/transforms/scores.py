@@ -22,6 +22,11 @@ class SplitByScore(beam.PTransform):
 
     def expand(self, records: PCollection[CaptionRecord]) -> beam.pvalue.DoOutputsTuple:
         def split(record: CaptionRecord) -> Iterator[CaptionRecord | TaggedOutput]:
+            if record.score is None:  # the ranker `none`: the CLI refuses --min-score with it
+                raise ValueError(
+                    f"SplitByScore needs scores: {record.image_uri} has none (ranker "
+                    f"{record.ranker!r} scores nothing)"
+                )
             yield record if record.score >= self.min_score else TaggedOutput(REJECTED, record)
 
         return records | "Split" >> beam.FlatMap(split).with_outputs(REJECTED, main="kept")
