@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
-from apache_beam.pvalue import PCollection
+from apache_beam.pvalue import AsSingleton, PCollection
 
 from captionflow.lock import LOCK_FILE
 from captionflow.records import CaptionRecord
@@ -99,36 +99,6 @@ class WriteSidecars(beam.PTransform):
         return records | "WriteSidecar" >> beam.ParDo(writer)
 
 
-class _Examples(beam.CombineFn):
-    """`(kind, example)` pairs in; `{kind: (count, the first few examples, sorted)}` out."""
-
-    def create_accumulator(self) -> dict[str, tuple[int, list[str]]]:
-        return {}
-
-    def add_input(
-        self, accumulator: dict[str, tuple[int, list[str]]], found: tuple[str, str]
-    ) -> dict[str, tuple[int, list[str]]]:
-        kind, example = found
-        count, examples = accumulator.get(kind, (0, []))
-        accumulator[kind] = count + 1, sorted([*examples, example])[:EXAMPLES]
-        return accumulator
-
-    def merge_accumulators(
-        self, accumulators: Iterable[dict[str, tuple[int, list[str]]]]
-    ) -> dict[str, tuple[int, list[str]]]:
-        merged: dict[str, tuple[int, list[str]]] = {}
-        for accumulator in accumulators:
-            for kind, (count, examples) in accumulator.items():
-                total, kept = merged.get(kind, (0, []))
-                merged[kind] = total + count, sorted([*kept, *examples])[:EXAMPLES]
-        return merged
-
-    def extract_output(
-        self, accumulator: dict[str, tuple[int, list[str]]]
-    ) -> dict[str, tuple[int, list[str]]]:
-        return accumulator
-
-
 SHARED, RESERVED = "shared", "reserved"
 
 
@@ -156,7 +126,7 @@ class CaptionFileWarnings(beam.PTransform):
         extension, reserved = self.extension, self.reserved
         name = file_name_in(self.output_dir)
 
-        def problems(group: tuple[str, list[str]]) -> Iterator[tuple[str, str]]:
+        def problems_of(group: tuple[str, list[str]]) -> Iterator[tuple[str, str]]:
             path, images = group
             if len(images) > 1:
                 yield SHARED, f"{name(path)} ({', '.join(sorted(map(name, images)))})"
@@ -164,29 +134,37 @@ class CaptionFileWarnings(beam.PTransform):
                 if refused(image, path, reserved):
                     yield RESERVED, name(image)
 
-        return (
+        problems = (
             uris
             | "ByCaptionFile" >> beam.Map(lambda uri: (sidecar_path(uri, extension), uri))
             | "Group" >> GroupPairs(self.spill_dir)
-            | "Problems" >> beam.FlatMap(problems)
-            | "Examples" >> beam.CombineGlobally(_Examples())
-            | "Lines" >> beam.Map(_caption_file_warnings)
+            | "Problems" >> beam.FlatMap(problems_of)
+        )
+        examples = (
+            problems
+            | "Examples" >> beam.combiners.Top.SmallestPerKey(EXAMPLES)
+            | "ExamplesByKind" >> beam.combiners.ToDict()
+        )
+        return (
+            problems
+            | "Count" >> beam.combiners.Count.PerKey()
+            | "CountsByKind" >> beam.combiners.ToDict()
+            | "Lines" >> beam.Map(_caption_file_warnings, AsSingleton(examples))
         )
 
 
-def _caption_file_warnings(found: dict[str, tuple[int, list[str]]]) -> list[str]:
+def _caption_file_warnings(counts: dict[str, int], examples: dict[str, list[str]]) -> list[str]:
     lines = []
-    if SHARED in found:
-        count, examples = found[SHARED]
+    if SHARED in counts:
         lines.append(
-            f"{count} caption file(s) are each named for more than one image of its folder "
-            f"({'; '.join(examples)}): trainers pair the file with each of them, so all but "
-            "one get another image's caption; rename the images"
+            f"{counts[SHARED]} caption file(s) are each named for more than one image of its "
+            f"folder ({'; '.join(examples[SHARED])}): trainers pair the file with each of "
+            "them, so all but one get another image's caption; rename the images"
         )
-    if RESERVED in found:
-        count, examples = found[RESERVED]
+    if RESERVED in counts:
         lines.append(
-            f"{count} image(s) got no caption file, as it would take a name of the run's own "
-            f"files ({', '.join(examples)}): rename them, or use another --sidecar-extension"
+            f"{counts[RESERVED]} image(s) got no caption file, as it would take a name of the "
+            f"run's own files ({', '.join(examples[RESERVED])}): rename them, or use another "
+            "--sidecar-extension"
         )
     return lines
