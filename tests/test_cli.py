@@ -889,6 +889,38 @@ def test_export_of_images_that_all_fail_exits_3_in_one_line(
     assert len(read_jsonl(tmp_path / "shard-errors.jsonl")) == 2
 
 
+def test_shards_read_images_up_to_the_runs_max_bytes_and_export_takes_its_own(
+    tmp_path: Path, tiny_models: tuple[str, str]
+) -> None:
+    """An image over the default cap that the run was told to take (`--max-bytes`) is in its
+    shards too; `export --max-bytes` caps what the export reads."""
+    import pyarrow.parquet as pq
+
+    from captionflow.images import DEFAULT_MAX_BYTES
+
+    small, big = write_images(tmp_path / "photos", 2)
+    with big.open("r+b") as file:  # a JPEG with trailing zeros, sparse: no disk used
+        file.truncate(DEFAULT_MAX_BYTES + 1)
+    out = tmp_path / "out"
+    argv = ["run", "--input", str(tmp_path / "photos"), "--output", str(out), *models(*tiny_models)]
+    argv += ["--format", "imagefolder,parquet", "--max-bytes", str(DEFAULT_MAX_BYTES + 1)]
+    assert main(argv) == 0
+    assert sorted(pq.read_table(out / "data", columns=["image_uri"])["image_uri"].to_pylist()) == [
+        str(small),
+        str(big),
+    ]
+    assert (out / "shard-errors.jsonl").read_text() == ""
+
+    exported = ["export", str(out), "--format", "parquet"]
+    assert main([*exported, "--max-bytes", str(small.stat().st_size)]) == 0
+    assert pq.read_table(out / "data", columns=["image_uri"])["image_uri"].to_pylist() == [
+        str(small)
+    ]
+    (left_out,) = read_jsonl(out / "shard-errors.jsonl")
+    assert (left_out["image_uri"], left_out["error_type"]) == (str(big), "FileTooLargeError")
+    assert main([*exported, "--max-bytes", "0"]) == 2
+
+
 def test_a_resumed_run_leaves_an_image_deleted_since_out_of_its_shards_and_warns(
     tmp_path: Path, tiny_models: tuple[str, str]
 ) -> None:

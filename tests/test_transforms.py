@@ -509,7 +509,12 @@ def _read_shards(output: Path, kind: str) -> list[dict]:
 
 
 def _write_shards_expecting(
-    rows: list[dict], output: Path, kind: str, spread: bool, left_out: dict[str, str]
+    rows: list[dict],
+    output: Path,
+    kind: str,
+    spread: bool,
+    left_out: dict[str, str],
+    **options: int,
 ) -> int:
     """Runs `WriteShards(...).with_errors()`, asserting that the images left out are
     `left_out` (URI: error type), at stage `kind`, with a message; returns their counter."""
@@ -518,7 +523,8 @@ def _write_shards_expecting(
     from captionflow.transforms.shards import WriteShards
 
     pipeline = TestPipeline(runner="FnApiRunner")
-    write = WriteShards(str(output), kind, rows_per_shard=2, spread=spread).with_errors()
+    write = WriteShards(str(output), kind, rows_per_shard=2, spread=spread, **options)
+    write = write.with_errors()
     _, errors = pipeline | beam.Create(rows) | write
     found = errors | beam.Map(lambda e: (e.image_uri, e.stage, e.error_type, bool(e.message)))
     assert_that(found, equal_to([(uri, kind, kind_, True) for uri, kind_ in left_out.items()]))
@@ -555,6 +561,18 @@ def test_write_shards_leaves_out_images_that_cannot_be_read_and_writes_the_rest(
         data = row["image"]["bytes"] if kind == "parquet" else row["jpg"]
         assert data == Path(row["image_uri"]).read_bytes()
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+@pytest.mark.parametrize("kind", ["parquet", "webdataset"])
+def test_write_shards_reads_no_image_past_max_bytes(tmp_path: Path, kind: str) -> None:
+    """The run's `--max-bytes` (not a cap of its own): a bigger file is left out, unread."""
+    small, big = write_images(tmp_path / "photos", 2)
+    big.write_bytes(big.read_bytes() + bytes(4096))  # a JPEG with trailing bytes
+    rows = [{"file_name": p.name, "image_uri": str(p), "text": "x"} for p in (small, big)]
+    options = {"max_bytes": small.stat().st_size + 1}
+    too_large = {str(big): "FileTooLargeError"}
+    assert _write_shards_expecting(rows, tmp_path, kind, False, too_large, **options) == 1
+    assert [r["image_uri"] for r in _read_shards(tmp_path, kind)] == [str(small)]
 
 
 @pytest.mark.parametrize("kind", ["parquet", "webdataset"])

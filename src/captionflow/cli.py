@@ -33,6 +33,7 @@ from captionflow.fatal import FatalError, QuietFatalTracebacks, fatal_message
 from captionflow.handlers.decoding import DecodingOptions
 from captionflow.handlers.registry import captioners, parse_reference, rankers
 from captionflow.handlers.torch_setup import DeviceUnavailableError, check_device
+from captionflow.images import DEFAULT_MAX_BYTES
 from captionflow.jsonl import read_json_lines
 from captionflow.lock import OutputLock
 from captionflow.paths import join
@@ -73,6 +74,16 @@ def add_format_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup
         "--overwrite-captions",
         action="store_true",
         help="replace caption files that exist (they are kept otherwise)",
+    )
+
+
+def add_max_bytes(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """`--max-bytes`: no image file larger is read, to caption it or to put it in a shard."""
+    parser.add_argument(
+        "--max-bytes",
+        type=int,
+        default=DEFAULT_MAX_BYTES,
+        help="refuse image files larger than this many bytes (default: %(default)s)",
     )
 
 
@@ -297,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated: sidecar, parquet, webdataset",
     )
     add_format_options(export)
+    add_max_bytes(export)
 
     report = commands.add_parser(
         "report",
@@ -369,12 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="refuse images with more pixels than this (decompression bombs) "
         "(default: %(default)s)",
     )
-    images.add_argument(
-        "--max-bytes",
-        type=int,
-        default=RunConfig.model_fields["max_bytes"].default,
-        help="refuse image files larger than this many bytes (default: %(default)s)",
-    )
+    add_max_bytes(images)
     return parser
 
 

@@ -293,6 +293,7 @@ class ExportConfig(FormatOptions):
 
     output: str = Field(min_length=1)
     formats: tuple[ExportFormat, ...] = Field(min_length=1)
+    max_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1)  # the largest image file read for shards
 
     @field_validator("output")
     @classmethod

@@ -164,6 +164,7 @@ def build_caption_pipeline(
             shard_formats,
             rows_per_shard=config.rows_per_shard,
             spread=spill_dir is None,  # a local runner would hold the rows
+            max_bytes=config.max_bytes,
         )
         written.append(shard_warnings)
         warnings = warnings | "AndShards" >> beam.Map(_joined, AsSingleton(shard_warnings))

@@ -22,5 +22,9 @@ def build_export_pipeline(
         )
     if kinds := [name for name in config.formats if name in SHARD_FORMATS]:
         rows | "WriteShards" >> WriteShardFormats(
-            config.output_dir, kinds, rows_per_shard=config.rows_per_shard, spread=spread
+            config.output_dir,
+            kinds,
+            rows_per_shard=config.rows_per_shard,
+            spread=spread,
+            max_bytes=config.max_bytes,
         )

@@ -84,10 +84,10 @@ class MetadataRows(beam.PTransform):
 Sample = tuple[dict[str, Any], bytes]
 
 
-def image_bytes(row: dict[str, Any]) -> bytes:
+def image_bytes(row: dict[str, Any], max_bytes: int) -> bytes:
     """The image file's bytes: regular files only (a FIFO put in its place would block the
-    worker forever), at most `DEFAULT_MAX_BYTES`."""
-    with open_image_file(row["image_uri"], DEFAULT_MAX_BYTES) as file:
+    worker forever), at most `max_bytes` (the run's `--max-bytes`)."""
+    with open_image_file(row["image_uri"], max_bytes) as file:
         return file.read()
 
 
@@ -164,9 +164,10 @@ class _WriteShard(beam.DoFn):
     """A batch of rows into one staged shard (none if no image could be read); out: its
     path, and an `ERRORS` output for each image left out."""
 
-    def __init__(self, staging: str, shard_format: ShardFormat) -> None:
+    def __init__(self, staging: str, shard_format: ShardFormat, max_bytes: int) -> None:
         self.staging = staging
         self.format = shard_format
+        self.max_bytes = max_bytes
         self.written = Metrics.counter(NAMESPACE, f"{shard_format.kind}_images_written")
         self.left_out = Metrics.counter(NAMESPACE, f"{shard_format.kind}_images_left_out")
 
@@ -188,7 +189,7 @@ class _WriteShard(beam.DoFn):
         logged, counted and put in `errors` instead: one bad image never fails the batch."""
         for row in rows:
             try:
-                data = self.format.image(image_bytes(row))
+                data = self.format.image(image_bytes(row, self.max_bytes))
             except Exception as error:
                 uri = str(row.get("image_uri", row.get("file_name")))
                 errors.append(ErrorRecord.from_exception(uri, self.format.kind, error))
@@ -264,20 +265,27 @@ class WriteShards(beam.PTransform):
     `<output_dir>/data/*.parquet`, loads with `datasets.load_dataset("parquet", ...)`;
     `webdataset`: `<output_dir>/shards/*.tar`), at most `rows_per_shard` images a shard.
     Returns the shard paths; `with_errors()`, also the `ErrorRecord`s of the images left out
-    because they could not be read (stage: `kind`).
+    because they could not be read (stage: `kind`), files over `max_bytes` included.
 
     With `spread` (the default), the rows are reshuffled first, so that every worker reads
     images for its shards. Without it, each worker makes shards of the rows it holds: for
     local runners, which would hold every reshuffled row in the launcher's memory."""
 
     def __init__(
-        self, output_dir: str, kind: str, *, rows_per_shard: int = 1000, spread: bool = True
+        self,
+        output_dir: str,
+        kind: str,
+        *,
+        rows_per_shard: int = 1000,
+        spread: bool = True,
+        max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         super().__init__()
         self.output_dir = output_dir
         self.format = SHARD_FORMATS[kind]
         self.rows_per_shard = rows_per_shard
         self.spread = spread
+        self.max_bytes = max_bytes
         self.errors_output = False
 
     def with_errors(self) -> WriteShards:
@@ -287,6 +295,7 @@ class WriteShards(beam.PTransform):
             self.format.kind,
             rows_per_shard=self.rows_per_shard,
             spread=self.spread,
+            max_bytes=self.max_bytes,
         )
         transform.errors_output = True
         return transform
@@ -302,7 +311,9 @@ class WriteShards(beam.PTransform):
             rows
             | "Shards" >> beam.BatchElements(min_batch_size=size, max_batch_size=size)
             | "WriteShard"
-            >> beam.ParDo(_WriteShard(staging, self.format)).with_outputs(ERRORS, main="staged")
+            >> beam.ParDo(_WriteShard(staging, self.format, self.max_bytes)).with_outputs(
+                ERRORS, main="staged"
+            )
         )
         shards = (
             staged
@@ -320,19 +331,30 @@ class WriteShardFormats(beam.PTransform):
     user with (`left_out_warnings`), one list."""
 
     def __init__(
-        self, output_dir: str, kinds: Iterable[str], *, rows_per_shard: int, spread: bool
+        self,
+        output_dir: str,
+        kinds: Iterable[str],
+        *,
+        rows_per_shard: int,
+        spread: bool,
+        max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         super().__init__()
         self.output_dir = output_dir
         self.kinds = tuple(kinds)
         self.rows_per_shard = rows_per_shard
         self.spread = spread
+        self.max_bytes = max_bytes
 
     def expand(self, rows: PCollection[dict[str, Any]]) -> PCollection[list[str]]:
         shards, counts, left_out = [], [], []
         for kind in self.kinds:
             write = WriteShards(
-                self.output_dir, kind, rows_per_shard=self.rows_per_shard, spread=self.spread
+                self.output_dir,
+                kind,
+                rows_per_shard=self.rows_per_shard,
+                spread=self.spread,
+                max_bytes=self.max_bytes,
             )
             paths, errors = rows | f"Write {kind}" >> write.with_errors()
             shards.append(AsSingleton(paths))
