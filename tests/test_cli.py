@@ -674,8 +674,10 @@ def test_min_score_sends_low_scoring_images_to_rejected_and_counts_them(
     write_images(folder / "photos", 6)
     (folder / "photos" / "broken.jpg").write_bytes(b"not a picture")
     argv = ["run", "--input", str(folder), "--output", str(folder), *models(*tiny_models)]
-    argv += ["--decoding", "beam", "--num-beams", "3", "--num-captions", "3"]  # repeatable
+    argv += ["--decoding", "beam", "--num-beams", "2", "--num-captions", "3"]  # repeatable
     assert main(argv) == 0
+    decoding = json.loads((folder / "summary.json").read_text())["settings"]["decoding"]
+    assert (decoding["num_beams"], decoding["beam_width"]) == (2, 3)  # what was asked, and used
     scores = sorted(row["score"] for row in read_jsonl(folder / "metadata.jsonl"))
     threshold = (scores[2] + scores[3]) / 2  # three below, three above
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, computed_field, field_validator
 
 # Settings that only one strategy uses: given with the other, they are a mistake.
 STRATEGY_OF = {"top_p": "sample", "temperature": "sample", "num_beams": "beam"}
@@ -64,6 +64,13 @@ class DecodingOptions(BaseModel):
             raise ValueError(f"must be at least min_new_tokens ({minimum})")
         return value
 
+    @computed_field  # recorded beside num_beams in the run's summary
+    @property
+    def beam_width(self) -> int:
+        """The beams searched: `num_beams`, raised to `num_captions` (a beam search returns
+        at most one candidate per beam); 1 when sampling."""
+        return max(self.num_beams, self.num_captions) if self.strategy == "beam" else 1
+
     def prompt_or(self, default: str) -> str:
         """The prompt given, else the captioner's `default`."""
         return default if self.prompt is None else self.prompt
@@ -98,4 +105,4 @@ class DecodingOptions(BaseModel):
                 "top_p": self.top_p,
                 "temperature": self.temperature,
             }
-        return common | {"do_sample": False, "num_beams": max(self.num_beams, self.num_captions)}
+        return common | {"do_sample": False, "num_beams": self.beam_width}

@@ -379,7 +379,7 @@ class LavisBlipCaptioner:
         # the rows); here one search per image returns its K best beams.
         return kwargs | {
             "do_sample": False,
-            "num_beams": max(options.num_beams, options.num_captions),
+            "num_beams": options.beam_width,
             "num_return_sequences": options.num_captions,
         }
 
@@ -391,7 +391,7 @@ class LavisBlipCaptioner:
         if self.decoding.strategy == "sample":
             rows_per_image, embed_copies = k, k
         else:
-            beams = max(self.decoding.num_beams, k)
+            beams = self.decoding.beam_width
             rows_per_image, embed_copies = 1, beams  # generate expands the prompt by beams
         # transformers 4.26's generate does not expand `encoder_hidden_states` itself.
         embeds = image_embeds.repeat_interleave(embed_copies, dim=0)
