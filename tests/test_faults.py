@@ -627,6 +627,46 @@ def test_a_stop_signal_stops_the_job_at_once_and_keeps_its_checkpoints(
     assert len(read_jsonl(out / "metadata.jsonl")) == 6
 
 
+def test_a_stop_signal_stops_an_export_at_once_and_the_export_runs_again(
+    tmp_path: Path,
+) -> None:
+    """An export caught writing its shards (40 big PNGs, re-encoded as JPEGs for webdataset,
+    one a shard): stopped in one line, its lock gone; run again, it writes every shard."""
+    gradient = np.linspace(0, 255, 3000, dtype=np.uint8)
+    blue = np.full_like(gradient, 128)
+    picture = np.stack(np.broadcast_arrays(gradient[:, None], gradient[None, :], blue), axis=-1)
+    (tmp_path / "photos").mkdir()
+    source = tmp_path / "photos" / "big-0.png"
+    Image.fromarray(picture).save(source)
+    rows = []
+    for i in range(40):
+        link = source.with_name(f"big-{i}.png")
+        if i:
+            os.link(source, link)  # 40 images, one file on disk
+        rows.append({"file_name": f"photos/{link.name}", "image_uri": str(link), "text": "x"})
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["export", str(tmp_path), "--format", "webdataset", "--rows-per-shard", "1"]
+
+    job = start_cli(argv)
+    try:
+        wait_for(lambda: any(tmp_path.glob(".shards.tmp-*/*.tar")), job, "a shard was staged")
+        job.send_signal(signal.SIGTERM)
+        assert job.wait(timeout=60) == 143
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)
+    log = job.stdout.read()
+    assert log.rstrip().endswith(
+        "captionflow: stopped by SIGTERM; run the same export again to write every shard"
+    )
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log, log
+    assert not (tmp_path / ".captionflow.lock").exists()
+
+    assert main(argv) == 0
+    assert len(list((tmp_path / "shards").glob("*.tar"))) == 40
+    assert not list(tmp_path.glob(".shards.tmp-*"))
+
+
 def test_a_second_run_into_the_same_output_is_refused_while_the_first_runs(
     tmp_path: Path, tiny_models: tuple[str, str], capsys: pytest.CaptureFixture
 ) -> None:

@@ -153,6 +153,7 @@ class Parser(argparse.ArgumentParser):
 USAGE = 2
 NOTHING_CAPTIONED = 3
 NOTHING_EXPORTED = 3  # export: no image of a shard format could be read
+EXPORT_AGAIN = "run the same export again to write every shard"  # after a stop
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -557,17 +558,13 @@ def caption(config: RunConfig, options: PipelineOptions, stop: StopSignals) -> N
                 progress=progress,
                 spill_dir=spill,
             )
-            result = None
             try:
                 with ProgressLine(progress, sys.stderr) if progress else contextlib.nullcontext():
-                    result = pipeline.run()  # local runners work here; remote ones return
-                    result.wait_until_finish()
+                    run_to_end(pipeline, stop)
                 return
+            except Interrupted:
+                raise
             except BaseException as error:
-                if stop.received:
-                    if result is not None:  # a remote job would run on without its launcher
-                        cancel(result)
-                    raise Interrupted(stop.received) from None
                 if message := fatal_message(error):
                     raise UsageError(message) from None
                 if attempt == config.attempts or not isinstance(error, Exception):
@@ -579,6 +576,21 @@ def caption(config: RunConfig, options: PipelineOptions, stop: StopSignals) -> N
                     type(error).__name__,
                     str(error).splitlines()[0] if str(error) else "",
                 )
+
+
+def run_to_end(pipeline: beam.Pipeline, stop: StopSignals) -> None:
+    """Run the job and wait for its end; on a stop signal, `stop.interrupted()`, the job
+    cancelled first where its runner runs it apart from this process."""
+    result = None
+    try:
+        result = pipeline.run()  # local runners work here; remote ones return
+        result.wait_until_finish()
+    except BaseException:
+        if stop.received:
+            if result is not None:  # a remote job would run on without its launcher
+                cancel(result)
+            raise stop.interrupted() from None
+        raise
 
 
 def cancel(result: PipelineResult) -> None:
@@ -635,8 +647,10 @@ def export(argv: Sequence[str]) -> int:
     options = pipeline_options(beam_args)
     logger.info("exporting %s as %s", config.metadata_path, ", ".join(config.formats))
     local = options.view_as(StandardOptions).runner in LOCAL_RUNNERS
-    with OutputLock(config.output_dir), beam.Pipeline(options=options) as pipeline:
+    with OutputLock(config.output_dir), StopSignals(then=EXPORT_AGAIN) as stop:
+        pipeline = beam.Pipeline(options=options)
         build_export_pipeline(pipeline, config, spread=not local)
+        run_to_end(pipeline, stop)
     logger.info("done: %s", config.output_dir)
     return export_outcome(config)
 
@@ -738,8 +752,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return USAGE
     except Interrupted as stopped:
         print(
-            f"captionflow: stopped by {stopped.name}; what was written is kept: run the same "
-            "command with --resume to finish",
+            f"captionflow: stopped by {stopped.name}; {stopped.then}",
             file=sys.stderr,
         )
         logging.shutdown()

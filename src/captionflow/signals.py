@@ -7,13 +7,17 @@ import signal
 import threading
 from types import FrameType
 
+RESUME = "what was written is kept: run the same command with --resume to finish"
+
 
 class Interrupted(Exception):
-    """The run was stopped by a signal; exits with 128 + its number, like a shell."""
+    """The run was stopped by a signal; exits with 128 + its number, like a shell. `then`
+    tells the user how to finish what was stopped."""
 
-    def __init__(self, signum: int) -> None:
+    def __init__(self, signum: int, then: str = RESUME) -> None:
         super().__init__(signum)
         self.signum = signum
+        self.then = then
 
     @property
     def name(self) -> str:
@@ -45,8 +49,9 @@ class StopSignals:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self) -> None:
+    def __init__(self, then: str = RESUME) -> None:
         self.received: int | None = None
+        self.then = then  # for the user, once stopped (`Interrupted.then`)
         self._previous: dict[int, object] = {}
         self._excepthook = threading.excepthook
 
@@ -60,7 +65,12 @@ class StopSignals:
         self._restore()
         threading.excepthook = self._excepthook
         if self.received is not None and kind is not None:
-            raise Interrupted(self.received)
+            raise self.interrupted()
+
+    def interrupted(self) -> Interrupted:
+        """What to raise once a stop was received."""
+        assert self.received is not None
+        return Interrupted(self.received, self.then)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.received = signum
