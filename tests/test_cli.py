@@ -538,6 +538,31 @@ def test_caption_files_never_take_the_runs_own_names_nor_are_shared(
     assert any("a.jpg" in w and "a.png" in w and "a.jsonl" in w for w in warnings), warnings
 
 
+def test_caption_files_of_images_with_names_near_the_file_name_limit(
+    tmp_path: Path, tiny_models: tuple[str, str]
+) -> None:
+    """A file name may be 255 bytes: `fits`' caption file is 255 bytes long, written under a
+    short temporary name (a suffix on its own name would be too long); `over`'s would be 259,
+    so it gets none, and a warning; neither fails the run."""
+    fits, over = "f" * 247 + ".jpg", "o" * 251 + ".jpg"
+    for seed, name in enumerate((fits, over, "short.jpg")):
+        random_image(40, 32, seed=seed).save(tmp_path / name)
+    argv = ["run", "--input", str(tmp_path), "--output", str(tmp_path), *models(*tiny_models)]
+    argv += ["--format", "imagefolder,sidecar", "--sidecar-extension", ".caption"]
+    assert main([*argv, "--attempts", "1"]) == 0
+    rows = {row["file_name"]: row["text"] for row in read_jsonl(tmp_path / "metadata.jsonl")}
+    assert len(rows) == 3
+    assert (tmp_path / ("f" * 247 + ".caption")).read_text() == rows[fits] + "\n"
+    assert (tmp_path / "short.caption").read_text() == rows["short.jpg"] + "\n"
+    assert sorted(p.name for p in tmp_path.glob("*.caption")) == [
+        "f" * 247 + ".caption",
+        "short.caption",
+    ]
+    assert not list(tmp_path.glob(".*tmp-*"))
+    warnings = json.loads((tmp_path / "summary.json").read_text())["warnings"]
+    assert any("1 image(s) got no caption file" in w and over in w for w in warnings), warnings
+
+
 @pytest.mark.parametrize("where", ["list file", "folder elsewhere"])
 def test_sidecar_is_refused_before_any_work_for_images_outside_the_output(
     tmp_path: Path, capsys: pytest.CaptureFixture, where: str

@@ -14,6 +14,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.pvalue import AsSingleton, PCollection
 
 from captionflow.lock import LOCK_FILE
+from captionflow.paths import is_remote
 from captionflow.records import CaptionRecord
 from captionflow.transforms.errors import NAMESPACE
 from captionflow.transforms.grouping import GroupPairs
@@ -31,6 +32,7 @@ RUN_FILES = frozenset(
     {METADATA_FILE, ERRORS_FILE, REJECTED_FILE, SHARD_ERRORS_FILE, SUMMARY_FILE, LOCK_FILE}
 )
 EXAMPLES = 3  # named in a warning
+NAME_MAX = 255  # bytes in one file name on local filesystems (ext4, XFS, Btrfs, APFS)
 
 
 def sidecar_path(image_uri: str, extension: str) -> str:
@@ -43,6 +45,20 @@ def sidecar_path(image_uri: str, extension: str) -> str:
 def refused(image_uri: str, path: str, reserved: frozenset[str]) -> bool:
     """Whether a caption file at `path` would replace the image itself or a run's file."""
     return path == image_uri or path.rpartition("/")[2] in reserved
+
+
+def too_long(path: str) -> bool:
+    """Whether a local caption file's name is longer than a file name may be (an image named
+    near the limit, given a longer extension: `x....jpg` -> `x....caption`)."""
+    return not is_remote(path) and len(path.rpartition("/")[2].encode("utf-8")) > NAME_MAX
+
+
+def staging_path(path: str) -> str:
+    """A temporary name in the caption file's folder, as short whatever the image's name (a
+    suffix on the final name would pass the file name limit for long names)."""
+    folder, _, _ = path.rpartition("/")
+    name = f".caption.tmp-{uuid.uuid4().hex}"
+    return f"{folder}/{name}" if folder else name
 
 
 class _WriteSidecar(beam.DoFn):
@@ -64,8 +80,11 @@ class _WriteSidecar(beam.DoFn):
         if refused(uri, path, self.reserved):
             logger.warning("no caption file for %s: %s is a name the run's files take", uri, path)
             self.refused.inc()
+        elif too_long(path):
+            logger.warning("no caption file for %s: its name would be over %d bytes", uri, NAME_MAX)
+            self.refused.inc()
         elif self.overwrite or not FileSystems.exists(path):
-            staging = f"{path}.tmp-{uuid.uuid4().hex}"
+            staging = staging_path(path)
             with FileSystems.create(staging) as file:
                 file.write(text.encode("utf-8") + b"\n")
             FileSystems.rename([staging], [path])
@@ -99,7 +118,7 @@ class WriteSidecars(beam.PTransform):
         return records | "WriteSidecar" >> beam.ParDo(writer)
 
 
-SHARED, RESERVED = "shared", "reserved"
+SHARED, RESERVED, TOO_LONG = "shared", "reserved", "too long"
 
 
 class CaptionFileWarnings(beam.PTransform):
@@ -133,6 +152,8 @@ class CaptionFileWarnings(beam.PTransform):
             for image in images:
                 if refused(image, path, reserved):
                     yield RESERVED, name(image)
+                elif too_long(path):
+                    yield TOO_LONG, name(image)
 
         problems = (
             uris
@@ -166,5 +187,11 @@ def _caption_file_warnings(counts: dict[str, int], examples: dict[str, list[str]
             f"{counts[RESERVED]} image(s) got no caption file, as it would take a name of the "
             f"run's own files ({', '.join(examples[RESERVED])}): rename them, or use another "
             "--sidecar-extension"
+        )
+    if TOO_LONG in counts:
+        lines.append(
+            f"{counts[TOO_LONG]} image(s) got no caption file, as its name would be longer than "
+            f"a file name may be ({NAME_MAX} bytes; {', '.join(examples[TOO_LONG])}): rename "
+            "them, or use a shorter --sidecar-extension"
         )
     return lines
