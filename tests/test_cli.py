@@ -773,6 +773,7 @@ def test_parquet_shards_embed_the_images_and_load_with_datasets(
 
     assert main([*argv, "--resume"]) == 0  # the shards are made again, from the whole file
     assert pq.read_table(out / "data").num_rows == 5
+    assert json.loads((out / "summary.json").read_text())["warnings"] == []  # images elsewhere
 
     # A later run without parquet leaves the shards (they are not its own), and says that they
     # no longer match the records.
@@ -780,6 +781,29 @@ def test_parquet_shards_embed_the_images_and_load_with_datasets(
     assert main(argv) == 0
     warnings = json.loads((out / "summary.json").read_text())["warnings"]
     assert any("3 data/*.parquet" in line and "captionflow export" in line for line in warnings)
+
+
+def test_parquet_shards_beside_the_images_are_warned_about_and_the_images_still_load(
+    tmp_path: Path, tiny_models: tuple[str, str]
+) -> None:
+    """Captioning in place with parquet: `datasets` takes `data/train-*-of-*.parquet` for the
+    whole dataset, so `load_dataset("imagefolder", data_dir=...)` no longer sees the images;
+    the run says so, and the way it names loads them."""
+    import datasets
+
+    write_images(tmp_path / "photos", 3)
+    argv = ["run", "--input", str(tmp_path), "--output", str(tmp_path), *models(*tiny_models)]
+    assert main([*argv, "--format", "imagefolder,parquet"]) == 0
+    texts = sorted(row["text"] for row in read_jsonl(tmp_path / "metadata.jsonl"))
+    with pytest.raises(ValueError, match="corresponds to no data"):
+        datasets.load_dataset("imagefolder", data_dir=str(tmp_path), split="train")
+    (warning,) = json.loads((tmp_path / "summary.json").read_text())["warnings"]
+    assert warning.startswith("the parquet shards in OUTPUT/data/ hide the output's images")
+    files = {"train": f"{tmp_path}/**"}
+    loaded = datasets.load_dataset("imagefolder", data_files=files, split="train")
+    assert sorted(loaded["text"]) == texts and loaded[0]["image"].size[1] == 48
+    parquet = datasets.load_dataset("parquet", data_dir=str(tmp_path / "data"), split="train")
+    assert sorted(parquet["text"]) == texts
 
 
 def test_webdataset_shards_hold_image_caption_and_record_and_load_with_both_readers(
@@ -815,7 +839,7 @@ def test_webdataset_shards_hold_image_caption_and_record_and_load_with_both_read
 
 
 def test_export_writes_every_format_from_a_finished_output_without_captioning(
-    tmp_path: Path, tiny_models: tuple[str, str]
+    tmp_path: Path, tiny_models: tuple[str, str], caplog: pytest.LogCaptureFixture
 ) -> None:
     import pyarrow.parquet as pq
 
@@ -826,7 +850,9 @@ def test_export_writes_every_format_from_a_finished_output_without_captioning(
     rows = {row["image_uri"]: row["text"] for row in read_jsonl(folder / "metadata.jsonl")}
     exported = ["export", str(folder), "--format", "parquet,webdataset,sidecar"]
     assert main([*exported, "--rows-per-shard", "2", "--captioner", "none"]) == 2  # run's flag
-    assert main([*exported, "--rows-per-shard", "2"]) == 0
+    with caplog.at_level(logging.WARNING, logger="captionflow"):
+        assert main([*exported, "--rows-per-shard", "2"]) == 0
+    assert f"the parquet shards in {folder}/data/ hide the output's images" in caplog.text
     table = pq.read_table(folder / "data")
     assert dict(zip(table["image_uri"].to_pylist(), table["text"].to_pylist(), strict=True)) == rows
     assert len(list((folder / "shards").glob("*.tar"))) == 2

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+
 import apache_beam as beam
 
 from captionflow.config import ExportConfig
-from captionflow.transforms.shards import SHARD_FORMATS, MetadataRows, WriteShardFormats
+from captionflow.transforms.shards import (
+    PARQUET,
+    SHARD_FORMATS,
+    HiddenImagesWarnings,
+    MetadataRows,
+    WriteShardFormats,
+)
 from captionflow.transforms.sidecars import WriteSidecars
 
 
@@ -14,7 +22,8 @@ def build_export_pipeline(
 ) -> None:
     """Read the output's metadata rows once; write each asked-for format from them. Without
     `spread` (local runners), shards are made where the rows are read (`WriteShards`); the
-    images left out of them are listed in `shard-errors.jsonl` (`WriteShardFormats`)."""
+    images left out of them are listed in `shard-errors.jsonl` (`WriteShardFormats`); parquet
+    shards beside the output's images are warned about (`HiddenImagesWarnings`)."""
     rows = pipeline | "Metadata" >> beam.Create([config.metadata_path]) | "Rows" >> MetadataRows()
     if "sidecar" in config.formats:
         rows | "WriteSidecars" >> WriteSidecars(
@@ -28,3 +37,11 @@ def build_export_pipeline(
             spread=spread,
             max_bytes=config.max_bytes,
         )
+    if PARQUET.kind in config.formats:
+        output_dir = config.output_dir
+        rows | "HiddenImages" >> HiddenImagesWarnings() | "Warn" >> beam.Map(_warn, output_dir)
+
+
+def _warn(lines: list[str], output_dir: str) -> None:
+    for line in lines:
+        logging.getLogger("captionflow").warning("%s", line.replace("OUTPUT", output_dir))

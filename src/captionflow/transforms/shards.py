@@ -238,6 +238,39 @@ def left_out_warnings(kind: str, left_out: int, shards: int) -> list[str]:
     return [f"{left_out} image(s) left out of the {kind} shards (could not be read): {where}"]
 
 
+def under_output(row: dict[str, Any]) -> bool:
+    """Whether a metadata row's image lies under the output (its `file_name` is relative)."""
+    name = str(row.get("file_name") or "")
+    return bool(name) and not is_remote(name) and not name.startswith("/")
+
+
+def hidden_images_warnings(images_under_output: bool) -> list[str]:
+    """The line for the user when parquet shards lie beside images of the output: `datasets`
+    takes `data/{split}-NNNNN-of-NNNNN.*` files, when there are any, for the whole dataset,
+    so `load_dataset("imagefolder", data_dir=OUTPUT)` no longer sees the images."""
+    if not images_under_output:
+        return []
+    return [
+        f"the parquet shards in OUTPUT/{PARQUET.folder}/ hide the output's images from "
+        'datasets.load_dataset("imagefolder", data_dir=OUTPUT), which then loads no image '
+        "(datasets takes data/train-NNNNN-of-NNNNN files for the whole dataset): load them "
+        'with data_files={"train": "OUTPUT/**"}, as diffusers\' --train_data_dir does'
+    ]
+
+
+class HiddenImagesWarnings(beam.PTransform):
+    """Metadata rows in; out, one list: `hidden_images_warnings` when any row's image lies
+    under the output."""
+
+    def expand(self, rows: PCollection[dict[str, Any]]) -> PCollection[list[str]]:
+        return (
+            rows
+            | "UnderOutput" >> beam.Map(under_output)
+            | "Any" >> beam.CombineGlobally(any)
+            | "Lines" >> beam.Map(hidden_images_warnings)
+        )
+
+
 def publish_shards(staged: list[str], shard_format: ShardFormat, output_dir: str) -> list[str]:
     """Move the staged shards into their folder under their final names, in place of
     whatever an earlier export left there; remove the staging areas (a killed run's too)."""
@@ -328,7 +361,8 @@ class WriteShardFormats(beam.PTransform):
     out of any to `<output_dir>/shard-errors.jsonl` (one line per image and format, as in
     `errors.jsonl`, `stage` the format), always written (empty when none), so that no
     earlier list outlives its shards. Returns, once all is written, the lines to warn the
-    user with (`left_out_warnings`), one list."""
+    user with (`left_out_warnings`; `hidden_images_warnings` when parquet shards were
+    written beside the output's images), one list."""
 
     def __init__(
         self,
@@ -364,13 +398,20 @@ class WriteShardFormats(beam.PTransform):
             self.output_dir, filename=SHARD_ERRORS_FILE
         )
         kinds = self.kinds
+        hidden = (
+            rows | "HiddenImages" >> HiddenImagesWarnings()
+            if PARQUET.kind in kinds
+            else rows.pipeline | "NoHiddenImages" >> beam.Create([[]])
+        )
 
-        def warnings(_: str, *counted: Any) -> list[str]:
+        def warnings(_: str, hidden: list[str], *counted: Any) -> list[str]:
             numbers, written = counted[: len(kinds)], counted[len(kinds) :]
-            return [
+            lines = [
                 line
                 for kind, number, paths in zip(kinds, numbers, written, strict=True)
                 for line in left_out_warnings(kind, number, len(paths))
             ]
+            parquet = dict(zip(kinds, written, strict=True)).get(PARQUET.kind)
+            return lines + (hidden if parquet else [])
 
-        return errors_file | "Warnings" >> beam.Map(warnings, *counts, *shards)
+        return errors_file | "Warnings" >> beam.Map(warnings, AsSingleton(hidden), *counts, *shards)
