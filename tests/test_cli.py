@@ -806,6 +806,33 @@ def test_parquet_shards_beside_the_images_are_warned_about_and_the_images_still_
     assert sorted(parquet["text"]) == texts
 
 
+def test_parquet_shards_keep_the_split_folders_splits(
+    tmp_path: Path, tiny_models: tuple[str, str]
+) -> None:
+    """Images in `train/`, `val-2024/` and `my_test/`: the parquet shards are named for
+    `datasets`' splits (`data/validation-00000-of-00001.parquet`), so the Hub and
+    `load_dataset` give the splits ImageFolder gives, and no test image is trained on."""
+    import datasets
+
+    out = tmp_path / "photos"
+    for seed, folder in enumerate(("train", "train/sub", "val-2024", "my_test", "my_test")):
+        (out / folder).mkdir(parents=True, exist_ok=True)
+        random_image(40 + seed, 32, seed=seed).save(out / folder / f"{seed}.jpg")
+    argv = ["run", "--input", str(out), "--output", str(out), *models(*tiny_models)]
+    assert main([*argv, "--format", "imagefolder,parquet", "--rows-per-shard", "1"]) == 0
+    assert sorted(p.name for p in (out / "data").iterdir()) == [
+        *(f"test-{i:05d}-of-00002.parquet" for i in range(2)),
+        *(f"train-{i:05d}-of-00002.parquet" for i in range(2)),
+        "validation-00000-of-00001.parquet",
+    ]
+    by_split = {"train": ["train/0.jpg", "train/sub/1.jpg"], "validation": ["val-2024/2.jpg"]}
+    by_split["test"] = ["my_test/3.jpg", "my_test/4.jpg"]
+    loaded = datasets.load_dataset("parquet", data_dir=str(out / "data"))
+    assert {split: sorted(ds["file_name"]) for split, ds in loaded.items()} == by_split
+    images = datasets.load_dataset("imagefolder", data_files={"train": f"{out}/train/**"})
+    assert len(images["train"]) == 2
+
+
 def test_webdataset_shards_hold_image_caption_and_record_and_load_with_both_readers(
     tmp_path: Path, tiny_models: tuple[str, str]
 ) -> None:

@@ -39,6 +39,7 @@ from captionflow.paths import dirname, is_remote, join
 from captionflow.records import ErrorRecord
 from captionflow.transforms.errors import ERRORS, NAMESPACE
 from captionflow.transforms.lines import ReadLines
+from captionflow.transforms.splits import split_name
 from captionflow.transforms.write import WriteErrors, remove_folder
 
 logger = logging.getLogger("captionflow")
@@ -143,7 +144,8 @@ class ShardFormat:
     suffix: str
     image: Callable[[bytes], bytes]  # an image file's bytes as the shard holds them
     write: Callable[[Iterable[Sample], IO[bytes]], int]  # returns the samples written
-    name: Callable[[int, int], str]  # (index, count) to the shard's file name
+    name: Callable[[str, int, int], str]  # (split, index, count) to the shard's file name
+    by_split: bool  # whether each shard holds one split's images (`split_name`), named for it
 
 
 PARQUET = ShardFormat(
@@ -152,17 +154,25 @@ PARQUET = ShardFormat(
     ".parquet",
     bytes,
     write_parquet,
-    lambda i, n: f"train-{i:05d}-of-{n:05d}.parquet",
+    lambda split, i, n: f"{split}-{i:05d}-of-{n:05d}.parquet",  # as the Hub names them
+    True,
 )
 WEBDATASET = ShardFormat(
-    "webdataset", "shards", ".tar", as_jpeg, write_webdataset, lambda i, n: f"{i:05d}.tar"
+    "webdataset",
+    "shards",
+    ".tar",
+    as_jpeg,
+    write_webdataset,
+    lambda split, i, n: f"{i:05d}.tar",
+    False,
 )
 SHARD_FORMATS = {shard_format.kind: shard_format for shard_format in (PARQUET, WEBDATASET)}
 
 
 class _WriteShard(beam.DoFn):
-    """A batch of rows into one staged shard (none if no image could be read); out: its
-    path, and an `ERRORS` output for each image left out."""
+    """A batch of rows into one staged shard (none if no image could be read), or one per
+    split for a format `by_split` (staged as `SPLIT-UUID.SUFFIX`); out: their paths, and an
+    `ERRORS` output for each image left out."""
 
     def __init__(self, staging: str, shard_format: ShardFormat, max_bytes: int) -> None:
         self.staging = staging
@@ -172,17 +182,23 @@ class _WriteShard(beam.DoFn):
         self.left_out = Metrics.counter(NAMESPACE, f"{shard_format.kind}_images_left_out")
 
     def process(self, rows: list[dict[str, Any]]) -> Iterator[str | TaggedOutput]:
-        errors: list[ErrorRecord] = []
-        path = join(self.staging, f"{uuid.uuid4().hex}{self.format.suffix}")
-        with FileSystems.create(path) as file:
-            count = self.format.write(self._samples(rows, errors), file)
-        for error in errors:
-            yield TaggedOutput(ERRORS, error)
-        if not count:
-            FileSystems.delete([path])
-            return
-        self.written.inc(count)
-        yield path
+        splits: dict[str, list[dict[str, Any]]] = {}
+        for row in rows:
+            split = split_name(str(row.get("file_name") or "")) if self.format.by_split else ""
+            splits.setdefault(split, []).append(row)
+        for split, batch in splits.items():
+            errors: list[ErrorRecord] = []
+            name = f"{split}-{uuid.uuid4().hex}" if split else uuid.uuid4().hex
+            path = join(self.staging, f"{name}{self.format.suffix}")
+            with FileSystems.create(path) as file:
+                count = self.format.write(self._samples(batch, errors), file)
+            for error in errors:
+                yield TaggedOutput(ERRORS, error)
+            if not count:
+                FileSystems.delete([path])
+                continue
+            self.written.inc(count)
+            yield path
 
     def _samples(self, rows: list[dict[str, Any]], errors: list[ErrorRecord]) -> Iterator[Sample]:
         """Each row with its image, read once as the writer takes it; one that fails is
@@ -253,7 +269,7 @@ def hidden_images_warnings(images_under_output: bool) -> list[str]:
     return [
         f"the parquet shards in OUTPUT/{PARQUET.folder}/ hide the output's images from "
         'datasets.load_dataset("imagefolder", data_dir=OUTPUT), which then loads no image '
-        "(datasets takes data/train-NNNNN-of-NNNNN files for the whole dataset): load them "
+        "(datasets takes data/SPLIT-NNNNN-of-NNNNN files for the whole dataset): load them "
         'with data_files={"train": "OUTPUT/**"}, as diffusers\' --train_data_dir does'
     ]
 
@@ -277,12 +293,18 @@ def publish_shards(staged: list[str], shard_format: ShardFormat, output_dir: str
     folder = join(output_dir, shard_format.folder)
     if old := published_shards(output_dir, shard_format):
         FileSystems.delete(old)
-    count = len(staged)
-    final = [join(folder, shard_format.name(i, count)) for i in range(count)]
+    splits: dict[str, list[str]] = {}
+    for path in sorted(staged):  # `SPLIT-UUID.SUFFIX` for a format by split
+        name = path.rstrip("/").rpartition("/")[2]
+        splits.setdefault(name.rpartition("-")[0] if shard_format.by_split else "", []).append(path)
+    sources, final = [], []
+    for split, paths in sorted(splits.items()):
+        sources += paths
+        final += [join(folder, shard_format.name(split, i, len(paths))) for i in range(len(paths))]
     if staged:
         with contextlib.suppress(OSError):  # it exists; object stores have no folders at all
             FileSystems.mkdirs(folder)
-        FileSystems.rename(sorted(staged), final)
+        FileSystems.rename(sources, final)
     stagings = join(output_dir, f".{shard_format.folder}.tmp-*")
     files = FileSystems.match([join(stagings, "*")])[0].metadata_list
     folders = {dirname(file.path) for file in files}

@@ -46,6 +46,12 @@ SPLIT_WORDS = (
     "evaluation",
 )
 _WORDS = "|".join(SPLIT_WORDS)
+# `datasets`' split of each word (`datasets.data_files.SPLIT_KEYWORDS`), in its order.
+_SPLITS = {
+    "train": ("train", "training"),
+    "validation": ("validation", "valid", "dev", "val"),
+    "test": ("test", "testing", "eval", "evaluation"),
+}
 _SPLIT_NAME = re.compile(rf"(?:.*[-._ 0-9])?(?:{_WORDS})(?:[-._ 0-9].*)?", re.S)
 _SPLIT_FILE_NAME = re.compile(rf"(?:.*[-._ 0-9])?(?:{_WORDS})[-._ 0-9].*", re.S)
 
@@ -61,6 +67,18 @@ def split_folder(file_name: str) -> str | None:
         if _SPLIT_NAME.fullmatch(name):
             return "/".join(folders[: depth + 1])
     return None
+
+
+def split_name(file_name: str) -> str:
+    """The split `datasets` puts a metadata row's image in: its split folder's (`val-2024/`
+    -> `validation`, `my_test/` -> `test`), `train` outside split folders."""
+    folder = split_folder(file_name)
+    name = folder.rpartition("/")[2] if folder else ""
+    for split, words in _SPLITS.items():
+        for word in words:
+            if re.fullmatch(rf"(?:.*[-._ 0-9])?{word}(?:[-._ 0-9].*)?", name, re.S):
+                return split
+    return "train"
 
 
 def named_like_split(file_name: str) -> bool:
