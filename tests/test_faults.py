@@ -482,6 +482,30 @@ def test_a_killed_worker_process_is_recovered_without_loss_or_duplicates(
     assert read_jsonl(out / "errors.jsonl") == []
 
 
+def test_a_retried_run_without_resume_keeps_no_record_of_the_run_it_replaces(
+    kill_inputs: Path, tmp_path: Path, tiny_models: tuple[str, str]
+) -> None:
+    """A run without --resume starts over: when its first attempt fails, the retry keeps
+    what that attempt wrote, never the finished files of an earlier run of the output."""
+    out = tmp_path / "out"
+    out.mkdir()
+    uris = sorted(str(p) for p in kill_inputs.iterdir())
+    old = {"text": "an earlier run's caption", "candidates": [], "captions": []}
+    (out / "metadata.jsonl").write_text(
+        "".join(json.dumps({"file_name": uri, "image_uri": uri, **old}) + "\n" for uri in uris[1:])
+    )
+    (out / "rejected.jsonl").write_text(json.dumps({"image_uri": uris[0], **old}) + "\n")
+    argv = ["run", "--input", str(kill_inputs), "--output", str(out)]
+    beam_flags = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
+    done = run_cli([*argv, *deterministic(tiny_models, "killer"), *beam_flags], tmp_path / "killed")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "attempt 1 of 3 failed" in done.stderr
+    rows = read_jsonl(out / "metadata.jsonl")
+    assert sorted(r["image_uri"] for r in rows) == uris
+    assert not [r for r in rows if r["text"] == old["text"]]
+    assert read_jsonl(out / "rejected.jsonl") == []
+
+
 def start_cli(argv: list[str], **env: str) -> subprocess.Popen:
     """The CLI in its own process group (so a test can kill it and its workers at once)."""
     code = (

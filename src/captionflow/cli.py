@@ -38,7 +38,7 @@ from captionflow.jsonl import read_json_lines
 from captionflow.lock import OutputLock
 from captionflow.paths import join
 from captionflow.pipelines import build_caption_pipeline, build_export_pipeline
-from captionflow.pipelines.caption import SUMMARY_FILE
+from captionflow.pipelines.caption import SUMMARY_FILE, record_files
 from captionflow.progress import ProgressLine
 from captionflow.report import build_report, write_report
 from captionflow.signals import Interrupted, QuietStops, StopSignals
@@ -542,12 +542,26 @@ def spill_folder(options: PipelineOptions) -> Iterator[str | None]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def file_states(paths: Sequence[str]) -> dict[str, tuple[int, float] | None]:
+    """Each file's size and time of last change; None where it does not exist."""
+    states: dict[str, tuple[int, float] | None] = {}
+    for path in paths:
+        found = FileSystems.match([path])[0].metadata_list
+        states[path] = (found[0].size_in_bytes, found[0].last_updated_in_seconds) if found else None
+    return states
+
+
 def caption(config: RunConfig, options: PipelineOptions, stop: StopSignals) -> None:
     """Run the job, resuming it after a failure until `config.attempts`; never after a
-    fatal error or a stop signal."""
+    fatal error or a stop signal. A run without `--resume` starts over: its retries keep
+    what its failed attempts wrote, never the records an earlier run finished (the
+    `record_files` that are still as they were when it began)."""
     started = time.time()
+    before = {} if config.resume else file_states(record_files(config))
     for attempt in range(1, config.attempts + 1):
         resume = config.resume or attempt > 1
+        now = file_states(list(before)) if attempt > 1 else {}
+        replaced = [path for path, state in now.items() if state and state == before[path]]
         with spill_folder(options) as spill:
             pipeline = beam.Pipeline(options=options)
             progress = progress_folder(options)
@@ -557,6 +571,7 @@ def caption(config: RunConfig, options: PipelineOptions, stop: StopSignals) -> N
                 started=started,
                 progress=progress,
                 spill_dir=spill,
+                replaced=replaced,
             )
             try:
                 with ProgressLine(progress, sys.stderr) if progress else contextlib.nullcontext():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import apache_beam as beam
 from apache_beam.pvalue import AsSingleton
@@ -66,6 +66,14 @@ def model_handlers(config: RunConfig) -> tuple[CaptionModelHandler, RankModelHan
     return captioner, ranker
 
 
+def record_files(config: RunConfig) -> list[str]:
+    """The files whose records `--resume` keeps: the metadata file and `rejected.jsonl`."""
+    return [
+        join(config.output_dir, config.metadata_filename),
+        join(config.output_dir, REJECTED_FILE),
+    ]
+
+
 def build_caption_pipeline(
     pipeline: beam.Pipeline,
     config: RunConfig,
@@ -73,16 +81,18 @@ def build_caption_pipeline(
     started: float | None = None,
     progress: str | None = None,
     spill_dir: str | None = None,
+    replaced: Collection[str] = (),
 ) -> None:
     """Add the whole job to `pipeline`. With `config.resume`, images already in the output
-    (finished file or parts of a killed run) are kept and not captioned again. With
+    (finished file or parts of a killed run) are kept and not captioned again; of the
+    `record_files` in `replaced` (an earlier run's, which this one replaces: the retry of a
+    run without `--resume`), only the parts are kept. With
     `progress` (a local folder), inputs, captions and errors are counted there as they pass
     (`captionflow.progress`). With `spill_dir` (for local runners, which hold shuffles in
     memory; removed by the caller after the run), paths are grouped through files there
     (`GroupStrings`), and shards are made where the rows are read (`WriteShards`)."""
     captioner, ranker = model_handlers(config)
-    metadata_path = join(config.output_dir, config.metadata_filename)
-    rejected_path = join(config.output_dir, REJECTED_FILE)
+    metadata_path, rejected_path = record_files(config)
 
     reserved = RUN_FILES | {config.metadata_filename}  # the run's files; no caption file's
     read = ReadImagePaths(config.input, limit=config.limit, spill_dir=spill_dir).with_errors()
@@ -94,7 +104,7 @@ def build_caption_pipeline(
     kept = pipeline | "NoneKept" >> beam.Create([])
     if config.resume:
         done = pipeline | "ReadDone" >> ReadDone(
-            metadata_path, config.output_dir, also=[rejected_path]
+            metadata_path, config.output_dir, also=[rejected_path], replaced=replaced
         )
         uris, kept = (uris, done) | "SkipDone" >> SkipDone(spill_dir)
     if progress:
@@ -132,7 +142,9 @@ def build_caption_pipeline(
     # this run's records.
     written = [
         errors | "WriteErrors" >> WriteErrors(config.output_dir),
-        rejected | "WriteRejected" >> _WriteRecords(rejected_path, config, spill_dir),
+        rejected
+        | "WriteRejected"
+        >> _WriteRecords(rejected_path, config, spill_dir, rejected_path in replaced),
     ]
     sidecars = "sidecar" in config.formats
     if sidecars:  # before the metadata: a record there has its file
@@ -141,7 +153,9 @@ def build_caption_pipeline(
             overwrite=config.overwrite_captions,
             reserved=reserved,
         )
-    metadata_written = captions | "WriteMetadata" >> _WriteRecords(metadata_path, config, spill_dir)
+    metadata_written = captions | "WriteMetadata" >> _WriteRecords(
+        metadata_path, config, spill_dir, metadata_path in replaced
+    )
     written.append(metadata_written)
     captioned_uris = captions | "CaptionedUris" >> beam.Map(lambda record: record.image_uri)
     split_files, warnings = (metadata_written, captioned_uris, kept) | "ForSplits" >> ForSplits(
@@ -216,13 +230,16 @@ def _joined(lines: list[str], more: list[str]) -> list[str]:
 
 class _WriteRecords(beam.PTransform):
     """Records as ImageFolder rows into one JSON-lines file of the output, checkpointed in
-    parts, resumable."""
+    parts, resumable (from the parts alone when the finished file is `replaced`)."""
 
-    def __init__(self, destination: str, config: RunConfig, spill_dir: str | None) -> None:
+    def __init__(
+        self, destination: str, config: RunConfig, spill_dir: str | None, replaced: bool
+    ) -> None:
         super().__init__()
         self.destination = destination
         self.config = config
         self.spill_dir = spill_dir
+        self.replaced = replaced
 
     def expand(self, records: beam.PCollection[CaptionRecord]) -> beam.PCollection[str]:
         output_dir = self.config.output_dir
@@ -235,6 +252,7 @@ class _WriteRecords(beam.PTransform):
                 key=metadata_key(output_dir),
                 lines_per_part=self.config.checkpoint_every,
                 resume=self.config.resume,
+                keep_finished=not self.replaced,
                 spill_dir=self.spill_dir,
             )
         )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any
 
 import apache_beam as beam
@@ -49,12 +49,22 @@ def _done_image(line: Line, key: Callable[[dict[str, Any]], str]) -> Iterator[st
 class ReadDone(beam.PTransform):
     """The images an earlier run already captioned into `metadata_path` (and into `also`, the
     run's other record files, such as `rejected.jsonl`): those of the finished files, and of
-    the parts a run that was stopped before joining them left. Read in parallel, in ranges."""
+    the parts a run that was stopped before joining them left; of the files in `replaced`
+    (an earlier run's, which this run replaces), only the parts. Read in parallel, in ranges."""
 
-    def __init__(self, metadata_path: str, output_dir: str, *, also: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        metadata_path: str,
+        output_dir: str,
+        *,
+        also: Sequence[str] = (),
+        replaced: Collection[str] = (),
+    ) -> None:
         super().__init__()
         self.patterns = [
-            pattern for path in (metadata_path, *also) for pattern in earlier_files(path)
+            pattern
+            for path in (metadata_path, *also)
+            for pattern in earlier_files(path, finished=path not in replaced)
         ]
         self.key = metadata_key(output_dir)
 

@@ -50,10 +50,11 @@ def parts_dir(destination: str) -> str:
     return join(head, f".{tail}.parts")
 
 
-def earlier_files(destination: str) -> list[str]:
-    """What a run of `destination` leaves: the finished file, and the parts of a run that was
-    stopped before joining them."""
-    return [destination, join(parts_dir(destination), "part-*.jsonl")]
+def earlier_files(destination: str, *, finished: bool = True) -> list[str]:
+    """What a run of `destination` leaves: the finished file (unless not `finished`), and the
+    parts of a run that was stopped before joining them."""
+    parts = join(parts_dir(destination), "part-*.jsonl")
+    return [destination, parts] if finished else [parts]
 
 
 class WriteParts(beam.DoFn):
@@ -183,13 +184,17 @@ def _keyed(line: Line, key: Key) -> tuple[str, str]:
 
 class _ReadEarlier(beam.PTransform):
     """An earlier run's lines of `destination`, once per key; this run's parts (named with
-    `run`) excluded, as they may already exist when the earlier ones are listed. Grouped
+    `run`) excluded, as they may already exist when the earlier ones are listed; the finished
+    file too unless `finished` (it is an earlier run's, which this run replaces). Grouped
     (`GroupPairs`: by the runner, or through files in `spill_dir`) without a combiner, which
     workers would pre-apply in tables of up to a million lines."""
 
-    def __init__(self, destination: str, key: Key, run: str, spill_dir: str | None) -> None:
+    def __init__(
+        self, destination: str, key: Key, run: str, spill_dir: str | None, *, finished: bool
+    ) -> None:
         super().__init__()
         self.destination = destination
+        self.finished = finished
         self.key = key
         self.mine = join(parts_dir(destination), f"part-{run}-")
         self.spill_dir = spill_dir
@@ -197,7 +202,7 @@ class _ReadEarlier(beam.PTransform):
     def expand(self, pbegin: beam.pvalue.PBegin) -> PCollection[str]:
         return (
             pbegin
-            | "Files" >> beam.Create(earlier_files(self.destination))
+            | "Files" >> beam.Create(earlier_files(self.destination, finished=self.finished))
             | "Read" >> ReadLines(exclude=self.mine)
             | "NotBlank" >> beam.Filter(lambda line: line.data.strip())
             | "Keyed" >> beam.Map(_keyed, self.key)
@@ -214,8 +219,10 @@ class WriteJsonLines(beam.PTransform):
     local runner holds a Flatten's whole output; only the parts' names are flattened). With
     `resume`, the lines an earlier run of the same destination wrote (its
     file and its parts) are kept too, one per `key` (a field's name, or a function of the
-    record), grouped by the runner or, with `spill_dir`, through files there (`GroupPairs`).
-    Parts are joined in groups of about `parts_per_group`, in parallel, then into the file.
+    record), grouped by the runner or, with `spill_dir`, through files there (`GroupPairs`);
+    without `keep_finished`, only the parts (a retry of a run that replaces the finished file
+    keeps what its failed attempts wrote, not that file). Parts are joined in groups of about
+    `parts_per_group`, in parallel, then into the file.
     Returns a one-element PCollection with the destination path once it is complete.
     """
 
@@ -226,11 +233,13 @@ class WriteJsonLines(beam.PTransform):
         key: str | Key,
         lines_per_part: int = 1000,
         resume: bool = False,
+        keep_finished: bool = True,
         parts_per_group: int = PARTS_PER_GROUP,
         spill_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.destination = absolute(destination)
+        self.keep_finished = keep_finished
         self.spill_dir = spill_dir
         self.key: Key = (lambda record: record[key]) if isinstance(key, str) else key
         self.lines_per_part = lines_per_part
@@ -250,7 +259,13 @@ class WriteJsonLines(beam.PTransform):
             earlier = (
                 parts[0].pipeline
                 | "ReadEarlier"
-                >> _ReadEarlier(self.destination, self.key, self.run, self.spill_dir)
+                >> _ReadEarlier(
+                    self.destination,
+                    self.key,
+                    self.run,
+                    self.spill_dir,
+                    finished=self.keep_finished,
+                )
                 # Bigger parts: these hold finished work, not checkpoints of new work.
                 | "WriteEarlier"
                 >> beam.ParDo(WriteParts(directory, self.lines_per_part * 10, prefix))
