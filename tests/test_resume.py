@@ -94,3 +94,22 @@ def test_resume_with_limit_counts_only_this_runs_images(
         counts["images"] == counts["captioned"] + counts["kept_from_earlier_run"] + counts["failed"]
     )
     assert len(lines(tmp_path / "metadata.jsonl")) == 4  # earlier records outside --limit stay
+
+
+def test_resume_of_trimmed_metadata_puts_every_image_in_the_shards(
+    tmp_path: Path, tiny_models: tuple[str, str]
+) -> None:
+    write_images(tmp_path / "photos", 3)
+    assert caption(tmp_path, tiny_models) == 0
+    rows = [json.loads(line) for line in lines(tmp_path / "metadata.jsonl")]
+    trimmed = [json.dumps({"file_name": r["file_name"], "text": r["text"]}) for r in rows[:2]]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(trimmed) + "\n", encoding="utf-8")
+
+    assert caption(tmp_path, tiny_models, "--resume", "--format", "parquet,webdataset") == 0
+    assert summary(tmp_path)["warnings"] == []
+    assert lines(tmp_path / "shard-errors.jsonl") == []
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(tmp_path / "data")
+    assert sorted(table.column("file_name").to_pylist()) == sorted(r["file_name"] for r in rows)
+    assert sorted(table.column("image_uri").to_pylist()) == sorted(r["image_uri"] for r in rows)

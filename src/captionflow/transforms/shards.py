@@ -38,7 +38,8 @@ from captionflow.jsonl import dumps
 from captionflow.paths import dirname, is_remote, join
 from captionflow.records import ErrorRecord
 from captionflow.transforms.errors import ERRORS, NAMESPACE
-from captionflow.transforms.lines import ReadLines
+from captionflow.transforms.lines import Line, ReadLines
+from captionflow.transforms.resume import metadata_key
 from captionflow.transforms.splits import split_name
 from captionflow.transforms.write import WriteErrors, remove_folder
 
@@ -70,14 +71,21 @@ HF_METADATA = {b"huggingface": json.dumps({"info": {"features": {"image": {"_typ
 
 
 class MetadataRows(beam.PTransform):
-    """Paths of finished metadata files in; their records out, read in parallel ranges."""
+    """Paths of finished metadata files in; their records out, read in parallel ranges. A row
+    trimmed to `{file_name, text}` (which `--resume` keeps as it is) gets its `image_uri`
+    back, from its `file_name` and the metadata file's folder (`metadata_key`)."""
 
     def expand(self, paths: PCollection[str]) -> PCollection[dict[str, Any]]:
-        return (
-            paths
-            | "Read" >> ReadLines()
-            | "Rows"
-            >> beam.FlatMap(lambda line: [json.loads(line.data)] if line.data.strip() else [])
+        return paths | "Read" >> ReadLines() | "Rows" >> beam.FlatMap(_row)
+
+
+def _row(line: Line) -> Iterator[dict[str, Any]]:
+    if line.data.strip():
+        row = json.loads(line.data)
+        yield (
+            row
+            if "image_uri" in row
+            else {**row, "image_uri": metadata_key(dirname(line.path))(row)}
         )
 
 
