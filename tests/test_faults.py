@@ -691,6 +691,38 @@ def test_a_stop_signal_stops_an_export_at_once_and_the_export_runs_again(
     assert not list(tmp_path.glob(".shards.tmp-*"))
 
 
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stop_signal_while_the_lock_is_taken_stops_in_one_line_and_leaves_no_lock(
+    tmp_path: Path, tiny_models: tuple[str, str], signum: int, code: int
+) -> None:
+    """The signal arrives as the lock settles (its file written, not yet read back)."""
+    write_images(tmp_path / "images", 1)
+    out = tmp_path / "out"
+    argv = ["run", "--input", str(tmp_path / "images"), "--output", str(out), *models(tiny_models)]
+    settling = (
+        "import os, sys, time, types, captionflow.lock as lock\n"
+        "def sleep(seconds):\n"
+        f"    os.kill(os.getpid(), {int(signum)}); time.sleep(seconds)\n"
+        "lock.time = types.SimpleNamespace(time=time.time, sleep=sleep)\n"
+        "from captionflow.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", settling, *argv],
+        cwd=REPO,
+        env=os.environ | {"PYTHONPATH": PYTHONPATH},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == code, done.stderr[-3000:]
+    assert done.stderr.rstrip().endswith(
+        f"captionflow: stopped by {signal.Signals(signum).name}; what was written is kept: run "
+        "the same command with --resume to finish"
+    )
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert not (out / ".captionflow.lock").exists()
+
+
 def test_a_second_run_into_the_same_output_is_refused_while_the_first_runs(
     tmp_path: Path, tiny_models: tuple[str, str], capsys: pytest.CaptureFixture
 ) -> None:

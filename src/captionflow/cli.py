@@ -662,12 +662,13 @@ def export(argv: Sequence[str]) -> int:
     options = pipeline_options(beam_args)
     logger.info("exporting %s as %s", config.metadata_path, ", ".join(config.formats))
     local = options.view_as(StandardOptions).runner in LOCAL_RUNNERS
-    with OutputLock(config.output_dir), StopSignals(then=EXPORT_AGAIN) as stop:
-        pipeline = beam.Pipeline(options=options)
-        build_export_pipeline(pipeline, config, spread=not local)
-        run_to_end(pipeline, stop)
-    logger.info("done: %s", config.output_dir)
-    return export_outcome(config)
+    with StopSignals(then=EXPORT_AGAIN) as stop:  # from the lock's first write to the end
+        with OutputLock(config.output_dir):
+            pipeline = beam.Pipeline(options=options)
+            build_export_pipeline(pipeline, config, spread=not local)
+            run_to_end(pipeline, stop)
+        logger.info("done: %s", config.output_dir)
+        return export_outcome(config)
 
 
 def export_outcome(config: ExportConfig) -> int:
@@ -743,13 +744,14 @@ def run(argv: Sequence[str]) -> int:
         with beam.Pipeline(options=options) as pipeline:
             build_caption_pipeline(pipeline, config)
         return 0
-    with OutputLock(config.output_dir), StopSignals() as stop:
-        check_no_orphaned_checkpoints(config)
-        caption(config, options, stop)
-    logger.info("done: %s", config.output_dir)
-    code = outcome(config)
-    if config.report:
-        print(f"report: {write_report(config.output)}")
+    with StopSignals() as stop:  # from the lock's first write to the report's last
+        with OutputLock(config.output_dir):
+            check_no_orphaned_checkpoints(config)
+            caption(config, options, stop)
+        logger.info("done: %s", config.output_dir)
+        code = outcome(config)
+        if config.report:
+            print(f"report: {write_report(config.output)}")
     return code
 
 

@@ -86,8 +86,13 @@ class OutputLock:
             raise OutputUnwritableError(
                 f"--output: cannot write in {dirname(self.path)}: {error.strerror or error}"
             ) from None
-        time.sleep(SETTLE_SECS)
-        if (now := self._read()) is None or now.run_id != self.holder.run_id:
+        try:
+            time.sleep(SETTLE_SECS)
+            now = self._read()
+        except BaseException:  # stopped while settling: leave no lock behind
+            self.release()
+            raise
+        if now is None or now.run_id != self.holder.run_id:
             raise OutputBusyError(self._busy(now) if now else f"{self.path} changed under us")
         self._beat = threading.Thread(target=self._heartbeat, name="captionflow-lock", daemon=True)
         self._beat.start()
