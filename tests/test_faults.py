@@ -746,11 +746,13 @@ def test_a_second_run_into_the_same_output_is_refused_while_the_first_runs(
     assert json.loads((out / "summary.json").read_text())["kept_from_earlier_run"] >= 1
 
 
+@pytest.mark.parametrize("records", ["metadata.jsonl", "rejected.jsonl"])
 def test_checkpoints_of_an_interrupted_run_are_not_dropped_without_resume(
-    tmp_path: Path, tiny_models: tuple[str, str], capsys: pytest.CaptureFixture
+    tmp_path: Path, tiny_models: tuple[str, str], capsys: pytest.CaptureFixture, records: str
 ) -> None:
+    """Either file's: a run with --min-score may have checkpointed only rejects so far."""
     write_images(tmp_path / "images", 2)
-    parts = tmp_path / "out" / ".metadata.jsonl.parts"
+    parts = tmp_path / "out" / f".{records}.parts"
     parts.mkdir(parents=True)
     (parts / "part-1.jsonl").write_text('{"image_uri": "/x.jpg", "text": "a cat"}\n')
     argv = ["run", "--input", str(tmp_path / "images"), "--output", str(tmp_path / "out")]

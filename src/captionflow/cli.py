@@ -506,16 +506,19 @@ def prepare(argv: Sequence[str]) -> tuple[RunConfig, PipelineOptions]:
 
 
 def check_no_orphaned_checkpoints(config: RunConfig) -> None:
-    """Parts left by an interrupted run are either kept (`--resume`) or removed by the user,
-    never silently dropped by a run that starts over."""
+    """Parts left by an interrupted run (of the metadata, or of `rejected.jsonl`: the files
+    `--resume` keeps) are either kept (`--resume`) or removed by the user, never silently
+    dropped by a run that starts over."""
     if config.resume:
         return
-    parts = parts_dir(join(config.output_dir, config.metadata_filename))
-    left = FileSystems.match([join(parts, "part-*.jsonl")])[0].metadata_list
-    if left:
+    folders = [parts_dir(path) for path in record_files(config)]
+    found = FileSystems.match([join(parts, "part-*.jsonl") for parts in folders])
+    left = {parts: len(match.metadata_list) for parts, match in zip(folders, found, strict=True)}
+    if count := sum(left.values()):
+        where = " and ".join(parts for parts, number in left.items() if number)
         raise UsageError(
-            f"{config.output_dir} holds {len(left)} checkpoint file(s) of an interrupted run: "
-            f"pass --resume to keep them, or delete {parts} to start over"
+            f"{config.output_dir} holds {count} checkpoint file(s) of an interrupted run: "
+            f"pass --resume to keep them, or delete {where} to start over"
         )
 
 
