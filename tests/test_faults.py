@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +29,7 @@ from captionflow import CaptionImages, LoadImages
 from captionflow.cli import main
 from captionflow.handlers import ClipRankHandler
 from captionflow.handlers.base import DeviceFailedError, ModelImages
+from captionflow.lock import LOCK_FILE, OutputBusyError, OutputLock
 from tests.conftest import random_image, write_images
 from tests.killer import (
     MARKER_ENV,
@@ -744,6 +746,21 @@ def test_a_second_run_into_the_same_output_is_refused_while_the_first_runs(
     assert main([*argv, "--resume", *deterministic(tiny_models)]) == 0
     assert len(read_jsonl(out / "metadata.jsonl")) == 4
     assert json.loads((out / "summary.json").read_text())["kept_from_earlier_run"] >= 1
+
+
+def test_a_killed_runs_lock_is_taken_over_at_once_by_a_process_that_reuses_its_id(
+    tmp_path: Path,
+) -> None:
+    """A restarted container's first process has the id its killed run had, on the same
+    host: that run is gone all the same. A lock this process holds is still respected."""
+    earlier = {"run_id": "killed", "host": socket.gethostname(), "pid": os.getpid()}
+    now = time.time()
+    (tmp_path / LOCK_FILE).write_text(json.dumps(earlier | {"started": now, "heartbeat": now}))
+    with OutputLock(str(tmp_path)) as lock:
+        assert json.loads((tmp_path / LOCK_FILE).read_text())["run_id"] == lock.holder.run_id
+        with pytest.raises(OutputBusyError, match=f"process {os.getpid()} on"):
+            OutputLock(str(tmp_path)).acquire()
+    assert not (tmp_path / LOCK_FILE).exists()
 
 
 @pytest.mark.parametrize("records", ["metadata.jsonl", "rejected.jsonl"])

@@ -29,6 +29,7 @@ LOCK_FILE = ".captionflow.lock"
 HEARTBEAT_SECS = 20.0
 STALE_AFTER_SECS = 90.0  # a holder silent this long is dead, whichever machine it ran on
 SETTLE_SECS = 0.5
+_HELD: set[str] = set()  # the run ids of the locks this process holds
 
 
 class OutputUnwritableError(FatalError):
@@ -52,6 +53,8 @@ class Holder:
             return False
         if self.host != socket.gethostname():
             return True
+        if self.pid == os.getpid():  # ours, or a killed run's whose process id we reuse
+            return self.run_id in _HELD  # (a restarted container's first process, say)
         try:
             os.kill(self.pid, 0)
         except ProcessLookupError:
@@ -94,10 +97,12 @@ class OutputLock:
             raise
         if now is None or now.run_id != self.holder.run_id:
             raise OutputBusyError(self._busy(now) if now else f"{self.path} changed under us")
+        _HELD.add(self.holder.run_id)
         self._beat = threading.Thread(target=self._heartbeat, name="captionflow-lock", daemon=True)
         self._beat.start()
 
     def release(self) -> None:
+        _HELD.discard(self.holder.run_id)
         self._stop.set()
         if self._beat is not None:
             self._beat.join()
