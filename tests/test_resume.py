@@ -113,3 +113,23 @@ def test_resume_of_trimmed_metadata_puts_every_image_in_the_shards(
     table = pq.read_table(tmp_path / "data")
     assert sorted(table.column("file_name").to_pylist()) == sorted(r["file_name"] for r in rows)
     assert sorted(table.column("image_uri").to_pylist()) == sorted(r["image_uri"] for r in rows)
+
+
+def test_resume_with_sidecar_writes_the_caption_files_of_the_images_it_keeps(
+    tmp_path: Path, tiny_models: tuple[str, str]
+) -> None:
+    """The earlier run wrote no caption files (or was killed before some): every image of the
+    metadata gets one, with its caption; one that exists is kept."""
+    write_images(tmp_path / "photos", 3)
+    assert caption(tmp_path, tiny_models) == 0
+    (tmp_path / "metadata.jsonl").write_text(
+        "\n".join(lines(tmp_path / "metadata.jsonl")[:2]) + "\n", encoding="utf-8"
+    )
+    (tmp_path / "photos" / "image_000.txt").write_text("my own caption\n")
+
+    assert caption(tmp_path, tiny_models, "--resume", "--format", "sidecar") == 0
+    rows = {r["file_name"]: r["text"] for r in map(json.loads, lines(tmp_path / "metadata.jsonl"))}
+    assert len(rows) == 3
+    for name, text in rows.items():
+        written = (tmp_path / name).with_suffix(".txt").read_text()
+        assert written == ("my own caption" if "image_000" in name else text) + "\n"

@@ -171,8 +171,19 @@ def build_caption_pipeline(
         )
         warnings = warnings | "AndCaptionFiles" >> beam.Map(_joined, AsSingleton(caption_files))
     shard_formats = [name for name in config.formats if name in SHARD_FORMATS]
-    if shard_formats:  # from the finished file: a resumed run's shards hold every image
+    kept_sidecars = sidecars and config.resume
+    if shard_formats or kept_sidecars:  # from the finished file: every image, kept ones too
         rows = metadata_written | "MetadataRows" >> MetadataRows()
+    if kept_sidecars:  # the earlier run may have written none: the missing ones, from its rows
+        kept_files = (
+            rows
+            | "UnderOutput" >> beam.Filter(lambda row: row["file_name"] != row["image_uri"])
+            | "WriteKeptSidecars"
+            >> WriteSidecars(extension=config.sidecar_extension, overwrite=False, reserved=reserved)
+            | "KeptSidecars" >> beam.combiners.Count.Globally()
+        )
+        written.append(kept_files)
+    if shard_formats:
         shard_warnings = rows | "WriteShards" >> WriteShardFormats(
             config.output_dir,
             shard_formats,
