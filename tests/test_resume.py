@@ -133,3 +133,21 @@ def test_resume_with_sidecar_writes_the_caption_files_of_the_images_it_keeps(
     for name, text in rows.items():
         written = (tmp_path / name).with_suffix(".txt").read_text()
         assert written == ("my own caption" if "image_000" in name else text) + "\n"
+
+
+def test_resume_after_a_join_was_killed_drops_its_temp_copy_and_never_reads_it_as_an_image(
+    tmp_path: Path, tiny_models: tuple[str, str]
+) -> None:
+    """A job killed while joining its parts leaves a partial `metadata.jsonl.tmp-...`; a glob
+    over the output (`DIR/**`) must not take it for an input, and the resumed run removes it."""
+    write_images(tmp_path / "photos", 2)
+    argv = ["run", "--input", str(tmp_path / "**"), "--output", str(tmp_path)]
+    argv += models(tiny_models)
+    assert main(argv) == 0
+    for name in ("metadata.jsonl.tmp-0123456789abcdef", "summary.json.tmp"):
+        (tmp_path / name).write_text((tmp_path / "metadata.jsonl").read_text()[:100])
+
+    assert main([*argv, "--resume"]) == 0
+    assert summary(tmp_path)["images"] == 2 == summary(tmp_path)["kept_from_earlier_run"]
+    assert lines(tmp_path / "errors.jsonl") == []
+    assert not (tmp_path / "metadata.jsonl.tmp-0123456789abcdef").exists()

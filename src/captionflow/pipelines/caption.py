@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Collection
 
@@ -217,8 +218,9 @@ def build_caption_pipeline(
 
 def own_files(output_dir: str, reserved: frozenset[str]) -> Callable[[str], bool]:
     """Whether a listed path is one of the run's own files, as a glob over the output lists
-    them (`OUT/**`): its records, summary and lock (`reserved` names), checkpoint parts,
-    staged and finished shards."""
+    them (`OUT/**`): its records, summary and lock (`reserved` names, and their temp copies
+    that a killed run left: `metadata.jsonl.tmp-...`), checkpoint parts, staged and finished
+    shards."""
     relative = file_name_in(output_dir)
     shards = {(f.folder, f.suffix) for f in SHARD_FORMATS.values()}
 
@@ -227,7 +229,7 @@ def own_files(output_dir: str, reserved: frozenset[str]) -> Callable[[str], bool
             return False  # not under the output
         *folders, file = name.split("/")
         return (
-            file in reserved
+            re.sub(r"\.tmp(-[0-9a-f]+)?$", "", file) in reserved
             or any(folder.endswith(".parts") or ".tmp-" in folder for folder in folders)
             or (len(folders) == 1 and (folders[0], extension(file)) in shards)
         )

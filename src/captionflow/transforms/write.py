@@ -42,6 +42,7 @@ ERRORS_FILE = "errors.jsonl"
 REJECTED_FILE = "rejected.jsonl"
 PARTS_PER_GROUP = 1000  # parts one worker joins: opening many small objects is what costs
 COPY_CHUNK = 8 << 20
+STAGING = ".tmp-"  # a file being joined: `metadata.jsonl.tmp-<hex>`, renamed once complete
 
 
 def parts_dir(destination: str) -> str:
@@ -97,7 +98,7 @@ Lines = PCollection[str] | tuple[PCollection[str], ...]
 
 def concatenate(sources: Iterable[str], destination: str) -> str:
     """The bytes of `sources`, in order, into `destination` (temp name, then rename)."""
-    staging = f"{destination}.tmp-{uuid.uuid4().hex}"
+    staging = f"{destination}{STAGING}{uuid.uuid4().hex}"
     with FileSystems.create(staging) as out:
         for source in sources:
             with FileSystems.open(source, compression_type="uncompressed") as file:
@@ -133,6 +134,9 @@ class _JoinGroup(beam.DoFn):
 def _finish(groups: list[str], destination: str) -> str:
     concatenate(sorted(groups), destination)
     remove_folder(parts_dir(destination))
+    # The partial temp copies of a run that was killed while joining (one run at a time).
+    if left := FileSystems.match([f"{destination}{STAGING}*"])[0].metadata_list:
+        FileSystems.delete([file.path for file in left])
     return destination
 
 
