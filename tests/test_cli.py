@@ -473,6 +473,9 @@ def test_sidecar_caption_files_beside_the_images_kept_unless_overwritten(
         assert caption == expected + "\n"
     assert not (folder / "photos" / "broken.txt").exists()
     assert not list(folder.rglob("*.tmp-*"))
+    # The broken image stays in the folder, captionless: a kohya-style trainer would take it.
+    (warning,) = json.loads((folder / "summary.json").read_text())["warnings"]
+    assert warning.startswith("1 failed or rejected image(s) got no caption file")
 
     assert main([*argv, "--format", "sidecar", "--overwrite-captions"]) == 0
     rows = {row["file_name"]: row["text"] for row in read_jsonl(folder / "metadata.jsonl")}

@@ -27,7 +27,12 @@ from captionflow.transforms.shards import (
     WriteShardFormats,
     earlier_shards_warnings,
 )
-from captionflow.transforms.sidecars import RUN_FILES, CaptionFileWarnings, WriteSidecars
+from captionflow.transforms.sidecars import (
+    RUN_FILES,
+    CaptionFileWarnings,
+    NoCaptionFileWarnings,
+    WriteSidecars,
+)
 from captionflow.transforms.splits import ForSplits
 from captionflow.transforms.summary import (
     CAPTIONED,
@@ -171,6 +176,8 @@ def build_caption_pipeline(
             spill_dir=spill_dir,
         )
         warnings = warnings | "AndCaptionFiles" >> beam.Map(_joined, AsSingleton(caption_files))
+        captionless = (rejected, *errors) | "NoCaptionFiles" >> NoCaptionFileWarnings()
+        warnings = warnings | "AndNoCaptionFiles" >> beam.Map(_joined, AsSingleton(captionless))
     shard_formats = [name for name in config.formats if name in SHARD_FORMATS]
     kept_sidecars = sidecars and config.resume
     if shard_formats or kept_sidecars:  # from the finished file: every image, kept ones too

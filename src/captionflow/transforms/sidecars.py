@@ -195,3 +195,33 @@ def _caption_file_warnings(counts: dict[str, int], examples: dict[str, list[str]
             "them, or use a shorter --sidecar-extension"
         )
     return lines
+
+
+class NoCaptionFileWarnings(beam.PTransform):
+    """The run's rejected and failed images in (a tuple of collections, each counted where
+    it is made); out, one list: a warning when there are any. They stay in their folders
+    without a caption file, and trainers that take every image of a folder (kohya's
+    sd-scripts, OneTrainer) would train on them with an empty caption."""
+
+    def expand(self, collections: tuple[PCollection[Any], ...]) -> PCollection[list[str]]:
+        counts = [
+            AsSingleton(records | f"Count {i}" >> beam.combiners.Count.Globally())
+            for i, records in enumerate(collections)
+        ]
+        return (
+            collections[0].pipeline
+            | "Once" >> beam.Create([None])
+            | "Lines"
+            >> beam.Map(lambda _, *numbers: _no_caption_file_warnings(sum(numbers)), *counts)
+        )
+
+
+def _no_caption_file_warnings(count: int) -> list[str]:
+    if not count:
+        return []
+    return [
+        f"{count} failed or rejected image(s) got no caption file (see OUTPUT/{ERRORS_FILE} "
+        f"and OUTPUT/{REJECTED_FILE}): trainers that take every image of a folder (kohya's "
+        "sd-scripts, OneTrainer) would train on those still there with an empty caption; move "
+        "them out of the folder"
+    ]
