@@ -1137,3 +1137,23 @@ def test_file_names_like_splits_warn_with_the_way_to_load_them(
         "imagefolder", data_files={"train": f"{tmp_path}/**"}, split="train"
     )
     assert loaded.num_rows == 3 and "text" in loaded.column_names
+
+
+def test_a_backslash_in_an_image_name_is_warned_about_as_datasets_misreads_it(
+    tmp_path: Path, tiny_models: tuple[str, str]
+) -> None:
+    """`a\\b.jpg` is a legal name here, written as it is; `datasets` reads it as `a/b.jpg`."""
+    import datasets
+
+    write_images(tmp_path, 1)
+    random_image().save(tmp_path / "before\\after.jpg")
+    argv = ["run", "--input", str(tmp_path), "--output", str(tmp_path), *models(*tiny_models)]
+    assert main(argv) == 0
+    assert {row["file_name"] for row in read_jsonl(tmp_path / "metadata.jsonl")} == {
+        "image_000.jpg",
+        "before\\after.jpg",
+    }
+    (warning,) = json.loads((tmp_path / "summary.json").read_text())["warnings"]
+    assert warning.startswith("1 image file name(s) hold a backslash")
+    with pytest.raises(FileNotFoundError):  # the warning is true
+        list(datasets.load_dataset("imagefolder", data_dir=str(tmp_path), split="train"))

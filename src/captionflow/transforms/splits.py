@@ -100,6 +100,17 @@ def split_names_warning(in_folders: int, named: int) -> list[str]:
     ]
 
 
+def backslashes_warning(count: int) -> list[str]:
+    """The summary's warning when file names hold a backslash: legal on POSIX filesystems,
+    but `datasets` takes it for a folder separator, and fails to open those images."""
+    if not count:
+        return []
+    return [
+        f"{count} image file name(s) hold a backslash, which `datasets` reads as a folder "
+        "separator: `load_dataset('imagefolder', ...)` fails to open them; rename them"
+    ]
+
+
 def _in_split(line: Line) -> Iterator[tuple[str, str]]:
     if not line.data.strip():
         return
@@ -180,10 +191,10 @@ class WriteSplitMetadata(beam.PTransform):
 
 class ForSplits(beam.PTransform):
     """What `datasets` needs of an output whose images lie in split folders or have names
-    like splits': `(finished metadata path, captioned image URIs, kept image URIs)` in;
-    `(split files, warnings)` out, one list each. The split folders' metadata files
-    (`WriteSplitMetadata`) are written only if some image lies in one, and the file is read
-    again only then."""
+    like splits' (or names it misreads: a backslash): `(finished metadata path, captioned
+    image URIs, kept image URIs)` in; `(split files, warnings)` out, one list each. The
+    split folders' metadata files (`WriteSplitMetadata`) are written only if some image lies
+    in one, and the file is read again only then."""
 
     def __init__(self, output_dir: str) -> None:
         super().__init__()
@@ -202,17 +213,19 @@ class ForSplits(beam.PTransform):
 
         in_folders = how_many("InSplitFolders", split_folder)
         named = how_many("NamedLikeSplits", named_like_split)
+        backslashes = how_many("Backslashes", lambda name: "\\" in name)
         files = (
             metadata
             | "IfSplitFolders" >> beam.Filter(lambda _, *counts: sum(counts) > 0, *in_folders)
             | "Write" >> WriteSplitMetadata(self.output_dir)
             | "Files" >> beam.combiners.ToList()
         )
-        warnings = metadata | "Warnings" >> beam.Map(
-            lambda _, *counts: split_names_warning(
-                sum(counts[: len(in_folders)]), sum(counts[len(in_folders) :])
-            ),
-            *in_folders,
-            *named,
-        )
+
+        def lines(_: str, *counts: int) -> list[str]:
+            n = len(in_folders)  # as many counts of each kind
+            return split_names_warning(
+                sum(counts[:n]), sum(counts[n : 2 * n])
+            ) + backslashes_warning(sum(counts[2 * n :]))
+
+        warnings = metadata | "Warnings" >> beam.Map(lines, *in_folders, *named, *backslashes)
         return files, warnings
