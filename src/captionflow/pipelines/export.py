@@ -8,9 +8,8 @@ import apache_beam as beam
 
 from captionflow.config import ExportConfig
 from captionflow.transforms.shards import (
-    PARQUET,
+    HIDDEN_IMAGES,
     SHARD_FORMATS,
-    HiddenImagesWarnings,
     MetadataRows,
     WriteShardFormats,
 )
@@ -23,25 +22,26 @@ def build_export_pipeline(
     """Read the output's metadata rows once; write each asked-for format from them. Without
     `spread` (local runners), shards are made where the rows are read (`WriteShards`); the
     images left out of them are listed in `shard-errors.jsonl` (`WriteShardFormats`); parquet
-    shards beside the output's images are warned about (`HiddenImagesWarnings`)."""
+    shards beside the output's images are warned about (`HIDDEN_IMAGES`)."""
     rows = pipeline | "Metadata" >> beam.Create([config.metadata_path]) | "Rows" >> MetadataRows()
     if "sidecar" in config.formats:
         rows | "WriteSidecars" >> WriteSidecars(
             extension=config.sidecar_extension, overwrite=config.overwrite_captions
         )
     if kinds := [name for name in config.formats if name in SHARD_FORMATS]:
-        rows | "WriteShards" >> WriteShardFormats(
+        warnings = rows | "WriteShards" >> WriteShardFormats(
             config.output_dir,
             kinds,
             rows_per_shard=config.rows_per_shard,
             spread=spread,
             max_bytes=config.max_bytes,
         )
-    if PARQUET.kind in config.formats:
-        output_dir = config.output_dir
-        rows | "HiddenImages" >> HiddenImagesWarnings() | "Warn" >> beam.Map(_warn, output_dir)
+        warnings | "WarnHiddenImages" >> beam.Map(_warn_hidden_images, config.output_dir)
 
 
-def _warn(lines: list[str], output_dir: str) -> None:
-    for line in lines:
-        logging.getLogger("captionflow").warning("%s", line.replace("OUTPUT", output_dir))
+def _warn_hidden_images(lines: list[str], output_dir: str) -> None:
+    """The parquet shards' warning of images they hide, from `WriteShardFormats`' lines (the
+    others, of images left out, come from `shard-errors.jsonl` after the job:
+    `cli.export_outcome`)."""
+    if HIDDEN_IMAGES in lines:
+        logging.getLogger("captionflow").warning("%s", HIDDEN_IMAGES.replace("OUTPUT", output_dir))

@@ -268,18 +268,20 @@ def under_output(row: dict[str, Any]) -> bool:
     return bool(name) and not is_remote(name) and not name.startswith("/")
 
 
+# The line for the user when parquet shards lie beside images of the output: `datasets` takes
+# `data/{split}-NNNNN-of-NNNNN.*` files, when there are any, for the whole dataset, so
+# `load_dataset("imagefolder", data_dir=OUTPUT)` no longer sees the images.
+HIDDEN_IMAGES = (
+    f"the parquet shards in OUTPUT/{PARQUET.folder}/ hide the output's images from "
+    'datasets.load_dataset("imagefolder", data_dir=OUTPUT), which then loads no image '
+    "(datasets takes data/SPLIT-NNNNN-of-NNNNN files for the whole dataset): load them "
+    'with data_files={"train": "OUTPUT/**"}, as diffusers\' --train_data_dir does'
+)
+
+
 def hidden_images_warnings(images_under_output: bool) -> list[str]:
-    """The line for the user when parquet shards lie beside images of the output: `datasets`
-    takes `data/{split}-NNNNN-of-NNNNN.*` files, when there are any, for the whole dataset,
-    so `load_dataset("imagefolder", data_dir=OUTPUT)` no longer sees the images."""
-    if not images_under_output:
-        return []
-    return [
-        f"the parquet shards in OUTPUT/{PARQUET.folder}/ hide the output's images from "
-        'datasets.load_dataset("imagefolder", data_dir=OUTPUT), which then loads no image '
-        "(datasets takes data/SPLIT-NNNNN-of-NNNNN files for the whole dataset): load them "
-        'with data_files={"train": "OUTPUT/**"}, as diffusers\' --train_data_dir does'
-    ]
+    """`HIDDEN_IMAGES` when parquet shards lie beside images of the output."""
+    return [HIDDEN_IMAGES] if images_under_output else []
 
 
 class HiddenImagesWarnings(beam.PTransform):
