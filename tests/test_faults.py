@@ -29,7 +29,7 @@ from captionflow import CaptionImages, LoadImages
 from captionflow.cli import main
 from captionflow.handlers import ClipRankHandler
 from captionflow.handlers.base import DeviceFailedError, ModelImages
-from captionflow.lock import LOCK_FILE, OutputBusyError, OutputLock
+from captionflow.lock import LOCK_FILE, STALE_AFTER_SECS, OutputBusyError, OutputLock
 from tests.conftest import random_image, write_images
 from tests.killer import (
     MARKER_ENV,
@@ -761,6 +761,31 @@ def test_a_killed_runs_lock_is_taken_over_at_once_by_a_process_that_reuses_its_i
         with pytest.raises(OutputBusyError, match=f"process {os.getpid()} on"):
             OutputLock(str(tmp_path)).acquire()
     assert not (tmp_path / LOCK_FILE).exists()
+
+
+@pytest.mark.parametrize(
+    ("clock", "busy"),
+    [(+3600.0, False), (-3600.0, True)],
+    ids=["holder-clock-ahead-and-silent", "holder-clock-behind-and-alive"],
+)
+def test_a_holders_age_is_the_lock_files_own_time_not_its_clock(
+    tmp_path: Path, clock: float, busy: bool
+) -> None:
+    """The heartbeat a holder on another machine writes is its clock's time; the file's
+    modification time is the storage's. A clock an hour ahead must not keep a dead run's
+    lock for an hour, nor one an hour behind let a second run in beside a live one."""
+    now = time.time()
+    holder = {"run_id": "other", "host": "another-machine", "pid": 1, "started": now}
+    lock_file = tmp_path / LOCK_FILE
+    lock_file.write_text(json.dumps(holder | {"heartbeat": now + clock}))
+    written = now if busy else now - STALE_AFTER_SECS - 5
+    os.utime(lock_file, (written, written))
+    if busy:
+        with pytest.raises(OutputBusyError, match=r"another-machine, started .*last seen 0 s ago"):
+            OutputLock(str(tmp_path)).acquire()
+    else:
+        with OutputLock(str(tmp_path)) as lock:
+            assert json.loads(lock_file.read_text())["run_id"] == lock.holder.run_id
 
 
 @pytest.mark.parametrize("records", ["metadata.jsonl", "rejected.jsonl"])

@@ -102,12 +102,13 @@ def test_models_load_from_a_gcs_folder(gcs: object, tiny_blip: str, tmp_path: Pa
     assert 1 <= len(texts) <= 2
 
 
-def test_the_output_lock_works_on_gcs(gcs: object) -> None:
-    """A live holder on another machine is refused; a silent one is replaced; ours is
-    removed at the end."""
+def test_the_output_lock_works_on_gcs(gcs: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A live holder on another machine is refused; a silent one is replaced, whatever its
+    clock said (the object's own update time tells its age); ours is removed at the end."""
     import time
 
-    from captionflow.lock import LOCK_FILE, STALE_AFTER_SECS, OutputBusyError, OutputLock
+    import captionflow.lock
+    from captionflow.lock import LOCK_FILE, OutputBusyError, OutputLock
 
     blob = gcs.blob(f"out/{LOCK_FILE}")
     now = time.time()
@@ -116,7 +117,11 @@ def test_the_output_lock_works_on_gcs(gcs: object) -> None:
     with pytest.raises(OutputBusyError, match=r"process 1 on another-machine.*last seen 0 s ago"):
         OutputLock(f"gs://{BUCKET}/out").acquire()
 
-    blob.upload_from_string(json.dumps(other | {"heartbeat": now - STALE_AFTER_SECS - 1}))
+    monkeypatch.setattr(captionflow.lock, "STALE_AFTER_SECS", 2.0)
+    blob.upload_from_string(json.dumps(other | {"heartbeat": now + 3600}))  # a clock ahead
+    blob.reload()
+    while time.time() - blob.updated.timestamp() <= 2.0:
+        time.sleep(0.1)
     with OutputLock(f"gs://{BUCKET}/out") as lock:
         assert json.loads(blob.download_as_bytes())["run_id"] == lock.holder.run_id
         with pytest.raises(OutputBusyError):

@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from apache_beam.io.filesystems import FileSystems
 
@@ -121,11 +121,16 @@ class OutputLock:
             file.write(json.dumps(holder).encode("utf-8"))
 
     def _read(self) -> Holder | None:
+        """The holder, last seen when the storage last saw its lock written: the writer's
+        own clock may be minutes off ours, the storage's (or this host's) is not."""
         try:
             with FileSystems.open(self.path, compression_type="uncompressed") as file:
-                return Holder(**json.loads(file.read()))
+                holder = Holder(**json.loads(file.read()))
         except Exception:  # absent, or torn by a crash: either way nobody holds it
             return None
+        with contextlib.suppress(Exception):  # a filesystem that keeps no time: its clock
+            holder = replace(holder, heartbeat=FileSystems.last_updated(self.path))
+        return holder
 
     def _busy(self, other: Holder) -> str:
         age = time.time() - other.heartbeat
