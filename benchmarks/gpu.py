@@ -177,14 +177,17 @@ def main() -> None:
 def report(result: dict, best: int, seconds: float) -> None:
     print(f"\n{result['machine']['device']}, torch {result['machine']['torch']}, {seconds:.0f} s")
     print(
-        "| decode rows | fast ms/step | compiled ms/step (first 10 steps, s) | generate ms/step |"
+        "| decode rows | fast ms/step | compiled ms/step (first 10 steps, s; CUDA graph skips) "
+        "| generate ms/step |"
     )
     print("|---|---|---|---|")
     for rows, point in result["decoding"].get("steps", {}).items():
         first = point.get("compiled_first_steps_s")
+        skips = point.get("compiled_cudagraph_skips", "-")
         print(
             f"| {rows} | {milliseconds(point, 'fast')} | {milliseconds(point, 'compiled')} "
-            f"({'-' if first is None else f'{first:.1f}'}) | {milliseconds(point, 'reference')} |"
+            f"({'-' if first is None else f'{first:.1f}'}; {skips}) "
+            f"| {milliseconds(point, 'reference')} |"
         )
     for name, same in result["decoding"].get("check", {}).items():
         print(f"token ids, {name}: {same['identical_rows']}/{same['rows']} rows identical")

@@ -40,3 +40,4 @@ def test_decoding_benchmark_checks_and_times_steps_on_a_tiny_blip(tiny_blip: str
     steps = step_times(tiny_blip, "cpu", "float32", rows=[10])
     assert steps[10]["fast_ms"] > 0 and steps[10]["reference_ms"] > 0
     assert steps[10]["compiled_ms"] > 0
+    assert steps[10]["compiled_cudagraph_skips"] == 0  # none asked for on a CPU

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
 from captionflow.handlers import BlipCaptioner, DecodingOptions
-from captionflow.handlers.blip_fast import Steps
+from captionflow.handlers.blip_fast import StaticBuffers, Steps
 from captionflow.tiny_models import build_tiny_blip
 from tests.conftest import random_image
 
@@ -147,6 +149,49 @@ def test_compiled_steps_give_generates_token_ids(tiny_blip: str, strategy: str) 
     torch.manual_seed(2)
     assert torch.equal(compiled.token_ids(pixels(2)), expected)
     assert compiled.fast.compiled_step is not None  # it compiled: no fallback was taken
+
+
+def test_compiled_steps_read_and_write_the_same_static_buffers_batch_after_batch(
+    tiny_blip: str,
+) -> None:
+    """A CUDA graph holds its tensors' addresses: torch records it again for a cache or image
+    key at a new address, and records none for a step that writes into one unmarked. Each
+    shape's buffers are kept, marked static, and reused by the next batch, which still gets
+    `generate`'s token ids (nothing of the last batch left in them)."""
+    decoding = STRATEGIES["sample"].model_copy(update={"decoder": "compiled"})
+    compiled, reference = captioners(tiny_blip, decoding)
+    assert compiled.fast is not None and compiled.fast.compiled_step is not None
+    step = compiled.fast.compiled_step
+    addresses: dict[tuple, set[tuple[int, ...]]] = {}
+
+    def recorded(tokens, position, cache, cross, per_image) -> torch.Tensor:
+        tensors = [tensor for pairs in (cache, cross) for pair in pairs for tensor in pair]
+        assert all(getattr(t, "_dynamo_static_input_type", None) for t in tensors)
+        shape = tuple(tuple(t.shape) for t in tensors)
+        addresses.setdefault(shape, set()).add(tuple(t.data_ptr() for t in tensors))
+        return step(tokens, position, cache, cross, per_image)
+
+    compiled.fast.compiled_step = recorded
+    for seed in (2, 4):
+        torch.manual_seed(seed)
+        expected = reference.token_ids(pixels(seed))
+        torch.manual_seed(seed)
+        assert torch.equal(compiled.token_ids(pixels(seed)), expected)
+    assert compiled.fast.compiled_step is recorded  # no fallback was taken
+    assert len(addresses) >= 2  # compacted: more than one shape
+    assert all(len(seen) == 1 for seen in addresses.values()), addresses
+
+
+def test_static_buffers_are_kept_per_shape_and_never_shared_between_threads() -> None:
+    """Two batches decoding at once, in two threads, must not write into one cache."""
+    buffers, like = StaticBuffers(), torch.zeros(1)
+    here = buffers.pairs(2, (4, 3), like)
+    assert buffers.pairs(2, (4, 3), like) is here and buffers.pairs(2, (8, 3), like) is not here
+    elsewhere: list = []
+    thread = threading.Thread(target=lambda: elsewhere.append(buffers.pairs(2, (4, 3), like)))
+    thread.start()
+    thread.join()
+    assert elsewhere[0][0][0].data_ptr() not in {t.data_ptr() for pair in here for t in pair}
 
 
 def test_a_compiled_step_that_fails_falls_back_to_the_eager_step(

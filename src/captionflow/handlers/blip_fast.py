@@ -12,13 +12,16 @@ Compiled (`compiled=True`, `--decoder compiled`), a decode step is one static-sh
 (the new token written at a position given as a tensor, attention masked to the positions so
 far) compiled with `torch.compile`, with CUDA graphs on a GPU (`mode="reduce-overhead"`): no
 per-operation dispatch from Python. Image counts are padded to powers of two, so that a handful
-of shapes is compiled, not one per batch size or per compaction. A step that fails to compile
-falls back to the eager step, with a warning.
+of shapes is compiled, not one per batch size or per compaction. The caches and image keys it
+reads and writes live in buffers kept per shape (`StaticBuffers`): a graph holds its tensors'
+addresses, and torch records no graph for a step that writes into a tensor of changing
+address. A step that fails to compile falls back to the eager step, with a warning.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 
 import torch
@@ -28,6 +31,26 @@ from transformers import BlipForConditionalGeneration
 logger = logging.getLogger(__name__)
 # Shapes a compiled step may see: powers of two up to 2**16 images, per search strategy.
 COMPILED_SHAPES = 64
+Pairs = list[tuple[torch.Tensor, torch.Tensor]]  # keys and values, one pair per layer
+
+
+class StaticBuffers(threading.local):
+    """The tensors a compiled step reads and writes, one set per shape, kept from batch to
+    batch: a CUDA graph is recorded again for any of them at a new address. Per thread, as
+    two batches decoding at once must not share them. They hold memory for every image count
+    seen (a power of two): at most twice the largest batch's."""
+
+    def __init__(self) -> None:
+        self.sets: dict[tuple, Pairs] = {}
+
+    def pairs(self, layers: int, shape: tuple[int, ...], like: torch.Tensor) -> Pairs:
+        key = (layers, shape, like.dtype, like.device)
+        if key not in self.sets:
+            self.sets[key] = [(like.new_zeros(shape), like.new_zeros(shape)) for _ in range(layers)]
+            for pair in self.sets[key]:
+                for tensor in pair:
+                    torch._dynamo.mark_static_address(tensor)
+        return self.sets[key]
 
 
 class FastBlip:
@@ -42,6 +65,7 @@ class FastBlip:
         self.heads = text.config.num_attention_heads
         self.max_positions = text.config.max_position_embeddings
         self.compiled_step = _compile(self.static_step, model.device) if compiled else None
+        self.buffers = StaticBuffers() if compiled else None
 
     def static_step(
         self,
@@ -108,21 +132,27 @@ class Steps:
             image_embeds = image_embeds[_padded(torch.arange(images, device=image_embeds.device))]
             images = image_embeds.shape[0]
         # Contiguous: every step reads them whole (SDPA would copy a strided view each time).
-        self.cross = [
-            (
-                _heads(layer.crossattention.self.key(image_embeds), blip.heads).contiguous(),
-                _heads(layer.crossattention.self.value(image_embeds), blip.heads).contiguous(),
-            )
-            for layer in blip.layers
-        ]
+        self.cross = self._placed(
+            [
+                (
+                    _heads(layer.crossattention.self.key(image_embeds), blip.heads).contiguous(),
+                    _heads(layer.crossattention.self.value(image_embeds), blip.heads).contiguous(),
+                )
+                for layer in blip.layers
+            ]
+        )
         head_dim = self.cross[0][0].shape[-1]
         shape = (images * rows_per_image, blip.heads, max_length, head_dim)
         like = self.cross[0][0]
         # Zeros, not garbage: a compiled step attends over the whole length with the unwritten
         # positions masked, and a masked NaN or infinity would still poison the softmax.
-        self.cache = [
-            (like.new_zeros(shape), like.new_zeros(shape)) for _ in range(len(blip.layers))
-        ]
+        if blip.buffers is None:
+            self.cache = [(like.new_zeros(shape), like.new_zeros(shape)) for _ in blip.layers]
+        else:
+            self.cache = blip.buffers.pairs(len(blip.layers), shape, like)
+            for keys, values in self.cache:
+                keys.zero_()
+                values.zero_()
 
     @property
     def rows(self) -> int:
@@ -142,6 +172,7 @@ class Steps:
         padded = torch.cat([tokens, tokens[-1:].expand(capacity - len(tokens))])
         if self.blip.compiled_step is not None:
             position = torch.tensor(self.length, device=tokens.device)
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are spent
             try:
                 logits = self.blip.compiled_step(
                     padded, position, self.cache, self.cross, self.per_image
@@ -161,8 +192,19 @@ class Steps:
         rows = (
             images[:, None] * self.per_image + torch.arange(self.per_image, device=images.device)
         ).flatten()
-        self.cross = [(k[images], v[images]) for k, v in self.cross]
-        self.cache = [(k[rows], v[rows]) for k, v in self.cache]
+        self.cross = self._placed([(k[images], v[images]) for k, v in self.cross])
+        self.cache = self._placed([(k[rows], v[rows]) for k, v in self.cache])
+
+    def _placed(self, pairs: Pairs) -> Pairs:
+        """`pairs` as they are; compiled, copied into the static buffers of their shape."""
+        if self.blip.buffers is None:
+            return pairs
+        like = pairs[0][0]
+        placed = self.blip.buffers.pairs(len(pairs), tuple(like.shape), like)
+        for (keys, values), (new_keys, new_values) in zip(placed, pairs, strict=True):
+            keys.copy_(new_keys)
+            values.copy_(new_values)
+        return placed
 
     def reorder_rows(self, rows: torch.Tensor) -> None:
         capacity = self.cache[0][0].shape[0]
