@@ -725,6 +725,36 @@ def test_a_stop_signal_while_the_lock_is_taken_stops_in_one_line_and_leaves_no_l
     assert not (out / ".captionflow.lock").exists()
 
 
+def test_the_stop_line_is_the_last_even_while_other_threads_log() -> None:
+    """Beam's threads log on as a cancelled job winds down ("Job state changed to
+    CANCELLED"): nothing of theirs may come after the line that says what happened."""
+    noisy = (
+        "import logging, signal, sys, threading, captionflow.cli as cli\n"
+        "from captionflow.signals import Interrupted\n"
+        "def noise():\n"
+        "    while True: logging.getLogger('apache_beam').info('Job state changed')\n"
+        "def run(argv):\n"
+        "    threading.Thread(target=noise, daemon=True).start()\n"
+        "    raise Interrupted(signal.SIGTERM)\n"
+        "cli.run = run\n"
+        "sys.exit(cli.main(['run']))"
+    )
+    for _ in range(3):
+        done = subprocess.run(
+            [sys.executable, "-c", noisy],
+            cwd=REPO,
+            env=os.environ | {"PYTHONPATH": PYTHONPATH},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 143
+        assert done.stderr.endswith(
+            "captionflow: stopped by SIGTERM; what was written is kept: run the same command "
+            "with --resume to finish\n"
+        ), done.stderr[-300:]
+
+
 def test_a_second_run_into_the_same_output_is_refused_while_the_first_runs(
     tmp_path: Path, tiny_models: tuple[str, str], capsys: pytest.CaptureFixture
 ) -> None:

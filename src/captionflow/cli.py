@@ -771,10 +771,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"captionflow: error: {line}", file=sys.stderr)
         return USAGE
     except Interrupted as stopped:
+        logging.disable()  # Beam's threads log on as the job winds down: nothing of theirs
+        for handler in logging.getLogger().handlers:  # after this line (one being written
+            handler.acquire()  # is out first; the process ends holding the locks)
         print(
             f"captionflow: stopped by {stopped.name}; {stopped.then}",
             file=sys.stderr,
         )
-        logging.shutdown()
         sys.stderr.flush()
         os._exit(stopped.exit_code)  # Beam's worker threads would hold a normal exit
