@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import shutil
 import threading
 
 import pytest
@@ -135,6 +138,57 @@ def test_settings_only_generate_implements_fall_back_to_it(tiny_blip: str, caplo
     assert fallback.fast is None
     assert "no_repeat_ngram_size" in caplog.text
     assert len(fallback.caption([random_image(), random_image(seed=1)])) == 2
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("stop_strings", ["dog"]),
+        ("force_words_ids", [[10]]),
+        ("penalty_alpha", 0.6),
+        ("dola_layers", "low"),
+        ("token_healing", True),
+        ("prompt_lookup_num_tokens", 3),
+        ("max_time", 1.0),
+    ],
+)
+def test_other_settings_that_change_generates_tokens_fall_back_to_it_too(
+    tiny_blip: str, name: str, value: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each of these makes `generate` write other tokens (stop strings, constrained or
+    contrastive search, DoLa, token healing, assisted decoding, a time limit) or refuse the
+    call: the loop implements none of them, so it must not decode as though they were unset."""
+    fast, _ = captioners(tiny_blip, STRATEGIES["greedy"])
+    setattr(fast.model.text_decoder.generation_config, name, value)
+    fallback = BlipCaptioner(fast.model, fast.processor, STRATEGIES["greedy"])
+    assert fallback.fast is None
+    assert name in caplog.text
+
+
+def test_a_checkpoints_saved_generation_settings_are_said_to_be_ignored(
+    tiny_blip: str, tmp_path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """BLIP's `generate` decodes with its text decoder's generation config, never with the
+    one a checkpoint saves (`generation_config.json`, or generation keys in `config.json`):
+    neither decoder applies those settings, so the user is told which, not left to think
+    they hold. The tokens stay `generate`'s."""
+    path = shutil.copytree(tiny_blip, tmp_path / "blip")
+    saved = json.loads((path / "generation_config.json").read_text())
+    saved |= {"no_repeat_ngram_size": 2, "top_k": 7, "bos_token_id": saved["bos_token_id"]}
+    (path / "generation_config.json").write_text(json.dumps(saved))
+    with caplog.at_level(logging.WARNING, logger="captionflow"):
+        fast, reference = captioners(str(path), STRATEGIES["sample"])
+    warned = [r.getMessage() for r in caplog.records if "generation config" in r.getMessage()]
+    assert warned and "no_repeat_ngram_size" in warned[0] and "top_k" in warned[0]
+    assert "bos_token_id" not in warned[0]
+    torch.manual_seed(0)
+    expected = reference.token_ids(pixels(0))
+    torch.manual_seed(0)
+    assert torch.equal(fast.token_ids(pixels(0)), expected)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="captionflow"):
+        captioners(tiny_blip, STRATEGIES["sample"])
+    assert "generation config" not in caplog.text
 
 
 @pytest.mark.parametrize("strategy", ["sample", "beam"])

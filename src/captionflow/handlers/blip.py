@@ -20,6 +20,7 @@ from captionflow.handlers.search import (
     SearchSettings,
     image_generators,
     not_implemented,
+    not_read,
     search,
 )
 from captionflow.views import ViewSpec
@@ -64,6 +65,13 @@ class BlipCaptioner(Pretrained):
             pad=text.pad_token_id,
             bad_words=bad_words,
         )
+        if ignored := not_read(model.generation_config, model.text_decoder.generation_config):
+            # BLIP's generate decodes with its text decoder's config, never the checkpoint's.
+            logger.warning(
+                "the checkpoint's generation config sets %s, which BLIP's generate never reads "
+                "(it decodes with its text decoder's own config): no decoder applies them",
+                ", ".join(ignored),
+            )
         self.fast: FastBlip | None = None
         if decoding.decoder != "reference":
             if missing := not_implemented(model.text_decoder.generation_config):

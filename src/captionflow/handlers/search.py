@@ -49,7 +49,22 @@ NOT_IMPLEMENTED = (
     "num_beam_groups",
     "diversity_penalty",
     "watermarking_config",
+    # Other searches (constrained, contrastive, DoLa, assisted), stops and prompt rewrites:
+    # `generate` writes other tokens with them, or refuses the call.
+    "constraints",
+    "force_words_ids",
+    "penalty_alpha",
+    "dola_layers",
+    "prompt_lookup_num_tokens",
+    "assistant_early_exit",
+    "use_mtp",
+    "token_healing",
+    "stop_strings",
+    "max_time",
 )
+# The settings that change the tokens and that `generate` takes from a model's generation
+# config (the decoding options give the rest).
+FROM_MODEL_CONFIG = ("top_k", "length_penalty", "early_stopping", *NOT_IMPLEMENTED)
 
 
 @dataclass(frozen=True)
@@ -137,6 +152,18 @@ def not_implemented(model_config: GenerationConfig) -> list[str]:
         name
         for name in NOT_IMPLEMENTED
         if getattr(model_config, name, None) not in (None, False, defaults.get(name))
+    ]
+
+
+def not_read(saved: GenerationConfig, used: GenerationConfig) -> list[str]:
+    """The settings of `saved` (a checkpoint's own generation config) that would change the
+    tokens but that `used` (the config `generate` actually decodes with) does not hold."""
+    defaults = generate_defaults()
+    return [
+        name
+        for name in FROM_MODEL_CONFIG
+        if getattr(saved, name, None) not in (None, False, defaults.get(name))
+        and getattr(saved, name, None) != getattr(used, name, None)
     ]
 
 
