@@ -291,6 +291,21 @@ def test_bad_words_are_never_written_and_both_decoders_agree(tiny_blip: str, str
     assert not (pairs == torch.tensor(common[1:])).all(dim=-1).any()
 
 
+@pytest.mark.parametrize("strategy", ["sample", "beam"])
+def test_a_bad_word_that_is_the_end_token_is_not_barred_as_generate_does(
+    tiny_blip: str, strategy: str
+) -> None:
+    """`--bad-words "[SEP]"` tokenizes to BLIP's end token: `generate` leaves that one out of
+    `bad_words_ids` (captions must still end), and so must the loop."""
+    decoding = STRATEGIES[strategy].model_copy(update={"bad_words": ("[SEP]",)})
+    fast, reference = captioners(tiny_blip, decoding)
+    torch.manual_seed(6)
+    expected = reference.token_ids(pixels(6))
+    torch.manual_seed(6)
+    assert torch.equal(fast.token_ids(pixels(6)), expected)
+    assert (expected == fast.model.config.text_config.sep_token_id).any()
+
+
 def test_the_static_step_sees_only_zeros_past_the_current_position(tiny_blip: str) -> None:
     """The compiled step attends over the whole cache length, the unwritten positions masked:
     they must hold zeros, as a masked NaN (from uninitialised memory) still poisons the

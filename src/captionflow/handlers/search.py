@@ -121,7 +121,8 @@ class SearchSettings:
             temperature=kwargs.get("temperature", 1.0),
             top_k=int(model_or_default("top_k") or 0),
             top_p=kwargs.get("top_p", 1.0),
-            bad_words=bad_words,
+            # generate's NoBadWordsLogitsProcessor never bars the end token alone.
+            bad_words=tuple(words for words in bad_words if words != (eos,)),
             seed=decoding.seed,
             length_penalty=float(model_or_default("length_penalty")),
             early_stopping=model_or_default("early_stopping"),  # type: ignore[arg-type]
