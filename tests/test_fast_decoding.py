@@ -306,6 +306,24 @@ def test_a_bad_word_that_is_the_end_token_is_not_barred_as_generate_does(
     assert (expected == fast.model.config.text_config.sep_token_id).any()
 
 
+@pytest.mark.parametrize("strategy", ["sample", "beam"])
+def test_a_checkpoint_without_a_pad_token_pads_with_the_end_token_as_generate_does(
+    tiny_blip: str, tmp_path, strategy: str
+) -> None:
+    """A text config with `pad_token_id: null`: `generate` pads finished rows with the end
+    token; the loop must too, not fail every batch."""
+    path = shutil.copytree(tiny_blip, tmp_path / "blip")
+    config = json.loads((path / "config.json").read_text())
+    config["text_config"]["pad_token_id"] = None
+    (path / "config.json").write_text(json.dumps(config))
+    fast, reference = captioners(str(path), STRATEGIES[strategy])
+    assert fast.model.config.text_config.pad_token_id is None
+    torch.manual_seed(7)
+    expected = reference.token_ids(pixels(7))
+    torch.manual_seed(7)
+    assert torch.equal(fast.token_ids(pixels(7)), expected)
+
+
 def test_the_static_step_sees_only_zeros_past_the_current_position(tiny_blip: str) -> None:
     """The compiled step attends over the whole cache length, the unwritten positions masked:
     they must hold zeros, as a masked NaN (from uninitialised memory) still poisons the

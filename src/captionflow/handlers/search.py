@@ -94,7 +94,7 @@ class SearchSettings:
         model_config: GenerationConfig,
         *,
         eos: int,
-        pad: int,
+        pad: int | None,
         bad_words: tuple[tuple[int, ...], ...] = (),
     ) -> SearchSettings:
         """What `generate(**decoding.generate_kwargs())` does on a model with this generation
@@ -115,7 +115,7 @@ class SearchSettings:
             num_return=kwargs["num_return_sequences"],
             max_new_tokens=kwargs["max_new_tokens"],
             eos_token_id=eos,
-            pad_token_id=pad,
+            pad_token_id=eos if pad is None else pad,  # as generate pads without a pad token
             min_new_tokens=kwargs["min_new_tokens"],
             repetition_penalty=kwargs["repetition_penalty"],
             temperature=kwargs.get("temperature", 1.0),
