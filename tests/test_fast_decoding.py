@@ -6,6 +6,7 @@ import json
 import logging
 import shutil
 import threading
+from dataclasses import replace
 
 import pytest
 import torch
@@ -84,6 +85,28 @@ def test_without_a_top_k_cut_the_whole_vocabulary_is_sorted_as_generate_does(
     expected = reference.token_ids(pixels(5))
     torch.manual_seed(5)
     assert torch.equal(fast.token_ids(pixels(5)), expected)
+
+
+def test_tokens_tied_with_the_kth_are_kept_by_the_top_k_cut_as_generate_does() -> None:
+    """Half-precision logits tie often: `generate`'s top-k keeps every token whose score is
+    not below the k-th's, and so does the nucleus sampler."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    from captionflow.handlers.search import SearchSettings, sample_nucleus
+
+    scores = torch.tensor([[5.0, 4.0, 3.0, 3.0, 3.0, 3.0, 1.0, 0.5]]).repeat(4, 1)
+    settings = SearchSettings("sample", 4, 4, 10, eos_token_id=7, pad_token_id=7, top_k=3)
+    noise = torch.ones(4, 8)
+    for row, tied in enumerate((2, 3, 4, 5)):
+        noise[row, tied] = 1e-3  # each tied token wins if it is in the nucleus
+    for top_p in (1.0, 0.99):
+        cut = TopKLogitsWarper(3)(None, scores.clone())
+        if top_p < 1.0:
+            cut = TopPLogitsWarper(top_p)(None, cut)
+        expected = (cut.softmax(dim=-1) / noise).argmax(dim=-1)
+        assert expected.tolist() == [2, 3, 4, 5]
+        chosen = sample_nucleus(scores, noise, replace(settings, top_p=top_p))
+        assert chosen.tolist() == expected.tolist()
 
 
 def test_finished_images_leave_the_models_batch(tiny_blip: str, monkeypatch) -> None:

@@ -305,16 +305,21 @@ def sample_nucleus(
     """One token per row: temperature, top-k, top-p, then `multinomial`'s draw.
 
     The nucleus is cut from the top-k only (`generate` sorts the whole vocabulary; the tokens
-    outside the top k have probability 0 by then, so the cut is the same). Without a top-k
-    cut (`top_k` 0) the whole vocabulary is sorted, as `generate` does.
+    outside the top k have probability 0 by then, so the cut is the same). Like `generate`,
+    the cut keeps the tokens tied with the k-th (half-precision logits tie often): the top 2k
+    are taken and those below the k-th masked, exact unless over k tokens tie with it (no
+    wait on the device to count them). Without a top-k cut (`top_k` 0) the whole vocabulary
+    is sorted, as `generate` does.
     """
     if settings.temperature != 1.0:
         scores = scores / settings.temperature
     vocab = scores.shape[-1]
     k = min(settings.top_k, vocab) if settings.top_k > 0 else vocab
-    values, ids = (
-        torch.topk(scores, k) if k < vocab else torch.sort(scores, dim=-1, descending=True)
-    )
+    if k < vocab:
+        values, ids = torch.topk(scores, min(2 * k, vocab))
+        values = values.masked_fill(values < values[:, k - 1 : k], -torch.inf)
+    else:
+        values, ids = torch.sort(scores, dim=-1, descending=True)
     if settings.top_p < 1.0:
         ascending = values.flip(-1)
         cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
