@@ -424,26 +424,6 @@ def test_decoder_chooses_blips_decode_loop(
     assert "--decoder" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("decoder", ["fast", "reference"])
-def test_captions_longer_than_the_captioner_can_hold_are_refused_in_one_line(
-    image_dir: Path,
-    tmp_path: Path,
-    tiny_blip: str,
-    capsys: pytest.CaptureFixture,
-    decoder: str,
-) -> None:
-    """The tiny BLIP's text decoder has 64 positions, 4 of them the prompt's: 80 new tokens
-    cannot fit. Not one failure per image (fast), nor an IndexError for the captions that
-    happen to run long (generate): the run stops before any caption, saying what fits."""
-    argv = ["run", "--input", str(image_dir), "--output", str(tmp_path / "out")]
-    argv += ["--captioner", f"blip:{tiny_blip}", "--ranker", "none", "--decoder", decoder]
-    assert main([*argv, "--max-new-tokens", "80"]) == 2
-    err = capsys.readouterr().err.splitlines()  # with the worker's loading progress bar
-    (line,) = [line for line in err if line.startswith("captionflow: error: ")]
-    assert "--max-new-tokens 80" in line and "64 positions" in line and "at most 60" in line
-    assert not (tmp_path / "out" / "metadata.jsonl").exists()
-
-
 def test_every_record_has_its_candidates_and_the_images_upright_size(
     tmp_path: Path, tiny_models: tuple[str, str]
 ) -> None:

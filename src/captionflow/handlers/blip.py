@@ -13,7 +13,7 @@ from captionflow.handlers.base import CaptionModelHandler, ModelImages
 from captionflow.handlers.blip_fast import FastBlip
 from captionflow.handlers.candidates import per_image
 from captionflow.handlers.decoding import DecodingOptions
-from captionflow.handlers.loading import ModelLoadError, Pretrained
+from captionflow.handlers.loading import Pretrained
 from captionflow.handlers.pixels import PixelValues, view_spec_of
 from captionflow.handlers.registry import register_captioner
 from captionflow.handlers.search import (
@@ -58,14 +58,6 @@ class BlipCaptioner(Pretrained):
         bad_words = decoding.bad_word_ids(tokenizer)
         text = model.config.text_config
         self._prompt_ids = prompt_ids_for_generate(tokenizer(self.prompt).input_ids, text)
-        positions, prompt = text.max_position_embeddings, len(self._prompt_ids)
-        if prompt + decoding.max_new_tokens > positions:
-            # Else every batch fails (fast), or generate fails on the captions that run long.
-            raise ModelLoadError(
-                f"--max-new-tokens {decoding.max_new_tokens} does not fit the captioner's text "
-                f"decoder: its {positions} positions, {prompt} of them the prompt's, leave "
-                f"at most {positions - prompt} new tokens"
-            )
         self._search = SearchSettings.of(
             decoding,
             model.text_decoder.generation_config,
