@@ -148,7 +148,8 @@ class RunConfig(FormatOptions):
     rules: CandidateRules = CandidateRules()  # on the candidates, before ranking
     prefix: str = ""  # around every final caption, after ranking
     suffix: str = ""
-    min_score: float | None = None  # lower-scoring images go to rejected.jsonl
+    # Lower-scoring images go to rejected.jsonl; NaN would reject every image, inf too.
+    min_score: float | None = Field(None, allow_inf_nan=False)
     caption_batch_size: int | None = Field(None, ge=1, le=4096)  # None: the captioner's own
     rank_batch_size: int | None = Field(None, ge=1, le=4096)  # None: the ranker's own
     engine_batch_size: int = Field(256, ge=1, le=65536)

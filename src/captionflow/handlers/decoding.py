@@ -22,8 +22,9 @@ class DecodingOptions(BaseModel):
     num_captions: int = Field(5, ge=1, le=64, description="candidates per image")
     strategy: Literal["sample", "beam"] = "sample"
     top_p: float = Field(0.9, gt=0, le=1)
-    temperature: float = Field(1.0, gt=0)
-    repetition_penalty: float = Field(1.1, gt=0)
+    # Finite: an infinite temperature leaves every image without a caption.
+    temperature: float = Field(1.0, gt=0, allow_inf_nan=False)
+    repetition_penalty: float = Field(1.1, gt=0, allow_inf_nan=False)
     num_beams: int = Field(3, ge=1, description="beam width (beam search only)")
     min_new_tokens: int = Field(5, ge=0)
     max_new_tokens: int = Field(30, ge=1)
