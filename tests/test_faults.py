@@ -384,6 +384,33 @@ def test_a_model_that_cannot_load_stops_the_job_at_once_in_one_line(
     assert not (tmp_path / "out" / "errors.jsonl").exists()
 
 
+@pytest.mark.parametrize("decoder", ["fast", "reference"])
+def test_captions_longer_than_the_captioner_can_write_stop_the_job_in_one_line(
+    image_dir: Path,
+    tmp_path: Path,
+    tiny_models: tuple[str, str],
+    decoder: str,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """The tiny BLIP has 64 positions, 4 of them its prompt's: every batch would fail and be
+    retried in halves, and every image become an error record, for one setting."""
+    argv = ["run", "--input", str(image_dir), "--output", str(tmp_path / "out")]
+    flags = ["--max-new-tokens", "61", "--decoder", decoder]
+    with caplog.at_level(logging.WARNING):
+        assert main([*argv, *models(tiny_models), *flags]) == 2
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("captionflow: error")]
+    assert line == (
+        "captionflow: error: --max-new-tokens 61 is more than the blip model "
+        f"'{tiny_models[0]}' can write: its prompt takes 4 of its 64 positions; "
+        "use --max-new-tokens 60 or less"
+    )
+    assert "Traceback" not in err
+    assert "trying its halves apart" not in caplog.text
+    assert not (tmp_path / "out" / "errors.jsonl").exists()
+
+
 def test_a_run_where_every_image_failed_exits_3(
     tmp_path: Path, tiny_models: tuple[str, str], caplog: pytest.LogCaptureFixture
 ) -> None:

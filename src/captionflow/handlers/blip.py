@@ -13,7 +13,7 @@ from captionflow.handlers.base import CaptionModelHandler, ModelImages
 from captionflow.handlers.blip_fast import FastBlip
 from captionflow.handlers.candidates import per_image
 from captionflow.handlers.decoding import DecodingOptions
-from captionflow.handlers.loading import Pretrained
+from captionflow.handlers.loading import ModelLoadError, Pretrained
 from captionflow.handlers.pixels import PixelValues, view_spec_of
 from captionflow.handlers.registry import register_captioner
 from captionflow.handlers.search import (
@@ -58,6 +58,7 @@ class BlipCaptioner(Pretrained):
         bad_words = decoding.bad_word_ids(tokenizer)
         text = model.config.text_config
         self._prompt_ids = prompt_ids_for_generate(tokenizer(self.prompt).input_ids, text)
+        _check_length(len(self._prompt_ids), decoding.max_new_tokens, text, model.name_or_path)
         self._search = SearchSettings.of(
             decoding,
             model.text_decoder.generation_config,
@@ -115,6 +116,20 @@ class BlipCaptioner(Pretrained):
         if settings.seed is not None and settings.strategy == "sample":
             generators = image_generators(pixel_values, settings.seed)
         return search(steps, prompt, images, settings, generators)
+
+
+def _check_length(prompt: int, max_new_tokens: int, text_config: object, path: str) -> None:
+    """Captions that cannot fit the decoder's positions would fail every batch, then every
+    image alone: a setting no retry mends, so the job stops at once."""
+    positions = text_config.max_position_embeddings  # type: ignore[attr-defined]
+    if prompt + max_new_tokens <= positions:
+        return
+    room = positions - prompt
+    advice = f"use --max-new-tokens {room} or less" if room >= 1 else "use a shorter --prompt"
+    raise ModelLoadError(
+        f"--max-new-tokens {max_new_tokens} is more than the blip model {path!r} can write: "
+        f"its prompt takes {prompt} of its {positions} positions; {advice}"
+    )
 
 
 def prompt_ids_for_generate(ids: Sequence[int], text_config: object) -> list[int]:
