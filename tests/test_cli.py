@@ -97,6 +97,46 @@ def test_a_list_line_in_another_encoding_is_an_error_record_and_the_rest_is_capt
     assert (summary["images"], summary["captioned"], summary["failed"]) == (3, 2, 1)
 
 
+@pytest.mark.parametrize(
+    ("flag", "uri", "message"),
+    [
+        ("--input", "https://example.com/photos.txt", "no Beam filesystem reads https:// URLs"),
+        ("--input", "file:///data/photos", "no Beam filesystem reads file:// URIs: write local"),
+        ("--output", "https://example.com/out", "no Beam filesystem reads https:// URLs"),
+    ],
+)
+def test_a_uri_that_no_beam_filesystem_reads_is_a_usage_error(
+    image_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    tiny_models: tuple[str, str],
+    flag: str,
+    uri: str,
+    message: str,
+) -> None:
+    """Not three attempts that each fail with a traceback telling to install apache-beam[gcp]."""
+    paths = {"--input": str(image_dir), "--output": str(tmp_path / "out")} | {flag: uri}
+    argv = ["run", "--input", paths["--input"], "--output", paths["--output"]]
+    assert main([*argv, *models(*tiny_models)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"captionflow: error: {flag}: {uri!r}: {message}")
+
+
+def test_a_list_line_that_no_beam_filesystem_reads_is_an_error_record_saying_why(
+    tmp_path: Path, tiny_models: tuple[str, str]
+) -> None:
+    (image,) = write_images(tmp_path / "imgs", 1)
+    listing = tmp_path / "dataset.txt"
+    listing.write_text(f"{image}\nhttps://example.com/a.jpg\n", encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["run", "--input", str(listing), "--output", str(out), *models(*tiny_models)]) == 0
+    assert [r["image_uri"] for r in read_jsonl(out / "metadata.jsonl")] == [str(image)]
+    (error,) = read_jsonl(out / "errors.jsonl")
+    assert (error["image_uri"], error["stage"]) == ("https://example.com/a.jpg", "read")
+    assert error["error_type"] == "UnreadableURIError"
+    assert error["message"].startswith("no Beam filesystem reads https:// URLs: download")
+
+
 def test_a_file_name_that_is_not_utf8_is_an_error_record_and_the_rest_is_captioned(
     tmp_path: Path, tiny_models: tuple[str, str]
 ) -> None:

@@ -19,7 +19,7 @@ from captionflow.images import (
 )
 from captionflow.jsonl import read_json_lines
 from captionflow.listing import list_local, walk_files
-from captionflow.paths import absolute, dirname, is_remote, join
+from captionflow.paths import absolute, dirname, is_remote, join, unreadable_uri
 from captionflow.transforms.read import GLOB_CHARACTERS, InputKind, input_kind, list_entries
 from captionflow.transforms.write import ERRORS_FILE, METADATA_FILE, REJECTED_FILE
 
@@ -229,6 +229,8 @@ class RunConfig(FormatOptions):
     @field_validator("input")
     @classmethod
     def _input_exists(cls, value: str) -> str:
+        if problem := unreadable_uri(value):
+            raise ValueError(f"{value!r}: {problem}")
         if not is_remote(value):  # remote inputs are only listed when the job runs
             _check_local_input(value)
         return value
@@ -242,6 +244,8 @@ class RunConfig(FormatOptions):
                 f"{os.path.basename(value)} is where {listed} images are listed; name the "
                 f"metadata file otherwise (e.g. {METADATA_FILE}) or give a folder"
             )
+        if problem := unreadable_uri(value):
+            raise ValueError(f"{value!r}: {problem}")
         output_dir = _output_dir(value)
         if is_remote(output_dir):
             return value

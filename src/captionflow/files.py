@@ -13,7 +13,7 @@ from typing import BinaryIO
 
 from apache_beam.io.filesystems import FileSystems
 
-from captionflow.paths import is_remote
+from captionflow.paths import is_remote, unreadable_uri
 
 CHUNK = 1 << 20
 BUFFER = 1 << 16  # what a decoder reads ahead of what it asked for
@@ -32,6 +32,10 @@ class ReadError(OSError):
 
 class NotRegularFileError(ReadError):
     """A directory, FIFO, device or socket where an image file was expected."""
+
+
+class UnreadableURIError(ReadError):
+    """A URI that no Beam filesystem here reads (`https://`, `file://`, ...)."""
 
 
 class FileTooLargeError(ReadError):
@@ -57,6 +61,8 @@ def open_image_file(uri: str, max_bytes: int) -> BinaryIO:
     Local files are checked with `stat` before they are opened, so a FIFO or device is never
     opened at all; the open itself does not block either, should the path change in between.
     """
+    if problem := unreadable_uri(uri):
+        raise UnreadableURIError(problem)
     if is_remote(uri):
         return cap_file(FileSystems.open(uri, compression_type="uncompressed"), max_bytes)
     _check(os.stat(uri), max_bytes)

@@ -10,6 +10,30 @@ def is_remote(path: str) -> bool:
     return "://" in path
 
 
+def unreadable_uri(path: str) -> str | None:
+    """Why no Beam filesystem here reads the URI `path` (`https://`, `file://`, a scheme whose
+    package is not installed), or None: Beam's own message would advise installing its `gcp`
+    extra, whatever the scheme."""
+    if not is_remote(path):
+        return None
+    from apache_beam.io.filesystems import FileSystems
+
+    try:
+        FileSystems.get_filesystem(path)
+    except Exception as error:  # ValueError for an unknown scheme, BeamIOError for hdfs://
+        scheme = path.split("://", 1)[0].lower()
+        if scheme in ("http", "https"):
+            return (
+                f"no Beam filesystem reads {scheme}:// URLs: download the images first (e.g. "
+                "with img2dataset) and list their local or gs:// paths"
+            )
+        if scheme == "file":
+            return "no Beam filesystem reads file:// URIs: write local paths without file://"
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        return f"no installed Beam filesystem reads {scheme}:// URIs ({reason})"
+    return None
+
+
 def normalise(path: str) -> str:
     """One spelling per local file (`/a/./b`, `/a//b` and `//a/b` are all `/a/b`), so that
     duplicates collapse; URIs are left exactly as they are."""
