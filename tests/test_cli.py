@@ -198,6 +198,11 @@ def test_every_file_that_looks_like_an_image_gets_a_record(
         (["--runner", "NoSuchRunner"], "--runner: unknown runner 'NoSuchRunner': use one of"),
         (["--runner", "no.such.Runner"], "--runner: cannot load runner 'no.such.Runner': No mod"),
         (["--max-bytes", "0"], "--max-bytes: Input should be greater than or equal to 1"),
+        (
+            ["--engine", "local", "--model-copies", "2"],
+            "--model-copies: counts shared engine processes, so it cannot be used with --engine "
+            "local",
+        ),
         (["--min-score", "nan"], "--min-score: Input should be a finite number"),
         (["--min-score", "inf"], "--min-score: Input should be a finite number"),
         (["--temperature", "inf"], "--temperature: Input should be a finite number"),

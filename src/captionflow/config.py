@@ -194,6 +194,16 @@ class RunConfig(FormatOptions):
                 )
         return value
 
+    @field_validator("model_copies")
+    @classmethod
+    def _copies_are_shared_engines(cls, value: int | None, info: ValidationInfo) -> int | None:
+        """`--engine local` runs no shared engine: the copies asked for would be ignored."""
+        if value is not None and info.data.get("engine") == "local":
+            raise ValueError(
+                "counts shared engine processes, so it cannot be used with --engine local"
+            )
+        return value
+
     @field_validator("report")
     @classmethod
     def _report_written_here(cls, value: bool, info: ValidationInfo) -> bool:
