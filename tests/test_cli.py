@@ -211,6 +211,10 @@ def test_every_file_that_looks_like_an_image_gets_a_record(
         (["--captioner", "clip:/models/clip"], "--captioner: unknown captioner 'clip' in"),
         (["--captioner", "blp:org/name"], "--captioner: unknown captioner 'blp' in"),
         (["--ranker", "blip:/models/blip"], "--ranker: unknown ranker 'blip' in"),
+        (  # a path, not a hub id: no advice to download it from the Hub
+            ["--captioner", "blip:/no/such/model"],
+            "--captioner: cannot load /no/such/model: no such directory\n",
+        ),
         (  # and no advice to download what is no model's name
             ["--captioner", "a/b/c"],
             "--captioner: cannot load a/b/c: neither a folder here nor a Hugging Face hub id "

@@ -182,10 +182,14 @@ class IsolatingModelHandler(ModelHandler[ExampleT, PredictionT, ModelT]):
         `ranker`), or None when it can: asked before a local run starts. This default knows
         Hugging Face references (hub id, local folder, remote URI); a handler whose models are
         referenced otherwise overrides it."""
-        from captionflow.handlers.loading import NOT_A_REFERENCE, check_available
+        from captionflow.handlers.loading import (
+            NO_SUCH_DIRECTORY,
+            NOT_A_REFERENCE,
+            check_available,
+        )
 
         problem = check_available(model)
-        if problem == NOT_A_REFERENCE:
+        if problem in (NOT_A_REFERENCE, NO_SUCH_DIRECTORY):  # no hub id to download
             return problem
         if problem:
             return (

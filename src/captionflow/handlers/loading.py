@@ -163,6 +163,7 @@ class Pretrained:
 
 
 NOT_A_REFERENCE = "neither a folder here nor a Hugging Face hub id (org/name)"
+NO_SUCH_DIRECTORY = "no such directory"
 
 
 def check_available(model: str) -> str | None:
@@ -174,7 +175,7 @@ def check_available(model: str) -> str | None:
     if is_remote(model) or os.path.isdir(model.removeprefix("file://")):
         return None
     if os.path.isabs(model) or model.startswith("."):
-        return "no such directory"
+        return NO_SUCH_DIRECTORY
     import huggingface_hub
 
     try:
