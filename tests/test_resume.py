@@ -136,6 +136,20 @@ def test_resume_with_sidecar_writes_the_caption_files_of_the_images_it_keeps(
         assert written == ("my own caption" if "image_000" in name else text) + "\n"
 
 
+def test_resume_with_sidecar_warns_of_a_new_image_sharing_a_kept_ones_caption_file(
+    tmp_path: Path, tiny_models: tuple[str, str]
+) -> None:
+    """`a.png`, added after `a.jpg` was captioned, finds `a.txt` there and keeps it: trainers
+    would give it `a.jpg`'s caption, so the resumed run's summary says so, as a first run's
+    would."""
+    random_image(seed=1).save(tmp_path / "a.jpg")
+    assert caption(tmp_path, tiny_models, "--format", "sidecar") == 0
+    random_image(seed=2).save(tmp_path / "a.png")
+    assert caption(tmp_path, tiny_models, "--resume", "--format", "sidecar") == 0
+    warnings = json.loads((tmp_path / "summary.json").read_text())["warnings"]
+    assert any("a.txt (a.jpg, a.png)" in warning for warning in warnings), warnings
+
+
 def test_resume_after_a_join_was_killed_drops_its_temp_copy_and_never_reads_it_as_an_image(
     tmp_path: Path, tiny_models: tuple[str, str]
 ) -> None:

@@ -168,8 +168,26 @@ def build_caption_pipeline(
         config.output_dir
     )
     written.append(split_files)
+    shard_formats = [name for name in config.formats if name in SHARD_FORMATS]
+    kept_sidecars = sidecars and config.resume
+    if shard_formats or kept_sidecars:  # from the finished file: every image, kept ones too
+        rows = metadata_written | "MetadataRows" >> MetadataRows()
+    named = captioned_uris  # the images given caption files
+    if kept_sidecars:  # the earlier run may have written none: the missing ones, from its rows
+        under_output = rows | "UnderOutput" >> beam.Filter(
+            lambda row: row["file_name"] != row["image_uri"]
+        )
+        kept_files = (
+            under_output
+            | "WriteKeptSidecars"
+            >> WriteSidecars(extension=config.sidecar_extension, overwrite=False, reserved=reserved)
+            | "KeptSidecars" >> beam.combiners.Count.Globally()
+        )
+        written.append(kept_files)
+        # Every row's, not only this run's: a new `a.png` shares `a.txt` with a kept `a.jpg`.
+        named = under_output | "NamedUris" >> beam.Map(lambda row: row["image_uri"])
     if sidecars:
-        caption_files = captioned_uris | "CaptionFileWarnings" >> CaptionFileWarnings(
+        caption_files = named | "CaptionFileWarnings" >> CaptionFileWarnings(
             config.output_dir,
             extension=config.sidecar_extension,
             reserved=reserved,
@@ -178,19 +196,6 @@ def build_caption_pipeline(
         warnings = warnings | "AndCaptionFiles" >> beam.Map(_joined, AsSingleton(caption_files))
         captionless = (rejected, *errors) | "NoCaptionFiles" >> NoCaptionFileWarnings()
         warnings = warnings | "AndNoCaptionFiles" >> beam.Map(_joined, AsSingleton(captionless))
-    shard_formats = [name for name in config.formats if name in SHARD_FORMATS]
-    kept_sidecars = sidecars and config.resume
-    if shard_formats or kept_sidecars:  # from the finished file: every image, kept ones too
-        rows = metadata_written | "MetadataRows" >> MetadataRows()
-    if kept_sidecars:  # the earlier run may have written none: the missing ones, from its rows
-        kept_files = (
-            rows
-            | "UnderOutput" >> beam.Filter(lambda row: row["file_name"] != row["image_uri"])
-            | "WriteKeptSidecars"
-            >> WriteSidecars(extension=config.sidecar_extension, overwrite=False, reserved=reserved)
-            | "KeptSidecars" >> beam.combiners.Count.Globally()
-        )
-        written.append(kept_files)
     if shard_formats:
         shard_warnings = rows | "WriteShards" >> WriteShardFormats(
             config.output_dir,
