@@ -203,6 +203,11 @@ def test_every_file_that_looks_like_an_image_gets_a_record(
             "--model-copies: counts shared engine processes, so it cannot be used with --engine "
             "local",
         ),
+        (
+            ["--sidecar-extension", "txt"],
+            "--sidecar-extension: 'txt' is not a file extension: a dot, then no dot, / or \\ "
+            "(e.g. .txt or .caption)",
+        ),
         (["--min-score", "nan"], "--min-score: Input should be a finite number"),
         (["--min-score", "inf"], "--min-score: Input should be a finite number"),
         (["--temperature", "inf"], "--temperature: Input should be a finite number"),

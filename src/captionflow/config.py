@@ -119,14 +119,20 @@ class FormatOptions(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     rows_per_shard: int = Field(1000, ge=1)  # parquet and webdataset
-    sidecar_extension: str = Field(".txt", pattern=r"^\.[^./\\]+$")
+    sidecar_extension: str = ".txt"
     overwrite_captions: bool = False
 
     @field_validator("sidecar_extension")
     @classmethod
     def _not_an_image_extension(cls, value: str) -> str:
-        """Caption files named like images would overwrite them (`--overwrite-captions`), or
-        be taken for images by the next run."""
+        """An extension alone (a path would write elsewhere), in words, not as a pattern; and
+        not an image's: caption files named like images would overwrite them
+        (`--overwrite-captions`), or be taken for images by the next run."""
+        if not re.fullmatch(r"\.[^./\\]+", value):
+            raise ValueError(
+                f"{value!r} is not a file extension: a dot, then no dot, / or \\ "
+                "(e.g. .txt or .caption)"
+            )
         if looks_like_image(f"caption{value}"):
             raise ValueError(
                 f"{value} is an image extension: caption files would overwrite the images or "
