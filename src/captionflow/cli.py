@@ -113,16 +113,16 @@ DECODING_OPTIONS = (
     ("strategy", "--decoding", str, "sample (nucleus sampling) or beam (beam search)"),
     ("top_p", "--top-p", float, "sampling only"),
     ("temperature", "--temperature", float, "sampling only"),
-    ("repetition_penalty", "--repetition-penalty", float, ""),
+    ("repetition_penalty", "--repetition-penalty", float, "above 1 discourages repeated words"),
     ("num_beams", "--num-beams", int, "beam search only"),
-    ("min_new_tokens", "--min-new-tokens", int, ""),
-    ("max_new_tokens", "--max-new-tokens", int, ""),
+    ("min_new_tokens", "--min-new-tokens", int, "fewest tokens a caption has, after the prompt"),
+    ("max_new_tokens", "--max-new-tokens", int, "most tokens a caption has, after the prompt"),
     (
         "prompt",
         "--prompt",
         str,
-        "text the captioner continues, removed from the captions (BLIP's default: 'a picture "
-        "of '), or the instruction a VLM follows",
+        "text the captioner continues, removed from the captions, or the instruction a VLM "
+        "follows (default: the captioner's own; BLIP's 'a picture of ')",
     ),
     ("seed", "--seed", int, "the same captions for an image in any run and batch (sampling)"),
     ("bad_words", "--bad-words", _words, "comma-separated words the captioner must never write"),
@@ -135,6 +135,15 @@ DECODING_OPTIONS = (
 )
 DECODING_FLAGS = {field: flag for field, flag, _, _ in DECODING_OPTIONS}
 RULE_FIELDS = ("remove_pattern", "min_words")  # CandidateRules, flags of their own name
+
+
+def _shown(default: object) -> str:
+    """A default as it is typed on the command line: `sample`, `none`, `a,b`."""
+    if default is None or default == ():
+        return "none"
+    if isinstance(default, tuple):
+        return ",".join(map(str, default))
+    return str(default)
 
 
 class UsageError(Exception):
@@ -343,7 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
             flag,
             dest=field,
             type=kind,
-            help=f"{text} (default: {getattr(default, field)!r})".strip(),
+            help=text
+            if "(default" in text
+            else f"{text} (default: {_shown(getattr(default, field))})",
         )
 
     captions = run.add_argument_group("captions")
