@@ -188,8 +188,9 @@ def test_other_settings_that_change_generates_tokens_fall_back_to_it_too(
     assert name in caplog.text
 
 
+@pytest.mark.parametrize("top_k", [7, 0])  # 0: no top-k cut, a setting too
 def test_a_checkpoints_saved_generation_settings_are_said_to_be_ignored(
-    tiny_blip: str, tmp_path, caplog: pytest.LogCaptureFixture
+    tiny_blip: str, tmp_path, caplog: pytest.LogCaptureFixture, top_k: int
 ) -> None:
     """BLIP's `generate` decodes with its text decoder's generation config, never with the
     one a checkpoint saves (`generation_config.json`, or generation keys in `config.json`):
@@ -197,7 +198,7 @@ def test_a_checkpoints_saved_generation_settings_are_said_to_be_ignored(
     they hold. The tokens stay `generate`'s."""
     path = shutil.copytree(tiny_blip, tmp_path / "blip")
     saved = json.loads((path / "generation_config.json").read_text())
-    saved |= {"no_repeat_ngram_size": 2, "top_k": 7, "bos_token_id": saved["bos_token_id"]}
+    saved |= {"no_repeat_ngram_size": 2, "top_k": top_k, "bos_token_id": saved["bos_token_id"]}
     (path / "generation_config.json").write_text(json.dumps(saved))
     with caplog.at_level(logging.WARNING, logger="captionflow"):
         fast, reference = captioners(str(path), STRATEGIES["sample"])

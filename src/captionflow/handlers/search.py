@@ -160,11 +160,15 @@ def not_read(saved: GenerationConfig, used: GenerationConfig) -> list[str]:
     """The settings of `saved` (a checkpoint's own generation config) that would change the
     tokens but that `used` (the config `generate` actually decodes with) does not hold."""
     defaults = generate_defaults()
+
+    def changed(name: str) -> bool:  # `is`, not `in`: a top_k of 0 is a setting, not False
+        value = getattr(saved, name, None)
+        return not (value is None or value is False or value == defaults.get(name))
+
     return [
         name
         for name in FROM_MODEL_CONFIG
-        if getattr(saved, name, None) not in (None, False, defaults.get(name))
-        and getattr(saved, name, None) != getattr(used, name, None)
+        if changed(name) and getattr(saved, name, None) != getattr(used, name, None)
     ]
 
 
