@@ -15,6 +15,29 @@ from google.cloud import storage
 
 BUCKET = "captionflow-test"
 
+# The emulator as `python -m gcp_storage_emulator`, but with each object's `mediaLink`
+# percent-encoded as GCS's own is: the emulator puts the raw name in it, and the client
+# downloads a loaded object from that link, so `q?.jpg`, `a#b.jpg` or `50%.jpg` were "not
+# found" in the emulator only.
+EMULATOR = """
+import runpy, sys
+from urllib.parse import quote
+from gcp_storage_emulator.handlers import objects
+
+make = objects._make_object_resource
+
+def quoted(base_url, bucket_name, object_name, *args, **kwargs):
+    resource = make(base_url, bucket_name, object_name, *args, **kwargs)
+    link = "{}/download/storage/v1/b/{}/o/{}?generation={}&alt=media"
+    name = quote(object_name, safe="")
+    resource["mediaLink"] = link.format(base_url, bucket_name, name, resource["generation"])
+    return resource
+
+objects._make_object_resource = quoted
+sys.argv[0] = "gcp_storage_emulator"
+runpy.run_module("gcp_storage_emulator", run_name="__main__")
+"""
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -29,8 +52,8 @@ def gcs_emulator() -> Iterator[str]:
     server = subprocess.Popen(
         [
             sys.executable,
-            "-m",
-            "gcp_storage_emulator",
+            "-c",
+            EMULATOR,
             "start",
             "--host",
             "127.0.0.1",

@@ -272,3 +272,36 @@ def test_limit_on_a_gcs_folder_or_glob_pages_no_further_than_its_first_paths(
         result.wait_until_finish()
         found = result.metrics().query(MetricsFilter().with_name("files_listed"))["counters"]
         assert sum(counter.committed for counter in found) == looked_at, source
+
+
+def test_object_names_that_urls_and_patterns_treat_specially_are_captioned(
+    gcs: object, tiny_models: tuple[str, str]
+) -> None:
+    """`?`, `#`, `%`, `*`, `[`, spaces, leading dots, unicode in both normal forms, very long
+    names and folder placeholders: every image is read by its exact name, captioned, given
+    its caption file and put in the shards; nothing else is taken for an image."""
+    import unicodedata
+
+    import pyarrow.parquet as pq
+
+    names = ["q?.jpg", "a#b.jpg", "50%25.jpg", "st*r.jpg", "b[1].jpg", "sp ace.jpg", ".dot.jpg"]
+    names += [unicodedata.normalize(form, "café.jpg") for form in ("NFC", "NFD")]
+    names += ["x" * 300 + ".jpg", "in/x.jpg"]
+    for seed, name in enumerate(names):
+        upload_image(gcs, f"odd/{name}", seed=seed)
+    gcs.blob("odd/in/").upload_from_string(b"")  # a "folder" made in the console
+    root = f"gs://{BUCKET}/odd"
+    argv = ["run", "--input", root, "--output", root, "--format", "sidecar,parquet"]
+    argv += ["--captioner", f"blip:{tiny_models[0]}", "--ranker", f"clip:{tiny_models[1]}"]
+    assert main(argv) == 0
+    rows = [
+        json.loads(x) for x in gcs.blob("odd/metadata.jsonl").download_as_text().split("\n")[:-1]
+    ]
+    assert sorted(row["file_name"] for row in rows) == sorted(names)
+    assert all(row["image_uri"] == f"{root}/{row['file_name']}" for row in rows)
+    assert gcs.blob("odd/errors.jsonl").download_as_bytes() == b""
+    for name in names:
+        caption = gcs.blob(f"odd/{name.rpartition('.')[0]}.txt").download_as_text()
+        assert caption == next(r["text"] for r in rows if r["file_name"] == name) + "\n"
+    shard = io.BytesIO(gcs.blob("odd/data/train-00000-of-00001.parquet").download_as_bytes())
+    assert sorted(pq.read_table(shard)["file_name"].to_pylist()) == sorted(names)
