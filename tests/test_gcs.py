@@ -274,6 +274,23 @@ def test_limit_on_a_gcs_folder_or_glob_pages_no_further_than_its_first_paths(
         assert sum(counter.committed for counter in found) == looked_at, source
 
 
+def test_gcs_subfolders_named_like_patterns_are_listed_as_they_are(gcs: object) -> None:
+    """A subfolder named `set[1]` or `[ab]` is a folder, not a pattern (which would match
+    `set1/` and `a/`, and lose its own images): each is listed by its literal prefix."""
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from captionflow import ReadImagePaths
+
+    names = ["set[1]/x.jpg", "[ab]/y.jpg", "q?/z.jpg", "st*r/w.jpg", "set1/v.jpg", "a/u.jpg"]
+    for seed, name in enumerate(names):
+        upload_image(gcs, f"patterned/{name}", seed=seed)
+    for limit in (None, len(names)):
+        with TestPipeline(runner="FnApiRunner") as pipeline:
+            paths = pipeline | ReadImagePaths(f"gs://{BUCKET}/patterned", limit=limit)
+            assert_that(paths, equal_to([f"gs://{BUCKET}/patterned/{name}" for name in names]))
+
+
 def test_object_names_that_urls_and_patterns_treat_specially_are_captioned(
     gcs: object, tiny_models: tuple[str, str]
 ) -> None:

@@ -12,7 +12,7 @@ import errno
 import os
 import posixpath
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 
 from apache_beam.io.filesystem import FileSystem
 from apache_beam.io.filesystems import FileSystems
@@ -108,14 +108,6 @@ def _sort_name(entry: os.DirEntry) -> str | None:
     return None if entry.is_symlink() else entry.name + "/"
 
 
-def skipping_marked(paths: Iterable[str]) -> Iterator[str]:
-    """`paths` (a listing of object URIs) less those under a folder marked with
-    `SKIP_MARKER`: the listing is held to find the marks (a subfolder's, not a whole run's)."""
-    paths = list(paths)
-    marked = tuple(p[: -len(SKIP_MARKER)] for p in paths if p.endswith("/" + SKIP_MARKER))
-    return (p for p in paths if not p.startswith(marked))
-
-
 def _depth(root: str, folder: str) -> int:
     relative = os.path.relpath(folder, root)
     return 0 if relative == "." else relative.count(os.sep) + 1
@@ -200,7 +192,8 @@ def gcs_top_level(folder: str) -> tuple[list[str], list[str]]:
 def gcs_in_order(folder: str) -> Iterator[str]:
     """Every object under a `gs://` folder, in the sorted order the listing pages through
     them, less those in marked folders (the mark sorts before a report's `thumbs/`): lazily,
-    so that `--limit` stops at the first N."""
+    so that `--limit` stops at the first N. Listed by its literal prefix, never as a pattern:
+    a folder named `set[1]` would match `set1/` instead."""
     from apache_beam.io.gcp.gcsio import GcsIO, parse_gcs_path
 
     bucket, prefix = parse_gcs_path(folder.rstrip("/") + "/", object_optional=True)

@@ -32,7 +32,6 @@ from captionflow.listing import (
     is_marked_thumbnail,
     link_problem,
     pattern_variants,
-    skipping_marked,
     walk_files,
     walk_in_order,
 )
@@ -348,9 +347,8 @@ class _Tree:
             depth = None if self.glob is None else self.glob.depth_below()
             yield from self.files(walk_files(folder, depth))
             return
-        for pattern in pattern_variants(join(folder.rstrip("/"), "**")):
-            listed = FileSystems.match([pattern])[0].metadata_list
-            yield from self.files(skipping_marked(file.path for file in listed))
+        # By its literal prefix: a folder named `set[1]` is no pattern (Beam's have no escape).
+        yield from self.files(gcs_in_order(folder))
 
 
 class _ListTree(beam.PTransform):
