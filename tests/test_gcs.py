@@ -322,3 +322,50 @@ def test_object_names_that_urls_and_patterns_treat_specially_are_captioned(
         assert caption == next(r["text"] for r in rows if r["file_name"] == name) + "\n"
     shard = io.BytesIO(gcs.blob("odd/data/train-00000-of-00001.parquet").download_as_bytes())
     assert sorted(pq.read_table(shard)["file_name"].to_pylist()) == sorted(names)
+
+
+def test_a_list_and_an_output_named_like_patterns_are_taken_literally(
+    gcs: object, tiny_models: tuple[str, str]
+) -> None:
+    """A list in `in[1]/` and an output `out[1]` name themselves, not `in1/` and `out1`
+    (Beam's patterns have no escape): the list is read, a resumed run keeps what the first
+    wrote, and the parts and the lock are removed at the end."""
+    for i in range(2):
+        upload_image(gcs, f"in[1]/{i}.jpg", seed=i)
+    gcs.blob("in[1]/dataset.txt").upload_from_string("0.jpg\n1.jpg\n")
+    models = ["--captioner", f"blip:{tiny_models[0]}", "--ranker", f"clip:{tiny_models[1]}"]
+    out = f"gs://{BUCKET}/out[1]"
+    argv = ["run", "--input", f"gs://{BUCKET}/in[1]/dataset.txt", "--output", out, *models]
+    assert main([*argv, "--limit", "1"]) == 0
+    assert main([*argv, "--resume"]) == 0
+    text = gcs.blob("out[1]/metadata.jsonl").download_as_text()
+    rows = [json.loads(x) for x in text.splitlines()]
+    assert sorted(r["image_uri"] for r in rows) == [
+        f"gs://{BUCKET}/in[1]/{i}.jpg" for i in range(2)
+    ]
+    summary = json.loads(gcs.blob("out[1]/summary.json").download_as_text())
+    assert summary["kept_from_earlier_run"] == 1 and summary["captioned"] == 1
+    names = sorted(blob.name.removeprefix("out[1]/") for blob in gcs.list_blobs(prefix="out["))
+    assert names == ["errors.jsonl", "metadata.jsonl", "rejected.jsonl", "summary.json"]
+
+
+def test_literal_patterns_match_and_delete_only_the_path_itself(
+    gcs: object, tmp_path: Path
+) -> None:
+    """Beam's local and GCS filesystems match (and delete by matching) `a[1].jsonl` as a
+    pattern, which names `a1.jsonl`; `literal` and `delete_files` name the file itself."""
+    from apache_beam.io.filesystems import FileSystems
+
+    from captionflow.listing import delete_files, literal
+
+    for folder in (str(tmp_path / "x[1]*?"), f"gs://{BUCKET}/x[1]*?"):
+        names = ["a[1].jsonl", "a1.jsonl", "a?.jsonl", "ab.jsonl", "a*.jsonl"]
+        for name in names:
+            with FileSystems.create(f"{folder}/{name}") as file:
+                file.write(b"x")
+        for name in names:
+            (found,) = FileSystems.match([literal(f"{folder}/{name}")])
+            assert [file.path for file in found.metadata_list] == [f"{folder}/{name}"]
+        delete_files([f"{folder}/a[1].jsonl", f"{folder}/a?.jsonl", f"{folder}/a*.jsonl"])
+        left = FileSystems.match([f"{literal(folder)}/*"])[0].metadata_list
+        assert sorted(file.path for file in left) == [f"{folder}/a1.jsonl", f"{folder}/ab.jsonl"]

@@ -35,6 +35,7 @@ from captionflow.handlers.registry import captioners, parse_reference, rankers
 from captionflow.handlers.torch_setup import DeviceUnavailableError, check_device
 from captionflow.images import DEFAULT_MAX_BYTES
 from captionflow.jsonl import read_json_lines
+from captionflow.listing import literal
 from captionflow.lock import OutputLock
 from captionflow.paths import join
 from captionflow.pipelines import build_caption_pipeline, build_export_pipeline
@@ -523,7 +524,7 @@ def check_no_orphaned_checkpoints(config: RunConfig) -> None:
     if config.resume:
         return
     folders = [parts_dir(path) for path in record_files(config)]
-    found = FileSystems.match([join(parts, "part-*.jsonl") for parts in folders])
+    found = FileSystems.match([join(literal(parts), "part-*.jsonl") for parts in folders])
     left = {parts: len(match.metadata_list) for parts, match in zip(folders, found, strict=True)}
     if count := sum(left.values()):
         where = " and ".join(parts for parts, number in left.items() if number)
@@ -560,7 +561,7 @@ def file_states(paths: Sequence[str]) -> dict[str, tuple[int, float] | None]:
     """Each file's size and time of last change; None where it does not exist."""
     states: dict[str, tuple[int, float] | None] = {}
     for path in paths:
-        found = FileSystems.match([path])[0].metadata_list
+        found = FileSystems.match([literal(path)])[0].metadata_list
         states[path] = (found[0].size_in_bytes, found[0].last_updated_in_seconds) if found else None
     return states
 

@@ -12,6 +12,7 @@ import errno
 import os
 import posixpath
 import re
+import warnings
 from collections.abc import Callable, Iterator
 
 from apache_beam.io.filesystem import FileSystem
@@ -19,6 +20,27 @@ from apache_beam.io.filesystems import FileSystems
 
 RECURSIVE_COMPONENT = re.compile(r"(?:(?<=/)|^)\*\*/")  # a `**/` that is a whole path component
 BEFORE_WILDCARD = re.compile(r"[^[*?]*")
+WILDCARD = re.compile(r"[*?[]")
+# `[[]` is how a pattern matches a `[` (`literal`); `re` warns of it as a possible nested set.
+warnings.filterwarnings(
+    "ignore", "Possible nested set", FutureWarning, r"apache_beam\.io\.filesystem"
+)
+
+
+def literal(path: str) -> str:
+    """`path` as a Beam file pattern that matches it alone. Beam's patterns have no escape
+    (`out[1]/x` matches `out1/x`, never itself), but a one-character class does it: `[[]`.
+    Beam lists such a pattern from the prefix before it: slower, never wrong."""
+    return WILDCARD.sub(lambda wildcard: f"[{wildcard.group()}]", path)
+
+
+def delete_files(paths: list[str]) -> None:
+    """`FileSystems.delete`, each path taken as it is: Beam's local and GCS filesystems match
+    each one as a pattern (`a[1].jsonl` deletes `a1.jsonl`, not itself); S3's and Azure's
+    do not."""
+    FileSystems.delete(
+        [literal(p) if "://" not in p or p.startswith("gs://") else p for p in paths]
+    )
 
 
 def pattern_variants(pattern: str) -> list[str]:

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, replace
 from apache_beam.io.filesystems import FileSystems
 
 from captionflow.fatal import FatalError
+from captionflow.listing import delete_files
 from captionflow.paths import dirname, join
 
 LOCK_FILE = ".captionflow.lock"
@@ -108,7 +109,7 @@ class OutputLock:
             self._beat.join()
         if (now := self._read()) is not None and now.run_id == self.holder.run_id:
             with contextlib.suppress(OSError):
-                FileSystems.delete([self.path])
+                delete_files([self.path])
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT_SECS):

@@ -21,6 +21,7 @@ from captionflow.handlers.torch_setup import (
     resolve_device,
     resolve_dtype,
 )
+from captionflow.listing import literal
 from captionflow.paths import is_remote
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def localize(path: str) -> str:
     os.makedirs(CACHE_DIR, exist_ok=True)
     staging = tempfile.mkdtemp(dir=CACHE_DIR)
     prefix = path.rstrip("/") + "/"
-    for match in FileSystems.match([prefix + "**"])[0].metadata_list:
+    for match in FileSystems.match([literal(prefix) + "**"])[0].metadata_list:
         local = os.path.join(staging, match.path[len(prefix) :])
         os.makedirs(os.path.dirname(local), exist_ok=True)
         with FileSystems.open(match.path) as src, open(local, "wb") as dst:

@@ -24,6 +24,7 @@ from typing import Any
 
 from apache_beam.io.filesystems import FileSystems
 
+from captionflow.listing import literal
 from captionflow.lock import LOCK_FILE, Holder
 from captionflow.paths import is_remote, join
 from captionflow.transforms.write import ERRORS_FILE, REJECTED_FILE, parts_dir
@@ -152,7 +153,7 @@ def size(value: Any) -> int | None:
 def record_files(destination: str) -> tuple[list[str], int]:
     """The finished file if it exists, then the part files beside it: (paths, parts)."""
     files = [destination] if FileSystems.exists(destination) else []
-    pattern = join(parts_dir(destination), "part-*.jsonl")
+    pattern = join(literal(parts_dir(destination)), "part-*.jsonl")
     try:
         parts = sorted(meta.path for meta in FileSystems.match([pattern])[0].metadata_list)
     except Exception:  # no parts folder: nothing matches

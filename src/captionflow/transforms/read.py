@@ -31,6 +31,7 @@ from captionflow.listing import (
     gcs_top_level,
     is_marked_thumbnail,
     link_problem,
+    literal,
     pattern_variants,
     walk_files,
     walk_in_order,
@@ -251,6 +252,7 @@ class _ReadList(beam.PTransform):
         whole = kinds[UTF16] | "Whole" >> beam.FlatMap(read_list).with_outputs(ERRORS, main=PATHS)
         ranged = (
             kinds[PATHS]
+            | "Literal" >> beam.Map(literal)
             | "Ranges" >> ReadLines()
             | "Entries" >> beam.FlatMap(read_list_line).with_outputs(ERRORS, main=PATHS)
         )

@@ -35,6 +35,7 @@ from apache_beam.pvalue import AsSingleton, PCollection, TaggedOutput
 from captionflow.files import open_image_file
 from captionflow.images import DEFAULT_MAX_BYTES, as_jpeg
 from captionflow.jsonl import dumps
+from captionflow.listing import delete_files, literal
 from captionflow.paths import dirname, is_remote, join
 from captionflow.records import ErrorRecord
 from captionflow.transforms.errors import ERRORS, NAMESPACE
@@ -76,7 +77,12 @@ class MetadataRows(beam.PTransform):
     back, from its `file_name` and the metadata file's folder (`metadata_key`)."""
 
     def expand(self, paths: PCollection[str]) -> PCollection[dict[str, Any]]:
-        return paths | "Read" >> ReadLines() | "Rows" >> beam.FlatMap(_row)
+        return (
+            paths
+            | "Literal" >> beam.Map(literal)
+            | "Read" >> ReadLines()
+            | "Rows" >> beam.FlatMap(_row)
+        )
 
 
 def _row(line: Line) -> Iterator[dict[str, Any]]:
@@ -203,7 +209,7 @@ class _WriteShard(beam.DoFn):
             for error in errors:
                 yield TaggedOutput(ERRORS, error)
             if not count:
-                FileSystems.delete([path])
+                delete_files([path])
                 continue
             self.written.inc(count)
             yield path
@@ -231,7 +237,8 @@ class _WriteShard(beam.DoFn):
 
 def published_shards(output_dir: str, shard_format: ShardFormat) -> list[str]:
     folder = join(output_dir, shard_format.folder)
-    found = FileSystems.match([join(folder, f"*{shard_format.suffix}")])[0].metadata_list
+    pattern = join(literal(folder), f"*{shard_format.suffix}")
+    found = FileSystems.match([pattern])[0].metadata_list
     return [file.path for file in found]
 
 
@@ -302,7 +309,7 @@ def publish_shards(staged: list[str], shard_format: ShardFormat, output_dir: str
     whatever an earlier export left there; remove the staging areas (a killed run's too)."""
     folder = join(output_dir, shard_format.folder)
     if old := published_shards(output_dir, shard_format):
-        FileSystems.delete(old)
+        delete_files(old)
     splits: dict[str, list[str]] = {}
     for path in sorted(staged):  # `SPLIT-UUID.SUFFIX` for a format by split
         name = path.rstrip("/").rpartition("/")[2]
@@ -315,11 +322,11 @@ def publish_shards(staged: list[str], shard_format: ShardFormat, output_dir: str
         with contextlib.suppress(OSError):  # it exists; object stores have no folders at all
             FileSystems.mkdirs(folder)
         FileSystems.rename(sources, final)
-    stagings = join(output_dir, f".{shard_format.folder}.tmp-*")
+    stagings = join(literal(output_dir), f".{shard_format.folder}.tmp-*")
     files = FileSystems.match([join(stagings, "*")])[0].metadata_list
     folders = {dirname(file.path) for file in files}
     if not is_remote(output_dir):
-        folders.update(glob.glob(stagings))
+        folders.update(glob.glob(join(glob.escape(output_dir), f".{shard_format.folder}.tmp-*")))
     for staging in folders:
         remove_folder(staging)
     return final

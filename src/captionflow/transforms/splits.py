@@ -21,6 +21,7 @@ from apache_beam.pvalue import AsSingleton, PCollection
 from apache_beam.utils.windowed_value import WindowedValue
 
 from captionflow.jsonl import dumps
+from captionflow.listing import literal
 from captionflow.paths import join
 from captionflow.transforms.lines import Line, ReadLines
 from captionflow.transforms.write import (
@@ -175,6 +176,7 @@ class WriteSplitMetadata(beam.PTransform):
     def expand(self, paths: PCollection[str]) -> PCollection[str]:
         return (
             paths
+            | "Literal" >> beam.Map(literal)
             | "Read" >> ReadLines()
             | "InSplits" >> beam.FlatMap(_in_split)
             | "WriteParts" >> beam.ParDo(_WriteSplitParts(self.output_dir, self.lines_per_part))

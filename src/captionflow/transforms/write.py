@@ -31,6 +31,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from captionflow.fatal import FatalError
 from captionflow.jsonl import dumps
+from captionflow.listing import delete_files, literal
 from captionflow.paths import absolute, is_remote, join, split
 from captionflow.records import CaptionRecord, ErrorRecord
 from captionflow.transforms.errors import ErrorRecords
@@ -52,10 +53,10 @@ def parts_dir(destination: str) -> str:
 
 
 def earlier_files(destination: str, *, finished: bool = True) -> list[str]:
-    """What a run of `destination` leaves: the finished file (unless not `finished`), and the
-    parts of a run that was stopped before joining them."""
-    parts = join(parts_dir(destination), "part-*.jsonl")
-    return [destination, parts] if finished else [parts]
+    """Patterns of what a run of `destination` leaves: the finished file (unless not
+    `finished`), and the parts of a run that was stopped before joining them."""
+    parts = join(literal(parts_dir(destination)), "part-*.jsonl")
+    return [literal(destination), parts] if finished else [parts]
 
 
 class WriteParts(beam.DoFn):
@@ -110,9 +111,9 @@ def concatenate(sources: Iterable[str], destination: str) -> str:
 def remove_folder(directory: str) -> None:
     """Delete a folder of files (a parts or staging folder): its files by listing (object
     stores have no folders), then the local folder itself."""
-    leftovers = FileSystems.match([join(directory, "*")])[0].metadata_list
+    leftovers = FileSystems.match([join(literal(directory), "*")])[0].metadata_list
     if leftovers:
-        FileSystems.delete([file.path for file in leftovers])
+        delete_files([file.path for file in leftovers])
     if not is_remote(directory) and os.path.isdir(directory):
         os.rmdir(directory)
 
@@ -135,8 +136,8 @@ def _finish(groups: list[str], destination: str) -> str:
     concatenate(sorted(groups), destination)
     remove_folder(parts_dir(destination))
     # The partial temp copies of a run that was killed while joining (one run at a time).
-    if left := FileSystems.match([f"{destination}{STAGING}*"])[0].metadata_list:
-        FileSystems.delete([file.path for file in left])
+    if left := FileSystems.match([f"{literal(destination)}{STAGING}*"])[0].metadata_list:
+        delete_files([file.path for file in left])
     return destination
 
 
