@@ -73,19 +73,30 @@ def test_caption_a_gcs_folder_into_a_single_gcs_metadata_file(
     assert error["image_uri"] == f"{root}/broken.jpg" and error["stage"] == "decode"
 
 
-def test_a_gcs_list_file_and_resume(gcs: object, tiny_models: tuple[str, str]) -> None:
+@pytest.mark.parametrize(("folder", "output"), [("in", "out"), ("in[1]", "out[1]")])
+def test_a_gcs_list_file_and_resume(
+    gcs: object, tiny_models: tuple[str, str], folder: str, output: str
+) -> None:
+    """A list in `in[1]/` and an output `out[1]` name themselves, not `in1/` and `out1`
+    (Beam's patterns have no escape): the list is read, a resumed run keeps what the first
+    wrote, and the parts and the lock are removed at the end."""
     for i in range(2):
-        upload_image(gcs, f"in/{i}.jpg", seed=i)
-    gcs.blob("in/dataset.txt").upload_from_string("0.jpg\n1.jpg\n")
+        upload_image(gcs, f"{folder}/{i}.jpg", seed=i)
+    gcs.blob(f"{folder}/dataset.txt").upload_from_string("0.jpg\n1.jpg\n")
     models = ["--captioner", f"blip:{tiny_models[0]}", "--ranker", f"clip:{tiny_models[1]}"]
-    out = f"gs://{BUCKET}/out"
-    argv = ["run", "--input", f"gs://{BUCKET}/in/dataset.txt", "--output", out, *models]
+    out = f"gs://{BUCKET}/{output}"
+    argv = ["run", "--input", f"gs://{BUCKET}/{folder}/dataset.txt", "--output", out, *models]
     assert main([*argv, "--limit", "1"]) == 0
     assert main([*argv, "--resume"]) == 0
-    rows = [json.loads(x) for x in gcs.blob("out/metadata.jsonl").download_as_text().splitlines()]
-    assert sorted(r["image_uri"] for r in rows) == [f"gs://{BUCKET}/in/{i}.jpg" for i in range(2)]
-    summary = json.loads(gcs.blob("out/summary.json").download_as_text())
+    text = gcs.blob(f"{output}/metadata.jsonl").download_as_text()
+    rows = [json.loads(x) for x in text.splitlines()]
+    assert sorted(r["image_uri"] for r in rows) == [
+        f"gs://{BUCKET}/{folder}/{i}.jpg" for i in range(2)
+    ]
+    summary = json.loads(gcs.blob(f"{output}/summary.json").download_as_text())
     assert summary["kept_from_earlier_run"] == 1 and summary["captioned"] == 1
+    names = sorted(b.name.removeprefix(f"{output}/") for b in gcs.list_blobs(prefix=f"{output}/"))
+    assert names == ["errors.jsonl", "metadata.jsonl", "rejected.jsonl", "summary.json"]
 
 
 def test_models_load_from_a_gcs_folder(gcs: object, tiny_blip: str, tmp_path: Path) -> None:
@@ -322,31 +333,6 @@ def test_object_names_that_urls_and_patterns_treat_specially_are_captioned(
         assert caption == next(r["text"] for r in rows if r["file_name"] == name) + "\n"
     shard = io.BytesIO(gcs.blob("odd/data/train-00000-of-00001.parquet").download_as_bytes())
     assert sorted(pq.read_table(shard)["file_name"].to_pylist()) == sorted(names)
-
-
-def test_a_list_and_an_output_named_like_patterns_are_taken_literally(
-    gcs: object, tiny_models: tuple[str, str]
-) -> None:
-    """A list in `in[1]/` and an output `out[1]` name themselves, not `in1/` and `out1`
-    (Beam's patterns have no escape): the list is read, a resumed run keeps what the first
-    wrote, and the parts and the lock are removed at the end."""
-    for i in range(2):
-        upload_image(gcs, f"in[1]/{i}.jpg", seed=i)
-    gcs.blob("in[1]/dataset.txt").upload_from_string("0.jpg\n1.jpg\n")
-    models = ["--captioner", f"blip:{tiny_models[0]}", "--ranker", f"clip:{tiny_models[1]}"]
-    out = f"gs://{BUCKET}/out[1]"
-    argv = ["run", "--input", f"gs://{BUCKET}/in[1]/dataset.txt", "--output", out, *models]
-    assert main([*argv, "--limit", "1"]) == 0
-    assert main([*argv, "--resume"]) == 0
-    text = gcs.blob("out[1]/metadata.jsonl").download_as_text()
-    rows = [json.loads(x) for x in text.splitlines()]
-    assert sorted(r["image_uri"] for r in rows) == [
-        f"gs://{BUCKET}/in[1]/{i}.jpg" for i in range(2)
-    ]
-    summary = json.loads(gcs.blob("out[1]/summary.json").download_as_text())
-    assert summary["kept_from_earlier_run"] == 1 and summary["captioned"] == 1
-    names = sorted(blob.name.removeprefix("out[1]/") for blob in gcs.list_blobs(prefix="out["))
-    assert names == ["errors.jsonl", "metadata.jsonl", "rejected.jsonl", "summary.json"]
 
 
 def test_literal_patterns_match_and_delete_only_the_path_itself(
