@@ -61,10 +61,14 @@ def open_image_file(uri: str, max_bytes: int) -> BinaryIO:
     Local files are checked with `stat` before they are opened, so a FIFO or device is never
     opened at all; the open itself does not block either, should the path change in between.
     """
-    if problem := unreadable_uri(uri):
-        raise UnreadableURIError(problem)
     if is_remote(uri):
-        return cap_file(FileSystems.open(uri, compression_type="uncompressed"), max_bytes)
+        try:
+            opened = FileSystems.open(uri, compression_type="uncompressed")
+        except Exception:  # asked only then: every image's open would pay for the lookup
+            if problem := unreadable_uri(uri):
+                raise UnreadableURIError(problem) from None
+            raise
+        return cap_file(opened, max_bytes)
     _check(os.stat(uri), max_bytes)
     descriptor = os.open(uri, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     try:
