@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterator
 from apache_beam.io.filesystem import FileSystem
 from apache_beam.io.filesystems import FileSystems
 
+from captionflow.paths import is_remote
+
 RECURSIVE_COMPONENT = re.compile(r"(?:(?<=/)|^)\*\*/")  # a `**/` that is a whole path component
 BEFORE_WILDCARD = re.compile(r"[^[*?]*")
 WILDCARD = re.compile(r"[*?[]")
@@ -39,7 +41,7 @@ def delete_files(paths: list[str]) -> None:
     each one as a pattern (`a[1].jsonl` deletes `a1.jsonl`, not itself); S3's and Azure's
     do not."""
     FileSystems.delete(
-        [literal(p) if "://" not in p or p.startswith("gs://") else p for p in paths]
+        [literal(p) if not is_remote(p) or p.startswith("gs://") else p for p in paths]
     )
 
 
